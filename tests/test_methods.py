@@ -1,0 +1,159 @@
+"""Every registered PEFT method on a ViT and a CNN: identity init, mixed batches, gradients, merging, files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import example_config, make_model, randomize
+
+import multitask_peft as mtp
+from multitask_peft.peft import METHODS
+
+METHOD_NAMES = METHODS.names()
+
+
+def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _config_or_skip(method: str, kind: str) -> mtp.peft.PeftConfig:
+    config = example_config(method, kind)
+    if config is None:
+        pytest.skip(f"{method} does not apply to {kind} backbones (checked in test_method_rejects_other_kind)")
+    return config
+
+
+def _assert_features_close(a: mtp.Features, b: mtp.Features, atol: float = 1e-5) -> None:
+    torch.testing.assert_close(a.pooled, b.pooled, atol=atol, rtol=1e-5)
+    for x, y in zip(a.maps, b.maps, strict=True):
+        torch.testing.assert_close(x, y, atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_identity_at_init(method: str, kind: str) -> None:
+    config = _config_or_skip(method, kind)
+    model, size = make_model(kind)
+    model.add_task("t", mtp.tasks.Classification(num_classes=3), [config])
+    x = _images(3, size)
+    with torch.no_grad():
+        adapted = model.forward_features(x, [0, 0, 0])
+        plain = model.forward_features(x, [-1, -1, -1])
+        timm_model = model.backbone.plain_copy()
+        reference = timm_model.forward_head(timm_model.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(plain.pooled, reference, atol=1e-6, rtol=0)
+    if config.identity_at_init:
+        _assert_features_close(adapted, plain, atol=1e-6)
+    else:
+        assert not torch.allclose(adapted.pooled, plain.pooled, atol=1e-4)
+
+
+def _mixed_model(method: str, kind: str) -> tuple[mtp.MultiTaskModel, int, list[str]]:
+    """Three randomly initialised tasks of different methods / ranks on overlapping layers."""
+    model, size = make_model(kind)
+    model.add_task("m", mtp.tasks.Classification(num_classes=3), [_config_or_skip(method, kind)])
+    model.add_task("lora", mtp.tasks.Classification(num_classes=4), [mtp.peft.LoRA(r=2, init="gaussian")])
+    model.add_task("ssf", mtp.tasks.Classification(num_classes=2), [mtp.peft.SSF(), mtp.peft.BitFit()])
+    for seed, name in enumerate(model.tasks):
+        randomize(model.task(name), seed=seed + 1)
+    return model, size, model.tasks
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_mixed_batch_equals_separate_runs(method: str, kind: str) -> None:
+    model, size, names = _mixed_model(method, kind)
+    slots = [
+        model.slot(names[0]),
+        -1,
+        model.slot(names[1]),
+        model.slot(names[2]),
+        model.slot(names[0]),
+        -1,
+        model.slot(names[2]),
+        model.slot(names[1]),
+    ]
+    x = _images(len(slots), size)
+    with torch.no_grad():
+        mixed = model.forward_features(x, torch.tensor(slots))
+        for i, s in enumerate(slots):
+            alone = model.forward_features(x[i : i + 1], [s])
+            _assert_features_close(mixed.select([i]), alone)
+        # The adapted rows really differ from the plain backbone (the test can fail).
+        plain = model.forward_features(x, [-1] * len(slots))
+    changes_backbone = {s: p.first_position < model.backbone.layout.num_positions for s, p in model._plans.items()}
+    for i, s in enumerate(slots):
+        differs = not torch.allclose(mixed.pooled[i], plain.pooled[i], atol=1e-4)
+        assert differs == (s != -1 and changes_backbone[s]), f"row {i} slot {s}"
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_gradients_reach_only_the_routed_task(method: str, kind: str) -> None:
+    model, size, names = _mixed_model(method, kind)
+    model.train()
+    routed = model.slot(names[0])
+    x = _images(4, size)
+    out = model(x, torch.tensor([routed, -1, routed, -1]))
+    assert set(out) == {names[0]}
+    rows, logits = out[names[0]]
+    model.task(names[0]).head.loss(logits, torch.tensor([0, 1])).backward()
+    grads = [p.grad for p in model.trainable_parameters(names[0])]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    peft_grads = [p.grad for p in model.task(names[0]).peft.parameters()]
+    if peft_grads:
+        assert any(g is not None and g.abs().sum() > 0 for g in peft_grads), "no gradient reached the PEFT modules"
+    for other in names[1:]:
+        assert all(p.grad is None for p in model.trainable_parameters(other))
+    assert all(p.grad is None and not p.requires_grad for p in model.backbone.parameters())
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_merged_equals_unmerged(method: str, kind: str) -> None:
+    config = _config_or_skip(method, kind)
+    model, size = make_model(kind)
+    model.add_task("t", mtp.tasks.Classification(num_classes=3), [config])
+    randomize(model.task("t"))
+    if not config.foldable:
+        with pytest.raises(ValueError, match="cannot be folded"):
+            model.merged_backbone("t")
+        return
+    merged = model.merged_backbone("t")
+    assert not any(isinstance(m, type(model.backbone.wrapper)) for m in merged.modules())
+    x = _images(3, size)
+    with torch.no_grad():
+        expected = model.forward_features(x, [0, 0, 0]).pooled
+        got = merged.forward_head(merged.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_save_remove_load_round_trip(method: str, kind: str, tmp_path) -> None:  # noqa: ANN001
+    config = _config_or_skip(method, kind)
+    model, size = make_model(kind)
+    model.add_task("t", mtp.tasks.Classification(num_classes=3, class_names=("a", "b", "c")), [config])
+    model.add_task("other", mtp.tasks.Classification(num_classes=2), [mtp.peft.LoRA(r=2)])
+    randomize(model.task("t"))
+    x = _images(2, size)
+    with torch.no_grad():
+        before = model.forward_features(x, [model.slot("t")] * 2).pooled
+    state = {k: v.clone() for k, v in model.task("t").state_dict().items()}
+    model.save_task("t", tmp_path / "t")
+    model.remove_task("t")
+    assert model.tasks == ["other"]
+    task = model.load_task(tmp_path / "t")
+    for k, v in task.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    with torch.no_grad():
+        after = model.forward_features(x, [model.slot("t")] * 2).pooled
+    assert torch.equal(before, after)
+    assert task.head_config.class_names == ("a", "b", "c")
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_method_rejects_other_kind(method: str) -> None:
+    cls = METHODS.get(method)
+    for kind in ("vit", "cnn"):
+        if kind in cls.kinds:
+            continue
+        model, _ = make_model(kind)
+        with pytest.raises(ValueError, match=f"applies to .*{kind} backbone"):
+            model.add_task("t", mtp.tasks.Classification(num_classes=2), [cls()])
+        assert model.tasks == [] and model.backbone._wrappers == {}
