@@ -31,6 +31,9 @@ def create_timm_backbone(arch: str, pretrained: bool | str | os.PathLike = False
     if not isinstance(pretrained, (bool, str, os.PathLike)):
         raise TypeError(f"pretrained must be a bool, a file path or a named weight source, got {pretrained!r}")
     model = timm.create_model(arch, pretrained=pretrained is True, **timm_kwargs)
+    with_classifier = set(model.state_dict())
+    model.reset_classifier(0)
+    classifier_keys = with_classifier - set(model.state_dict())
     if isinstance(pretrained, (str, os.PathLike)):
         if isinstance(pretrained, str) and pretrained in NAMED_WEIGHTS:
             state = NAMED_WEIGHTS[pretrained](model)
@@ -41,8 +44,8 @@ def create_timm_backbone(arch: str, pretrained: bool | str | os.PathLike = False
                 f"pretrained={pretrained!r} is neither an existing weight file nor a named source "
                 f"({', '.join(NAMED_WEIGHTS)})"
             )
+        state = {k: v for k, v in state.items() if k not in classifier_keys}  # the classifier is not used
         load_into(model, state, source=str(pretrained))
-    model.reset_classifier(0)
     return model
 
 
@@ -146,7 +149,8 @@ def _probe_shapes(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, 
 
     handles = [m.register_forward_hook(record(n)) for n, m in modules.items()]
     try:
-        size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        size = (3, *img_size) if img_size is not None else model.pretrained_cfg.get("input_size", (3, 224, 224))
         with torch.no_grad():
             model.forward_head(model.forward_features(torch.zeros(1, *size)), pre_logits=True)
     finally:

@@ -244,6 +244,10 @@ class MultiTaskModel(nn.Module):
                 f"{self.backbone.arch} takes {tuple(expected)} images, got {tuple(images.shape[-2:])}; "
                 "resize them or create the model with img_size=... / dynamic_img_size=True"
             )
+        patch = self.backbone.layout.patch_size
+        pad = getattr(patch_embed, "dynamic_img_pad", False)
+        if self.backbone.layout.kind == "vit" and not pad and (images.shape[-2] % patch or images.shape[-1] % patch):
+            raise ValueError(f"image size {tuple(images.shape[-2:])} must be a multiple of the patch size {patch}")
 
     def _check_slots(self, task_slots: object, n: int) -> list[int]:
         if isinstance(task_slots, torch.Tensor):

@@ -143,7 +143,8 @@ def select_targets(config: PeftConfig, host: BackboneHost) -> list[str]:
             pattern = re.compile(config.targets)
         except re.error as e:
             raise ValueError(f"{method}: `targets` {config.targets!r} is not a valid regular expression: {e}") from e
-        matched = [n for n in candidates if pattern.fullmatch(n)]
+        # A regex selects the modules it matches that the method can adapt (HF PEFT's string form).
+        matched = [n for n in candidates if pattern.fullmatch(n) and config.supports(n, candidates[n])]
         groups = {config.targets: matched}
     else:
         groups = {p: [n for n in candidates if n == p or n.endswith("." + p)] for p in config.targets}
@@ -151,7 +152,7 @@ def select_targets(config: PeftConfig, host: BackboneHost) -> list[str]:
     for pattern_str, matched in groups.items():
         if not matched:
             raise ValueError(
-                f"{method}: target pattern {pattern_str!r} matches no module of {host.arch}; "
+                f"{method}: target pattern {pattern_str!r} matches no module of {host.arch} that {method} can adapt; "
                 f"module names look like: {example}, ..."
             )
     names = list(dict.fromkeys(n for matched in groups.values() for n in matched))
