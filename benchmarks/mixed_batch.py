@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -179,7 +180,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{torch.get_num_threads()} threads, {args.warmup} warmup + {args.repeats} repeats",
         flush=True,
     )
+    load_before = os.getloadavg()[0]
     times = bench(variants, args.warmup, args.repeats)
+    load_after = os.getloadavg()[0]
+    if max(load_before, load_after) > max(os.cpu_count() or 1, args.threads) + 0.5:
+        print(
+            f"WARNING: 1-min load average {load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} CPUs: other "
+            "processes competed for the cores, timings are unreliable",
+            flush=True,
+        )
     medians = {k: statistics.median(v) for k, v in times.items()}
     base_s = medians[keys[0]]
     ours, hf_mixed = medians[keys[1]], medians[keys[4]]
@@ -202,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "config": {k: getattr(args, k) for k in ("model", "batch", "tasks", "rank", "threads", "repeats", "warmup")},
         "torch": torch.__version__,
+        "load_average": [load_before, load_after],
         "parity_max_abs_diff": {
             "mixed": parity,
             "one_task": single,
