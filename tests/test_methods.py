@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import example_config, make_model, randomize
 
 import multitask_peft as mtp
+from conftest import example_config, make_model, randomize
 from multitask_peft.peft import METHODS
 
 METHOD_NAMES = METHODS.names()
@@ -157,3 +157,55 @@ def test_method_rejects_other_kind(method: str) -> None:
         with pytest.raises(ValueError, match=f"applies to .*{kind} backbone"):
             model.add_task("t", mtp.tasks.Classification(num_classes=2), [cls()])
         assert model.tasks == [] and model.backbone._wrappers == {}
+
+
+VARIANTS = {
+    "lora-conv-depthwise-and-3x3": ("cnn", [mtp.peft.LoRA(r=3, targets=("conv_dw", "conv_stem"))]),
+    "lora-qkv-slices": ("vit", [mtp.peft.LoRA(r=2, qkv_slices=("q", "v"))]),
+    "lora-rslora-gaussian": ("vit", [mtp.peft.LoRA(r=4, alpha=2, use_rslora=True, init="gaussian")]),
+    "dora-conv-3x3": ("cnn", [mtp.peft.DoRA(r=2, targets=("conv_stem", "conv_dw"))]),
+    "fact-tt": ("vit", [mtp.peft.FacT(r=3, mode="tt")]),
+    "vpt-shallow": ("vit", [mtp.peft.VPT(num_tokens=2)]),
+    "recipe-lora-ssf-bitfit-norm": (
+        "vit",
+        [mtp.peft.LoRA(r=2), mtp.peft.SSF(), mtp.peft.BitFit(), mtp.peft.NormTuning()],
+    ),
+    "recipe-cnn-norm-bitfit-ssf": ("cnn", [mtp.peft.NormTuning(), mtp.peft.BitFit(), mtp.peft.SSF()]),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_method_variants_mixed_and_merged(variant: str) -> None:
+    """Non-default options: mixed batch equals separate runs, and merged equals unmerged where foldable."""
+    kind, recipe = VARIANTS[variant]
+    model, size = make_model(kind)
+    model.add_task("v", mtp.tasks.Classification(num_classes=3), recipe)
+    model.add_task("lora", mtp.tasks.Classification(num_classes=3), [mtp.peft.LoRA(r=2)])
+    for seed, name in enumerate(model.tasks):
+        randomize(model.task(name), seed=seed + 1)
+    slots = [0, 1, -1, 0, 1]
+    x = _images(len(slots), size)
+    with torch.no_grad():
+        mixed = model.forward_features(x, slots)
+        for i, s in enumerate(slots):
+            _assert_features_close(mixed.select([i]), model.forward_features(x[i : i + 1], [s]))
+        assert not torch.allclose(mixed.pooled[0], model.forward_features(x[:1], [-1]).pooled[0], atol=1e-4)
+        if all(c.foldable for c in recipe):
+            merged = model.merged_backbone("v")
+            got = merged.forward_head(merged.forward_features(x), pre_logits=True)
+            torch.testing.assert_close(got, model.forward_features(x, [0] * len(slots)).pooled, atol=2e-5, rtol=1e-5)
+
+
+def test_lora_dropout_trains_and_is_off_in_eval() -> None:
+    model, size = make_model("vit")
+    model.add_task("t", mtp.tasks.Classification(num_classes=3), [mtp.peft.LoRA(r=2, dropout=0.5)])
+    randomize(model.task("t"))
+    x = _images(2, size)
+    model.train()
+    a, b = model.forward_features(x, [0, 0]).pooled, model.forward_features(x, [0, 0]).pooled
+    assert not torch.allclose(a, b)  # dropout active on the LoRA branch
+    a.sum().backward()
+    assert model.task("t").peft["lora"].layers["blocks-0-attn-qkv"].lora_a.grad is not None
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x, [0, 0]).pooled, model.forward_features(x, [0, 0]).pooled)

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import make_model, randomize
 from safetensors.torch import save_file
 
 import multitask_peft as mtp
+from conftest import make_model, randomize
 from multitask_peft.task_io import CONFIG_NAME, WEIGHTS_NAME
 
 
