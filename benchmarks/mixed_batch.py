@@ -62,15 +62,14 @@ def build_ours(args: argparse.Namespace) -> tuple[mtp.MultiTaskModel, list[str]]
     return model.eval(), names
 
 
-def build_hf(model: mtp.MultiTaskModel, names: list[str], rank: int) -> nn.Module:
-    """HF PEFT LoRA on a copy of the same frozen timm model, one adapter per task holding our task's factors."""
+def build_hf(model: mtp.MultiTaskModel, plain: nn.Module, names: list[str], rank: int) -> nn.Module:
+    """HF PEFT LoRA on a copy of the plain timm model (`plain`), one adapter per task holding our task's factors."""
     from peft import LoraConfig, get_peft_model
 
     def config() -> LoraConfig:
         return LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TARGETS))  # scale 1, as ours (alpha=None)
 
-    plain = copy.deepcopy(model.backbone.plain_copy())
-    peft_model = get_peft_model(plain, config(), adapter_name=names[0])
+    peft_model = get_peft_model(copy.deepcopy(plain), config(), adapter_name=names[0])
     for name in names[1:]:
         peft_model.add_adapter(name, config())
     base = peft_model.base_model.model
@@ -97,9 +96,8 @@ def lora_flops_per_image(model: mtp.MultiTaskModel, name: str) -> int:
         r, fan_in = adapter.lora_a.shape
         out = adapter.lora_b.shape[0]
         out_shape = host.output_shape(module_name)
-        positions = (
-            math.prod(out_shape[2:]) if isinstance(host.module(module_name), nn.Conv2d) else (math.prod(out_shape[:-1]))
-        )
+        is_conv = isinstance(host.module(module_name), nn.Conv2d)
+        positions = math.prod(out_shape[2:]) if is_conv else math.prod(out_shape[:-1])  # output pixels / tokens
         total += 2 * r * (fan_in + out) * positions
     return total
 
@@ -132,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     model, names = build_ours(args)
     backbone = model.backbone.plain_copy().eval()
-    hf = build_hf(model, names, args.rank)
+    hf = build_hf(model, backbone, names, args.rank)
     size = model.backbone.model.pretrained_cfg.get("input_size", (3, 224, 224))
     images = torch.randn(args.batch, *size, generator=torch.Generator().manual_seed(2))
 
@@ -180,15 +178,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{torch.get_num_threads()} threads, {args.warmup} warmup + {args.repeats} repeats",
         flush=True,
     )
-    load_before = os.getloadavg()[0]
     times = bench(variants, args.warmup, args.repeats)
-    load_after = os.getloadavg()[0]
-    if max(load_before, load_after) > max(os.cpu_count() or 1, args.threads) + 0.5:
-        print(
-            f"WARNING: 1-min load average {load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} CPUs: other "
-            "processes competed for the cores, timings are unreliable",
-            flush=True,
-        )
+    load = os.getloadavg()[0]  # the last minute of the run, this process's own threads included
+    busy = load > max(os.cpu_count() or 1, args.threads) + 0.5
+    print(
+        f"1-min load average at the end: {load:.2f} on {os.cpu_count()} CPUs"
+        + (" -- WARNING: other processes competed for the cores, timings are unreliable" if busy else "")
+    )
     medians = {k: statistics.median(v) for k, v in times.items()}
     base_s = medians[keys[0]]
     ours, hf_mixed = medians[keys[1]], medians[keys[4]]
@@ -211,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "config": {k: getattr(args, k) for k in ("model", "batch", "tasks", "rank", "threads", "repeats", "warmup")},
         "torch": torch.__version__,
-        "load_average": [load_before, load_after],
+        "load_average_end": load,
         "parity_max_abs_diff": {
             "mixed": parity,
             "one_task": single,
