@@ -77,6 +77,18 @@ class Bottleneck(LayerAdapter):
         return y + self.bottleneck(y if self.sequential else x)
 
 
+class ParallelBottleneck(Bottleneck):
+    """`y + f(x)`: runs with the other parallel deltas (LoRA, FacT)."""
+
+    order: ClassVar[int] = 20
+
+
+class SequentialBottleneck(Bottleneck):
+    """`y + f(y)`: runs after every other change of the module's output."""
+
+    order: ClassVar[int] = 50
+
+
 @dataclasses.dataclass
 class _BottleneckConfig(PeftConfig):
     dim: int = 8
@@ -109,7 +121,8 @@ class _BottleneckConfig(PeftConfig):
                 f"{self.method} runs in parallel to a module and needs equal input and output shapes; "
                 f"{name} maps {host.input_shape(name)} to {shape}"
             )
-        return Bottleneck(self.method, shape[dim], self.dim, self.act, self.scale, dim, self.sequential)
+        cls = SequentialBottleneck if self.sequential else ParallelBottleneck
+        return cls(self.method, shape[dim], self.dim, self.act, self.scale, dim, self.sequential)
 
 
 @register_method("houlsby")
@@ -161,7 +174,7 @@ class Convpass(_BottleneckConfig):
         return ConvpassAdapter(channels, self.dim, self.act, self.scale, host.layout.num_prefix_tokens)
 
 
-class ConvpassAdapter(Bottleneck):
+class ConvpassAdapter(ParallelBottleneck):
     def __init__(self, channels: int, dim: int, act: str, scale: float, num_prefix_tokens: int) -> None:
         super().__init__("convpass", channels, dim, act, scale, -1, sequential=False)
         self.num_prefix_tokens = num_prefix_tokens

@@ -1,14 +1,18 @@
 """Multi-adapter layers: one wrapper per adapted backbone module, holding every task's adaptation of it.
 
-The wrapper computes the frozen module once for the whole batch, then lets each adapter class apply its
-*batched* form to the contiguous row segments of the slots it serves. Adapter classes run in a fixed phase
-order (`LayerAdapter.order`): norm-affine overrides, DoRA rescaling, parallel low-rank / bottleneck deltas,
-bias and scale-shift, sequential bottleneck adapters. A task may combine methods on one module; they compose
-in that order.
+The wrapper computes the frozen module once for the whole batch, then applies each slot's adapters to that
+slot's contiguous segment of rows. Adapter classes run in a fixed phase order (`LayerAdapter.order`):
+norm-affine overrides, DoRA rescaling, parallel low-rank / bottleneck deltas, bias and scale-shift, sequential
+bottleneck adapters. A task may combine methods on one module; they compose in that order.
+
+Two forms of every adapter: `apply` (one segment, out of place: the spec, and what autograd sees when training;
+the wrapper joins the segments with one `cat`) and `apply_segments` (the batched inference form, used without
+autograd: it may update the frozen output in place through the segmented ops of `multitask_peft.kernels`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from typing import ClassVar
 
@@ -30,8 +34,15 @@ class LayerAdapter(nn.Module):
 
     @classmethod
     def batch_key(cls) -> type[LayerAdapter]:
-        """Adapters with the same key are applied together by that class's `apply_segments`."""
+        """Adapters with the same key are applied together by that class's `apply_segments` / `compose`."""
         return cls
+
+    @classmethod
+    def compose(cls, adapters: list[LayerAdapter], x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """Apply several adapters of one batch key (one slot, one segment) in order, out of place."""
+        for adapter in adapters:
+            y = adapter.apply(x, y, base)
+        return y
 
     @classmethod
     def apply_segments(
@@ -41,12 +52,14 @@ class LayerAdapter(nn.Module):
         y: torch.Tensor,  # (rows, ...) output so far, writable in place
         base: nn.Module,
     ) -> torch.Tensor:
-        """Batched form: apply every (segment, adapter) pair. Default: one call per segment; several adapters of
-        one slot compose in the order they were attached."""
-        outputs: dict[Segment, torch.Tensor] = {}
+        """Batched inference form: apply every (segment, adapter) pair. Default: `compose` per segment."""
+        by_segment: dict[Segment, list[LayerAdapter]] = {}
         for seg, adapter in items:
-            ys = outputs.get(seg, y[seg.start : seg.end])
-            outputs[seg] = adapter.apply(x[seg.start : seg.end], ys, base)
+            by_segment.setdefault(seg, []).append(adapter)
+        outputs = {
+            seg: cls.compose(adapters, x[seg.start : seg.end], y[seg.start : seg.end], base)
+            for seg, adapters in by_segment.items()
+        }
         return write_segments(y, outputs)
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
@@ -86,18 +99,26 @@ class MultiAdapterLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         y = self.base(x, *args, **kwargs)
-        routing = self._router.current
-        groups: dict[type[LayerAdapter], list[tuple[Segment, LayerAdapter]]] = defaultdict(list)
-        for seg in routing.segments_for(x):
-            for adapter in self._adapters.get(seg.slot, ()):
-                groups[adapter.batch_key()].append((seg, adapter))
-        if not groups:
+        segments = [s for s in self._router.current.segments_for(x) if s.slot in self._adapters]
+        if not segments:
             return y
-        if torch.is_grad_enabled():
-            y = y.clone()  # the base may have produced y in place (inplace activations): keep autograd's copy intact
-        for cls in sorted(groups, key=lambda c: c.order):
-            y = cls.apply_segments(groups[cls], x, y, self.base)
-        return y
+        if not torch.is_grad_enabled():  # inference: batched forms, in place on the frozen output
+            groups: dict[type[LayerAdapter], list[tuple[Segment, LayerAdapter]]] = defaultdict(list)
+            for seg in segments:
+                for adapter in self._adapters[seg.slot]:
+                    groups[adapter.batch_key()].append((seg, adapter))
+            for cls in sorted(groups, key=lambda c: c.order):
+                y = cls.apply_segments(groups[cls], x, y, self.base)
+            return y
+        # training: each segment out of place, joined by one cat (cheap backward: no full-size slice gradients)
+        outputs = {}
+        for seg in segments:
+            xs, ys = x[seg.start : seg.end], y[seg.start : seg.end]
+            ordered = sorted(self._adapters[seg.slot], key=lambda a: a.order)
+            for key, group in itertools.groupby(ordered, key=lambda a: a.batch_key()):
+                ys = key.compose(list(group), xs, ys, self.base)
+            outputs[seg] = ys
+        return write_segments(y, outputs)
 
     def extra_repr(self) -> str:
         return f"slots={sorted(self._adapters)}"

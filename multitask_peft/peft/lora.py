@@ -137,6 +137,15 @@ class LoRALinear(LayerAdapter):
         kernels.lora_(y2, x2, segments)
         return y
 
+    def apply(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        xs = F.dropout(x, self.dropout, training=True) if self.dropout and self.training else x
+        for a, b, col in self.factors():
+            delta = (xs @ a.t()) @ b.t() * self.scale  # (..., out_slice)
+            if delta.shape[-1] != y.shape[-1]:  # a q/k/v slice: place it in its columns
+                delta = F.pad(delta, (col, y.shape[-1] - col - delta.shape[-1]))
+            y = y + delta
+        return y
+
     def fold(self, module: nn.Module) -> None:
         with torch.no_grad():
             for a, b, col in self.factors():

@@ -11,7 +11,7 @@ from torch import nn
 from .. import kernels
 from ..routing import Segment
 from .base import PeftConfig, register_method
-from .layer import NORM_TYPES, LayerAdapter, channel_dim, norm_forward, out_channels, per_channel, write_segments
+from .layer import NORM_TYPES, LayerAdapter, channel_dim, norm_forward, out_channels, per_channel
 
 if TYPE_CHECKING:
     from ..backbone import BackboneHost
@@ -24,7 +24,7 @@ def is_norm(module: nn.Module) -> bool:
 class NormAffine(LayerAdapter):
     """Changes a norm layer's affine weight / bias for one task; the layer is recomputed on that task's rows.
 
-    Several methods of one task (norm tuning, BitFit, SSF) may change the same norm; `compose` applies them in
+    Several methods of one task (norm tuning, BitFit, SSF) may change the same norm; `update_affine` applies them in
     `compose_order`, and the norm runs once with the result (before any activation fused into the layer).
     """
 
@@ -36,7 +36,7 @@ class NormAffine(LayerAdapter):
     def batch_key(cls) -> type[LayerAdapter]:
         return NormAffine
 
-    def compose(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     @staticmethod
@@ -44,23 +44,19 @@ class NormAffine(LayerAdapter):
         weight = base.weight
         bias = base.bias if base.bias is not None else torch.zeros_like(base.weight)
         for adapter in sorted(adapters, key=lambda a: a.compose_order):
-            weight, bias = adapter.compose(weight, bias)
+            weight, bias = adapter.update_affine(weight, bias)
         return weight, bias
 
     @classmethod
-    def apply_segments(cls, items: list[tuple[Segment, LayerAdapter]], x, y, base) -> torch.Tensor:  # noqa: ANN001
-        by_segment: dict[Segment, list[NormAffine]] = {}
-        for seg, adapter in items:
-            by_segment.setdefault(seg, []).append(adapter)
-        outputs = {}
-        for seg, adapters in by_segment.items():
-            weight, bias = cls.affine(base, adapters)
-            outputs[seg] = norm_forward(base, x[seg.start : seg.end], weight, bias)
-        return write_segments(y, outputs)
+    def compose(cls, adapters: list[LayerAdapter], x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """All norm changes of one slot combined into one affine; the norm runs once on the segment."""
+        weight, bias = cls.affine(base, adapters)
+        return norm_forward(base, x, weight, bias)
 
     def fold(self, module: nn.Module) -> None:
         with torch.no_grad():
-            weight, bias = self.compose(module.weight, module.bias if module.bias is not None else 0 * module.weight)
+            bias = module.bias if module.bias is not None else torch.zeros_like(module.weight)
+            weight, bias = self.update_affine(module.weight, bias)
             module.weight.copy_(weight)
             if module.bias is None:
                 module.bias = nn.Parameter(bias.clone(), requires_grad=False)
@@ -95,6 +91,15 @@ class OutputScaleShift(LayerAdapter):
                 rows.mul_(per_channel(scale, dim, y.ndim))
             if shift is not None:
                 rows.add_(per_channel(shift, dim, y.ndim))
+        return y
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        scale, shift = self.scale_shift()
+        dim = channel_dim(base)
+        if scale is not None:
+            y = y * per_channel(scale, dim, y.ndim)
+        if shift is not None:
+            y = y + per_channel(shift, dim, y.ndim)
         return y
 
     def fold(self, module: nn.Module) -> None:
@@ -148,7 +153,7 @@ class BitFitNorm(NormAffine):
         super().__init__()
         self.bitfit_bias = nn.Parameter(torch.zeros(out_channels(base)))
 
-    def compose(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return weight, bias + self.bitfit_bias
 
 
@@ -184,7 +189,7 @@ class NormTune(NormAffine):
         bias = base.bias if base.bias is not None else torch.zeros_like(base.weight)
         self.norm_bias = nn.Parameter(bias.detach().clone())
 
-    def compose(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.norm_weight, self.norm_bias
 
 
@@ -248,5 +253,5 @@ class SSFNorm(NormAffine, _SSFParams):
         super().__init__()
         self._init_ssf(channels, init_std)
 
-    def compose(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return weight * self.ssf_scale, bias * self.ssf_scale + self.ssf_shift
