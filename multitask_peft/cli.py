@@ -31,11 +31,18 @@ def main(argv: list[str] | None = None) -> None:
     info.set_defaults(fn=_info)
     demo = sub.add_parser("demo", help="train, evaluate, save and reload three Fashion-MNIST tasks", add_help=False)
     demo.set_defaults(fn=None)
+    data = sub.add_parser("data", help="build datasets offline (`mtpeft data multifashion OUT`)", add_help=False)
+    data.set_defaults(fn=None)
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         from .demo import main as demo_main
 
         demo_main(rest)
+        return
+    if args.command == "data":
+        from .tasks.data.cli import main as data_main
+
+        data_main(rest)
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 import multitask_peft as mtp
-from multitask_peft.tasks.fashion_mnist import CLASSES, load_fashion_mnist, to_model_input
+from multitask_peft.tasks.data.fashion_mnist import CLASSES, load_fashion_mnist, to_model_input
 
 RECIPES = {
     "fashion-lora": [mtp.peft.LoRA(r=4)],

@@ -1,7 +1,29 @@
-"""Task heads (classification here; detection and segmentation build on the same interface)."""
+"""Task heads, datasets and metrics: classification, detection, semantic segmentation."""
 
 from multitask_peft.heads import HEADS, FeatureInfo, Head, HeadConfig, register_head
 
 from .classification import Classification, ClassificationHead
+from .evaluate import collate_pairs, evaluate
+from .metrics import METRICS, ClassificationMetric, DetectionMetric, SegmentationMetric, TaskMetric, metric_for
+from .segmentation import Segmentation, SegmentationHead, soft_dice_loss
 
-__all__ = ["HEADS", "Classification", "ClassificationHead", "FeatureInfo", "Head", "HeadConfig", "register_head"]
+__all__ = [
+    "HEADS",
+    "METRICS",
+    "Classification",
+    "ClassificationHead",
+    "ClassificationMetric",
+    "DetectionMetric",
+    "FeatureInfo",
+    "Head",
+    "HeadConfig",
+    "Segmentation",
+    "SegmentationHead",
+    "SegmentationMetric",
+    "TaskMetric",
+    "collate_pairs",
+    "evaluate",
+    "metric_for",
+    "register_head",
+    "soft_dice_loss",
+]

@@ -1,0 +1,101 @@
+"""`evaluate(model, task, dataset)`: run a task over a dataset with `model.predict` and return its metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from multitask_peft.config import check_positive_int
+
+from .metrics import metric_for
+
+if TYPE_CHECKING:
+    from multitask_peft.model import MultiTaskModel
+
+Collate = Callable[[list[Any]], tuple[torch.Tensor, Any]]
+
+
+def collate_pairs(batch: list[Any]) -> tuple[torch.Tensor, Any]:
+    """Default batching of (image, target) pairs: images stacked to (N, 3, H, W); targets by type.
+
+    Integer targets (classification) become an int64 (N,) tensor; tensors / arrays of one shape (segmentation
+    masks) are stacked; anything else (detection dicts, masks of different sizes) stays a list.
+    """
+    for i, item in enumerate(batch):
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(
+                f"evaluate: dataset items must be (image, target) pairs but item {i} of a batch is a "
+                f"{type(item).__name__}; give the dataset a `collate(items) -> (images, targets)` attribute "
+                "to batch another layout"
+            )
+    images = torch.stack([torch.as_tensor(image) for image, _ in batch])  # (N, 3, H, W)
+    return images, _collate_targets([target for _, target in batch])
+
+
+def _collate_targets(targets: list[Any]) -> Any:
+    if all(_is_int(t) for t in targets):
+        return torch.tensor([int(t) for t in targets], dtype=torch.int64)  # (N,)
+    if all(isinstance(t, (torch.Tensor, np.ndarray)) for t in targets):
+        tensors = [torch.as_tensor(t) for t in targets]
+        if all(t.shape == tensors[0].shape for t in tensors):
+            return torch.stack(tensors)  # (N, *target_shape)
+        return tensors
+    return list(targets)
+
+
+def _is_int(value: object) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and not value.dtype.is_floating_point and value.dtype != torch.bool
+    if isinstance(value, np.ndarray):
+        return value.ndim == 0 and np.issubdtype(value.dtype, np.integer)
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def evaluate(
+    model: MultiTaskModel,
+    task: str,
+    dataset: Sequence[Any] | torch.utils.data.Dataset,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Evaluate one task of a model on a dataset of (image, target) pairs.
+
+    The metric follows the task's head type (see `tasks.metrics`): classification gives "top1", "top5";
+    detection "map", "map50", "map75", "map_small", "map_medium", "map_large", "mar_100"; segmentation "miou",
+    "pixel_acc". Every result also has "num_images". The model's train / eval mode is left as it was
+    (`model.predict` runs in eval mode and restores it).
+
+    Args:
+        model: The multi-task model.
+        task: Name of the task to evaluate.
+        dataset: Anything a `DataLoader` takes (a list works) whose items are (image, target) pairs, images
+            already normalised (3, H, W) float tensors and targets in the task's convention. A `collate`
+            attribute on the dataset, if present, batches items instead of the default `collate_pairs`.
+        batch_size: Images per `model.predict` call.
+        num_workers: DataLoader worker processes.
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        {metric name: value} as plain Python numbers.
+    """
+    check_positive_int("evaluate", "batch_size", batch_size)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"evaluate: `num_workers` should be an int >= 0 but the value passed is {num_workers!r}")
+    metric = metric_for(model.task(task).head_config)  # unknown task or head type: ValueError
+    collate: Collate = getattr(dataset, "collate", None) or collate_pairs
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    device = next(model.parameters()).device
+    num_images = 0
+    for images, targets in tqdm(loader, desc=f"evaluate {task}", unit="batch", disable=not progress):
+        results = model.predict(images.to(device), [task])[task]
+        metric.update(results, targets)
+        num_images += len(results)
+    if num_images == 0:
+        raise ValueError(f"evaluate: the dataset for task {task!r} is empty")
+    return {**metric.compute(), "num_images": num_images}
