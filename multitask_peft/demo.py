@@ -83,16 +83,22 @@ def run(out: Path, train_size: int, test_size: int, image_size: int, epochs: int
     a, b = model.predict(probe, model.tasks), fresh.eval().predict(probe, model.tasks)
     same = all(x["label"] == y["label"] for n in a for x, y in zip(a[n], b[n]))
 
-    print(f"\nFashion-MNIST, {train_size} train / {test_size} test images at {image_size}px, {epochs} epoch(s), "
-          f"frozen ImageNet EfficientNet-Lite0, 3 tasks trained jointly in {train_time:.0f} s")
+    print(
+        f"\nFashion-MNIST, {train_size} train / {test_size} test images at {image_size}px, {epochs} epoch(s), "
+        f"frozen ImageNet EfficientNet-Lite0, 3 tasks trained jointly in {train_time:.0f} s"
+    )
     print("| task | method | top-1 | trainable params (PEFT / head) | PPT |")
     print("|---|---|---|---|---|")
     for name, r in report.items():
         method = RECIPES[name][0].method
-        print(f"| {name} | {method} | {100 * r['top1']:.2f} % | {r['peft_params']:,} / {r['head_params']:,} | "
-              f"{r['ppt']:.3f} |")
-    print(f"\nsaved tasks under {out}/ (adapter_config.json + adapter_model.safetensors); "
-          f"reloaded predictions identical: {same}")
+        print(
+            f"| {name} | {method} | {100 * r['top1']:.2f} % | {r['peft_params']:,} / {r['head_params']:,} | "
+            f"{r['ppt']:.3f} |"
+        )
+    print(
+        f"\nsaved tasks under {out}/ (adapter_config.json + adapter_model.safetensors); "
+        f"reloaded predictions identical: {same}"
+    )
     return report
 
 

@@ -3,6 +3,7 @@
 from multitask_peft.heads import HEADS, FeatureInfo, Head, HeadConfig, register_head
 
 from .classification import Classification, ClassificationHead
+from .detection import Detection, DetectionHead
 from .evaluate import collate_pairs, evaluate
 from .metrics import METRICS, ClassificationMetric, DetectionMetric, SegmentationMetric, TaskMetric, metric_for
 from .segmentation import Segmentation, SegmentationHead, soft_dice_loss
@@ -13,6 +14,8 @@ __all__ = [
     "Classification",
     "ClassificationHead",
     "ClassificationMetric",
+    "Detection",
+    "DetectionHead",
     "DetectionMetric",
     "FeatureInfo",
     "Head",

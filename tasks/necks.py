@@ -1,7 +1,7 @@
 """Necks that turn backbone feature maps into a pyramid at fixed strides (shared by detection and segmentation).
 
 - Plain ViTs offer one map (stride = patch size): a ViTDet-style simple feature pyramid builds every requested
-  stride from it (transposed convs up, max-pool down).
+  stride from it (transposed convs up, max-pool down; odd sizes round up, as CNN stages do).
 - Hierarchical / CNN backbones offer several stages: torchvision's `FeaturePyramidNetwork` fuses the stages at
   the requested strides; strides beyond the deepest stage come from stride-2 max-pooling of the top level.
 """
@@ -19,7 +19,8 @@ from multitask_peft.heads import FeatureInfo
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    """GroupNorm with groups of at least 4 channels (one-channel groups fail on 1x1 maps of one image)."""
+    return nn.GroupNorm(math.gcd(32, max(1, channels // 4)), channels)
 
 
 class SimpleFeaturePyramid(nn.Module):
@@ -38,7 +39,7 @@ class SimpleFeaturePyramid(nn.Module):
             for _ in range(max(0, -int(steps))):  # upsample by 2 per step
                 layers += [nn.ConvTranspose2d(channels, channels // 2, 2, stride=2), _norm(channels // 2), nn.GELU()]
                 channels //= 2
-            layers += [nn.MaxPool2d(2) for _ in range(max(0, int(steps)))]
+            layers += [nn.MaxPool2d(2, ceil_mode=True) for _ in range(max(0, int(steps)))]  # cover odd sizes
             layers += [
                 nn.Conv2d(channels, out_channels, 1, bias=False),
                 _norm(out_channels),
@@ -59,12 +60,12 @@ class FPNNeck(nn.Module):
         super().__init__()
         available = {reduction: k for k, (_, reduction) in enumerate(levels)}
         deepest = max(available)
-        self.inputs = [available[s] for s in strides if s <= deepest]
         missing = [s for s in strides if s <= deepest and s not in available]
-        if missing or not self.inputs:
+        if missing or not any(s <= deepest for s in strides):
             raise ValueError(
                 f"the backbone offers feature maps at strides {sorted(available)}; cannot build an FPN at {strides}"
             )
+        self.inputs = [available[s] for s in strides if s <= deepest]
         self.extra = [s for s in strides if s > deepest]
         for k, s in enumerate(self.extra):
             previous = self.extra[k - 1] if k else deepest
