@@ -36,6 +36,18 @@ def check_choice(owner: str, field: str, value: object, choices: typing.Iterable
         raise ValueError(f"{owner}: `{field}` must be one of {choices} but the value passed is {value!r}")
 
 
+def check_class_names(owner: str, class_names: object, num_classes: int) -> tuple[str, ...] | None:
+    """Validate optional class names (one string per class) and return them as a tuple."""
+    if class_names is None:
+        return None
+    if isinstance(class_names, str) or not all(isinstance(n, str) for n in class_names):
+        raise ValueError(f"{owner}: `class_names` must be a sequence of strings, got {class_names!r}")
+    names = tuple(class_names)
+    if len(names) != num_classes:
+        raise ValueError(f"{owner}: {len(names)} class_names given for num_classes={num_classes}")
+    return names
+
+
 @dataclasses.dataclass
 class ConfigBase:
     """Base of every config dataclass (PEFT methods, heads)."""

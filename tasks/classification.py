@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multitask_peft.config import check_positive_int
+from multitask_peft.config import check_class_names, check_positive_int
 from multitask_peft.executor import Features
 from multitask_peft.heads import FeatureInfo, Head, HeadConfig, register_head
 
@@ -41,10 +41,7 @@ class Classification(HeadConfig):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"Classification: `{field}` should be in [0, 1) but the value passed is {value!r}")
-        if self.class_names is not None and len(self.class_names) != self.num_classes:
-            raise ValueError(
-                f"Classification: {len(self.class_names)} class_names given for num_classes={self.num_classes}"
-            )
+        self.class_names = check_class_names("Classification", self.class_names, self.num_classes)
 
     def build(self, info: FeatureInfo) -> ClassificationHead:
         return ClassificationHead(self, info.pooled_dim)

@@ -26,7 +26,7 @@ from torchvision.models.detection._utils import BoxLinearCoder
 from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
-from multitask_peft.config import check_positive_float, check_positive_int
+from multitask_peft.config import check_class_names, check_positive_float, check_positive_int
 from multitask_peft.executor import Features
 from multitask_peft.heads import FeatureInfo, Head, HeadConfig, register_head
 
@@ -92,12 +92,7 @@ class Detection(HeadConfig):
                 accepted = "(0, 1]" if low_open else "[0, 1)"
                 raise ValueError(f"Detection: `{field}` should be in {accepted} but the value passed is {value!r}")
         check_positive_float("Detection", "center_sampling_radius", self.center_sampling_radius)
-        if self.class_names is not None:
-            self.class_names = tuple(self.class_names)
-            if len(self.class_names) != self.num_classes:
-                raise ValueError(
-                    f"Detection: {len(self.class_names)} class_names given for num_classes={self.num_classes}"
-                )
+        self.class_names = check_class_names("Detection", self.class_names, self.num_classes)
 
     def build(self, info: FeatureInfo) -> DetectionHead:
         return DetectionHead(self, info)

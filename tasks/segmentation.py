@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
-from multitask_peft.config import check_positive_int
+from multitask_peft.config import check_class_names, check_positive_int
 from multitask_peft.executor import Features
 from multitask_peft.heads import FeatureInfo, Head, HeadConfig, register_head
 
@@ -75,12 +75,7 @@ class Segmentation(HeadConfig):
                 f"Segmentation: `ignore_index` should be an integer outside the class ids [0, {self.num_classes}) "
                 f"(e.g. 255) but the value passed is {ignore!r}"
             )
-        if self.class_names is not None:
-            self.class_names = tuple(self.class_names)
-            if len(self.class_names) != self.num_classes:
-                raise ValueError(
-                    f"Segmentation: {len(self.class_names)} class_names given for num_classes={self.num_classes}"
-                )
+        self.class_names = check_class_names("Segmentation", self.class_names, self.num_classes)
 
     def build(self, info: FeatureInfo) -> SegmentationHead:
         _check_strides(self.strides, info)
