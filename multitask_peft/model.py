@@ -233,7 +233,7 @@ class MultiTaskModel(nn.Module):
             raise TypeError(f"images must be a float tensor (N, 3, H, W), got {type(images).__name__}")
         if not images.is_floating_point():
             raise TypeError(f"images must be a normalised float tensor, got dtype {images.dtype}")
-        chans = getattr(self.backbone.model, "in_chans", 3) if hasattr(self.backbone.model, "in_chans") else 3
+        chans = getattr(self.backbone.model, "in_chans", 3)
         if images.ndim != 4 or images.shape[0] == 0 or images.shape[1] != chans:
             raise ValueError(f"images must have shape (N>=1, {chans}, H, W), got {tuple(images.shape)}")
         patch_embed = getattr(self.backbone.model, "patch_embed", None)
