@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .backbone import BackboneHost
+from .layouts import PartFn
 from .peft.base import PromptTokens
 from .routing import PLAIN_SLOT, Routing
 
@@ -75,8 +77,13 @@ def run_backbone(
     rows: Sequence[Row],
     plans: dict[int, SlotPlan],
     share_prefix: bool = True,
+    checkpointing: bool = False,
 ) -> Features:
-    """Backbone features for each requested (image, slot) row, in the order given."""
+    """Backbone features for each requested (image, slot) row, in the order given.
+
+    With `checkpointing` (and autograd on) every part's activations are recomputed in the backward pass.
+    """
+    checkpointing = checkpointing and torch.is_grad_enabled()
     layout = host.layout
     num_parts = len(layout.parts)
     never = layout.num_positions + 1
@@ -153,14 +160,24 @@ def run_backbone(
                 continue
             if stream.num_prompts:
                 stream.x = _prompt_step(stream, p, num_parts, layout.num_prefix_tokens, plans)
-            with host.router.use(stream.routing):
-                stream.x = layout.parts[p].fn(stream.model, stream.x)
+            if checkpointing:
+                stream.x = checkpoint(
+                    _run_part, layout.parts[p].fn, stream.model, stream.x, host, stream.routing, use_reentrant=False
+                )
+            else:
+                stream.x = _run_part(layout.parts[p].fn, stream.model, stream.x, host, stream.routing)
             if p in level_at:
                 captures[level_at[p]].append((stream.rows, stream.x))
 
     image_size = (images.shape[-2], images.shape[-1])
     maps = [layout.to_map(_assemble(c, rows), image_size) for c in captures]
     return Features(maps, _assemble(pooled, rows))
+
+
+def _run_part(fn: PartFn, model: nn.Module, x: torch.Tensor, host: BackboneHost, routing: Routing) -> torch.Tensor:
+    """One backbone part under its routing (entered here, so a checkpointed recomputation is routed too)."""
+    with host.router.use(routing):
+        return fn(model, x)
 
 
 def _prompt_step(stream: _Stream, p: int, num_parts: int, num_prefix: int, plans: dict[int, SlotPlan]) -> torch.Tensor:

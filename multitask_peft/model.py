@@ -62,6 +62,7 @@ class MultiTaskModel(nn.Module):
         self.backbone = host
         self.task_modules = nn.ModuleDict()
         self._plans: dict[int, SlotPlan] = {}
+        self.grad_checkpointing = False
         layout = host.layout
         self.feature_info = FeatureInfo(
             tuple((lvl.channels, lvl.reduction) for lvl in layout.levels), layout.pooled_dim, layout.kind
@@ -166,7 +167,14 @@ class MultiTaskModel(nn.Module):
         """
         self._check_images(images)
         slots = self._check_slots(task_slots, images.shape[0])
-        return run_backbone(self.backbone, images, list(enumerate(slots)), self._plans, share_prefix=False)
+        rows = list(enumerate(slots))
+        return run_backbone(
+            self.backbone, images, rows, self._plans, share_prefix=False, checkpointing=self.grad_checkpointing
+        )
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute backbone activations part by part in the backward pass (less memory, more compute)."""
+        self.grad_checkpointing = bool(enable)
 
     def forward(
         self, images: torch.Tensor, task_slots: torch.Tensor | Sequence[int]

@@ -211,3 +211,21 @@ def test_lora_dropout_trains_and_is_off_in_eval() -> None:
     model.eval()
     with torch.no_grad():
         assert torch.equal(model.forward_features(x, [0, 0]).pooled, model.forward_features(x, [0, 0]).pooled)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    model, size, _ = _mixed_model("lora", "vit")
+    model.train()
+    x = _images(4, size)
+    slots = torch.tensor([0, 1, 2, -1])
+    grads = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        model.forward_features(x, slots).pooled.square().sum().backward()
+        grads.append(
+            [p.grad.clone() for name in model.tasks for p in model.trainable_parameters(name) if p.grad is not None]
+        )
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -1,0 +1,28 @@
+"""Joint multi-task training: `Trainer(model, {task: TaskData(dataset)}, TrainConfig(...), out_dir).fit()`."""
+
+from .checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint
+from .config import TaskData, TrainConfig
+from .logs import read_log
+from .sampling import TaskStream, sample_tasks, task_probabilities
+from .schedule import WarmupCosine, no_weight_decay, param_groups
+from .trainer import NonFiniteLossError, Trainer
+from .weighting import LossWeighting
+
+__all__ = [
+    "LossWeighting",
+    "NonFiniteLossError",
+    "TaskData",
+    "TaskStream",
+    "TrainConfig",
+    "Trainer",
+    "WarmupCosine",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_trainer_state",
+    "no_weight_decay",
+    "param_groups",
+    "read_log",
+    "sample_tasks",
+    "save_checkpoint",
+    "task_probabilities",
+]

@@ -1,0 +1,307 @@
+"""Joint multi-task training: several tasks per step, one routed forward per image shape, PEFT + heads only."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..model import MultiTaskModel
+from .checkpoint import latest_checkpoint, load_task_weights, load_trainer_state, save_checkpoint
+from .config import TaskData, TrainConfig
+from .logs import RunLogger
+from .sampling import TaskStream, sample_tasks
+from .schedule import WarmupCosine, param_groups
+from .weighting import LossWeighting
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A task's loss became NaN or inf; the run stopped before the optimizer step (last checkpoint kept)."""
+
+
+class Trainer:
+    """Trains a set of tasks of a `MultiTaskModel` jointly; the backbone never changes.
+
+    Each optimizer step picks tasks (`TrainConfig.sampling`), draws the next batch of each from its own
+    resumable stream, runs the images of tasks whose image shapes match as ONE routed forward
+    (`model(images, slots)`), weights the per-task head losses, and back-propagates; `grad_accum` such
+    micro-batches make a step. Only the tasks' `model.trainable_parameters(name)` (and uncertainty weights)
+    are optimised, with AdamW (no decay on norms / biases / prompts / SSF / BitFit) and warm-up + cosine.
+
+    Args:
+        model: The model; every task in `tasks` must already be added.
+        tasks: {task name: TaskData}.
+        config: The run configuration.
+        out_dir: Where checkpoints (`checkpoints/`), `log.jsonl` and TensorBoard files (`tb/`) go.
+    """
+
+    def __init__(
+        self, model: MultiTaskModel, tasks: Mapping[str, TaskData], config: TrainConfig, out_dir: str | os.PathLike
+    ) -> None:
+        if not isinstance(model, MultiTaskModel):
+            raise TypeError(f"model must be a MultiTaskModel, got {type(model).__name__}")
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if not tasks:
+            raise ValueError(f"tasks must name at least one task of the model; tasks: {model.tasks}")
+        for name, data in tasks.items():
+            model.task(name)  # raises for an unknown task, listing the model's tasks
+            if not isinstance(data, TaskData):
+                raise TypeError(f"tasks[{name!r}] must be a TaskData(dataset, ...), got {type(data).__name__}")
+        k = config.tasks_per_step or len(tasks)
+        if k > len(tasks):
+            raise ValueError(f"TrainConfig: `tasks_per_step` is {k} but only {len(tasks)} tasks are trained")
+        trainable_backbone = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
+        if trainable_backbone:
+            raise ValueError(
+                f"the backbone must be frozen, but these parameters require grad: {trainable_backbone[:5]}"
+            )
+        if config.grad_checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise NotImplementedError(
+                    "grad_checkpointing=True needs MultiTaskModel.set_grad_checkpointing (not in this version)"
+                )
+            model.set_grad_checkpointing(True)
+        self.model, self.config, self.out_dir = model, config, Path(out_dir)
+        self.tasks = dict(tasks)
+        self.names = list(tasks)
+        self.tasks_per_step = k
+        self.device = next(model.backbone.parameters()).device
+        if config.amp == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"TrainConfig: amp='bf16' but {torch.cuda.get_device_name(self.device)} has no bf16")
+        self.weighting = LossWeighting(self.names, {n: d.loss_weight for n, d in tasks.items()}, config.loss_weighting)
+        self.weighting.to(self.device)
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, WarmupCosine(config.steps, config.warmup_steps, config.min_lr_ratio)
+        )
+        self.step = 0
+        self._step_lrs: dict[str, float] = {}
+        self.streams = {n: self._stream(n) for n in self.names}
+
+    # --- set-up --------------------------------------------------------------------------------------------
+    def _param_groups(self) -> list[dict]:
+        cfg = self.config
+        named = []
+        for task in self.names:
+            module = self.model.task(task)
+            names = {id(p): n for n, p in module.named_parameters()}
+            for p in self.model.trainable_parameters(task):
+                name = names[id(p)]
+                named.append((f"{task}.{name}", p, name.startswith("head.")))
+        groups = param_groups(named, cfg.lr, cfg.head_lr or cfg.lr, cfg.weight_decay)
+        if self.weighting.mode == "uncertainty":
+            groups.append(
+                {"name": "loss_weights", "params": list(self.weighting.parameters()), "lr": cfg.lr, "weight_decay": 0}
+            )
+        return groups
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Every parameter the optimizer updates."""
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _stream(self, task: str, epoch: int = 0, position: int = 0) -> TaskStream:
+        data = self.tasks[task]
+        bs = data.batch_size or self.config.batch_size
+        return TaskStream(
+            task, data.dataset, bs, data.collate_fn(), self.config.seed, self.config.num_workers, epoch, position
+        )
+
+    # --- state ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Trainer state (tensors and primitives only; task weights are saved separately as task files)."""
+        np_state = np.random.get_state()
+        return {
+            "step": self.step,
+            "tasks": list(self.names),
+            "config": self.config.to_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "weighting": self.weighting.state_dict(),
+            "streams": {n: s.state() for n, s in self.streams.items()},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+                "python": random.getstate(),
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if list(state["tasks"]) != self.names:
+            raise ValueError(f"checkpoint trains tasks {state['tasks']} but this trainer trains {self.names}")
+        self.step = int(state["step"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule follows this run's config (e.g. more `steps` extend the cosine); same config: same lrs.
+        schedule = WarmupCosine(self.config.steps, self.config.warmup_steps, self.config.min_lr_ratio)
+        self.scheduler.lr_lambdas = [schedule] * len(self.optimizer.param_groups)
+        for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base_lr * schedule(self.scheduler.last_epoch)
+        self.weighting.load_state_dict(state["weighting"])
+        self.streams = {n: self._stream(n, **state["streams"][n]) for n in self.names}
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        name, keys, *rest = rng["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+        version, internal, gauss = rng["python"]
+        random.setstate((version, tuple(internal), gauss))
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step (atomically) and return its directory."""
+        return save_checkpoint(
+            self.out_dir, self.step, self.model, self.names, self.state_dict(), self.config.keep_checkpoints
+        )
+
+    def resume(self) -> Path | None:
+        """Load the latest complete checkpoint of `out_dir` (None if there is none: start from scratch)."""
+        path = latest_checkpoint(self.out_dir)
+        if path is None:
+            return None
+        state = load_trainer_state(path)
+        for task in self.names:
+            load_task_weights(self.model, path, task)
+        self.load_state_dict(state)
+        return path
+
+    # --- training ------------------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train up to `config.steps` optimizer steps.
+
+        Args:
+            resume: Continue from the latest checkpoint in `out_dir` (bit-for-bit on CPU with a fixed seed).
+
+        Returns:
+            {"step", "losses" (last step, per task), "loss_weights", "checkpoint", "seconds"}.
+
+        Raises:
+            NonFiniteLossError: A loss was NaN / inf; nothing is written for that step, the last checkpoint
+                stays `latest`.
+        """
+        cfg = self.config
+        resumed = self.resume() if resume else None
+        if resumed is None:
+            self._seed_everything()
+        logger = RunLogger(self.out_dir, cfg.tensorboard, resume_step=self.step if resume else None)
+        was_training = self.model.training
+        self.model.train()
+        self.weighting.train()
+        start = time.perf_counter()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc="train", dynamic_ncols=True)
+        last_saved, losses = (self.step if resumed else None), {}
+        try:
+            while self.step < cfg.steps:
+                losses = self._train_step()
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    logger.log(self._record(losses, time.perf_counter() - start))
+                bar.update(1)
+                bar.set_postfix({t: f"{v:.3f}" for t, v in losses.items()}, refresh=False)
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self.save()
+                    last_saved = self.step
+        finally:
+            bar.close()
+            logger.close()
+            self.model.train(was_training)
+        final = latest_checkpoint(self.out_dir)
+        return {
+            "step": self.step,
+            "losses": losses,
+            "loss_weights": self.weighting.effective_weights(),
+            "checkpoint": str(final) if final is not None and last_saved is not None else None,
+            "seconds": time.perf_counter() - start,
+        }
+
+    def _seed_everything(self) -> None:
+        seed = self.config.seed
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+
+    def _train_step(self) -> dict[str, float]:
+        """One optimizer step (grad_accum micro-batches); returns the mean loss of each task."""
+        cfg = self.config
+        sizes = [len(self.tasks[n].dataset) for n in self.names]
+        chosen = sample_tasks(
+            self.names, sizes, self.step, self.tasks_per_step, cfg.sampling, cfg.temperature, cfg.seed
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = dict.fromkeys(chosen, 0.0)
+        for _ in range(cfg.grad_accum):
+            batches = {t: next(self.streams[t]) for t in chosen}
+            losses = self._losses(batches)
+            for task, loss in losses.items():
+                if not torch.isfinite(loss.detach()).all():
+                    raise NonFiniteLossError(
+                        f"loss of task {task!r} is {loss.item()} at step {self.step + 1}; training stopped before "
+                        f"the optimizer step, the last good checkpoint is {latest_checkpoint(self.out_dir)}"
+                    )
+                totals[task] += loss.item() / cfg.grad_accum
+            (self.weighting(losses) / cfg.grad_accum).backward()
+        if cfg.clip_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), cfg.clip_norm)
+            if not torch.isfinite(norm):
+                raise NonFiniteLossError(
+                    f"gradient norm is {norm.item()} at step {self.step + 1}; training stopped before the optimizer "
+                    f"step, the last good checkpoint is {latest_checkpoint(self.out_dir)}"
+                )
+        self._step_lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return totals
+
+    def _losses(self, batches: Mapping[str, tuple[torch.Tensor, Any]]) -> dict[str, torch.Tensor]:
+        """Each task's head loss; tasks whose images have one shape share one routed forward."""
+        groups: dict[tuple, list[str]] = {}
+        for task, (images, _) in batches.items():
+            groups.setdefault((tuple(images.shape[1:]), images.dtype), []).append(task)
+        losses: dict[str, torch.Tensor] = {}
+        use_amp = self.config.amp == "bf16"
+        for tasks in groups.values():
+            images = torch.cat([batches[t][0] for t in tasks]).to(self.device)  # (sum N_t, 3, H, W)
+            slots = torch.cat(
+                [torch.full((batches[t][0].shape[0],), self.model.slot(t), dtype=torch.int64) for t in tasks]
+            )
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out = self.model(images, slots.to(self.device))
+                offset = 0
+                for t in tasks:
+                    n = batches[t][0].shape[0]
+                    rows, outputs = out[t]
+                    if rows.tolist() != list(range(offset, offset + n)):  # model.forward keeps input order
+                        raise RuntimeError(f"routed rows of task {t!r} came back out of order: {rows.tolist()}")
+                    offset += n
+                    losses[t] = self.model.task(t).head.loss(outputs, _to_device(batches[t][1], self.device))
+        return {t: losses[t] for t in batches}
+
+    def _record(self, losses: Mapping[str, float], seconds: float) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "step": self.step,
+            "loss": dict(losses),
+            "lr": dict(self._step_lrs),
+            "time": round(seconds, 3),
+        }
+        if self.weighting.mode == "uncertainty":
+            record["loss_weight"] = self.weighting.effective_weights()
+        return record
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
