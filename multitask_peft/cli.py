@@ -22,6 +22,35 @@ def _info(args: argparse.Namespace) -> None:
     print(json.dumps(read_task_config(args.task_dir), indent=2))
 
 
+def _train(args: argparse.Namespace) -> None:
+    from .run import load_run_config, train_run
+
+    out = train_run(load_run_config(args.config, args.set), resume=args.resume)
+    print((out / "report.md").read_text())
+    print(f"run directory: {out} (tasks/, report.md, report.json, log.jsonl, checkpoints/)")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .run import evaluate_run, format_report, load_run
+
+    config, model = load_run(args.run_dir)
+    print(format_report(evaluate_run(model, config, args.run_dir)))
+
+
+def _tasks(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .run import format_report, load_run
+
+    report = Path(args.run_dir) / "report.json"
+    if report.is_file():
+        print(format_report(json.loads(report.read_text())))
+        return
+    config, model = load_run(args.run_dir)
+    for name in model.tasks:
+        print(name, model.num_parameters(name))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mtpeft", description="Parameter-efficient multi-task vision.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -33,6 +62,17 @@ def main(argv: list[str] | None = None) -> None:
     demo.set_defaults(fn=None)
     data = sub.add_parser("data", help="build datasets offline (`mtpeft data multifashion OUT`)", add_help=False)
     data.set_defaults(fn=None)
+    train = sub.add_parser("train", help="train the tasks of a YAML run config jointly, evaluate, report")
+    train.add_argument("config")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    train.set_defaults(fn=_train)
+    evaluate = sub.add_parser("eval", help="evaluate the tasks of a finished run on their eval splits")
+    evaluate.add_argument("run_dir")
+    evaluate.set_defaults(fn=_eval)
+    tasks = sub.add_parser("tasks", help="list a run's tasks: metric, trainable parameters, PPT")
+    tasks.add_argument("run_dir")
+    tasks.set_defaults(fn=_tasks)
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         from .demo import main as demo_main
@@ -48,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         args.fn(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"mtpeft: error: {e}", file=sys.stderr)
         sys.exit(2)
 
