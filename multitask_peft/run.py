@@ -197,13 +197,12 @@ def train_run(config: RunConfig, resume: bool = False) -> Path:
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    prepare_data(config)
     model = build_model(config)
-    data = {
-        name: TaskData(
-            task.data_spec.dataset(task.data_spec.train_split, train=True), task.loss_weight, task.batch_size
-        )
-        for name, task in config.task_specs.items()
-    }
+    data = {}
+    for name, task in config.task_specs.items():
+        dataset = task.data_spec.dataset(task.data_spec.train_split, train=True)
+        data[name] = TaskData(dataset, task.loss_weight, task.batch_size)
     start = time.perf_counter()
     Trainer(model, data, config.train_config, out).fit(resume=resume)
     train_time = time.perf_counter() - start
