@@ -58,8 +58,6 @@ def main(argv: list[str] | None = None) -> None:
     info = sub.add_parser("info", help="show a saved task's config")
     info.add_argument("task_dir")
     info.set_defaults(fn=_info)
-    demo = sub.add_parser("demo", help="train, evaluate, save and reload three Fashion-MNIST tasks", add_help=False)
-    demo.set_defaults(fn=None)
     data = sub.add_parser("data", help="build datasets offline (`mtpeft data multifashion OUT`)", add_help=False)
     data.set_defaults(fn=None)
     train = sub.add_parser("train", help="train the tasks of a YAML run config jointly, evaluate, report")
@@ -74,11 +72,6 @@ def main(argv: list[str] | None = None) -> None:
     tasks.add_argument("run_dir")
     tasks.set_defaults(fn=_tasks)
     args, rest = parser.parse_known_args(argv)
-    if args.command == "demo":
-        from .demo import main as demo_main
-
-        demo_main(rest)
-        return
     if args.command == "data":
         from .tasks.data.cli import main as data_main
 
