@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from conftest import make_model, randomize
 
 import multitask_peft as mtp
+from conftest import make_model, randomize
 
 peft = pytest.importorskip("peft")
 
