@@ -192,12 +192,17 @@ def build_model(config: RunConfig) -> Any:
 
 def train_run(config: RunConfig, resume: bool = False) -> Path:
     """Train every task of the run jointly, evaluate them, and write tasks, report.md and report.json."""
-    from .training import TaskData, Trainer
+    import torch
 
+    from .training import TaskData, Trainer, setup_distributed
+
+    dist = setup_distributed(torch.device("cpu"))  # a no-op unless launched by torchrun with several processes
     out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    prepare_data(config)
+    if dist.is_main:  # one writer: the config, the generated data, and (below) the tasks and the report
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        prepare_data(config)
+    dist.barrier()
     model = build_model(config)
     data = {}
     for name, task in config.task_specs.items():
@@ -206,6 +211,8 @@ def train_run(config: RunConfig, resume: bool = False) -> Path:
     start = time.perf_counter()
     Trainer(model, data, config.train_config, out).fit(resume=resume)
     train_time = time.perf_counter() - start
+    if not dist.is_main:
+        return out
     for name in model.tasks:
         model.save_task(name, out / "tasks" / name)
     report = evaluate_run(model, config, out)

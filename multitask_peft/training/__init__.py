@@ -2,6 +2,8 @@
 
 from .checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint
 from .config import TaskData, TrainConfig
+from .distributed import DistContext
+from .distributed import setup as setup_distributed
 from .logs import read_log
 from .sampling import TaskStream, sample_tasks, task_probabilities
 from .schedule import WarmupCosine, no_weight_decay, param_groups
@@ -9,6 +11,7 @@ from .trainer import NonFiniteLossError, Trainer
 from .weighting import LossWeighting
 
 __all__ = [
+    "DistContext",
     "LossWeighting",
     "NonFiniteLossError",
     "TaskData",
@@ -24,5 +27,6 @@ __all__ = [
     "read_log",
     "sample_tasks",
     "save_checkpoint",
+    "setup_distributed",
     "task_probabilities",
 ]

@@ -79,6 +79,10 @@ class TaskStream:
     the position (epoch, batches consumed); a stream built with that position continues with the same batches.
     Each item is fetched under a seed of its own, so random augmentations also repeat exactly.
 
+    Data-parallel: `batch_size` is the GLOBAL batch; rank r of `world_size` yields the r-th of `world_size` equal
+    consecutive slices of each global batch, so the union over ranks of their k-th batches is exactly the k-th
+    batch of a single stream (same items, same item seeds). Positions count global batches (same on every rank).
+
     Args:
         task: Task name (part of the seeds).
         dataset: Map-style dataset of (image, target) pairs.
@@ -88,6 +92,8 @@ class TaskStream:
         num_workers: DataLoader workers (0: items are read in this process).
         epoch: Start epoch.
         position: Batches of `epoch` already consumed.
+        rank: This process's rank (data-parallel training).
+        world_size: Number of processes; the global batch is cut to a multiple of it.
     """
 
     def __init__(
@@ -100,9 +106,17 @@ class TaskStream:
         num_workers: int = 0,
         epoch: int = 0,
         position: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.task, self.dataset, self.collate = task, dataset, collate
-        self.batch_size = min(batch_size, len(dataset))
+        if not 0 <= rank < world_size:
+            raise ValueError(f"task {task!r}: rank {rank} outside [0, {world_size})")
+        if len(dataset) < world_size:
+            raise ValueError(f"task {task!r}: {len(dataset)} items cannot give each of {world_size} ranks one")
+        self.batch_size = min(batch_size, len(dataset) // world_size * world_size)  # global batch
+        self.local_batch_size = self.batch_size // world_size
+        self.rank = rank
         self.seed, self.num_workers = seed, num_workers
         self.batches_per_epoch = len(dataset) // self.batch_size
         if not 0 <= position < self.batches_per_epoch:
@@ -117,8 +131,11 @@ class TaskStream:
         gen = torch.Generator().manual_seed(stable_seed(self.seed, self.task, "epoch", self.epoch))
         order = torch.randperm(len(self.dataset), generator=gen).tolist()
         items = _SeededItems(self.dataset, order, stable_seed(self.seed, self.task, "items", self.epoch))
-        bs = self.batch_size
-        batches = [list(range(b * bs, (b + 1) * bs)) for b in range(self.position, self.batches_per_epoch)]
+        bs, local = self.batch_size, self.local_batch_size
+        first = self.rank * local  # this rank's slice of each global batch
+        batches = [
+            list(range(b * bs + first, b * bs + first + local)) for b in range(self.position, self.batches_per_epoch)
+        ]
         if self.num_workers == 0:
             self._iter = (self.collate([items[k] for k in batch]) for batch in batches)
         else:

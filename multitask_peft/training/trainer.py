@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from ..model import MultiTaskModel
 from .checkpoint import latest_checkpoint, load_task_weights, load_trainer_state, save_checkpoint
 from .config import TaskData, TrainConfig
+from .distributed import average_gradients, setup
 from .logs import RunLogger
 from .sampling import TaskStream, sample_tasks
 from .schedule import WarmupCosine, param_groups
@@ -35,6 +37,11 @@ class Trainer:
     (`model(images, slots)`), weights the per-task head losses, and back-propagates; `grad_accum` such
     micro-batches make a step. Only the tasks' `model.trainable_parameters(name)` (and uncertainty weights)
     are optimised, with AdamW (no decay on norms / biases / prompts / SSF / BitFit) and warm-up + cosine.
+
+    Data-parallel (`torchrun --nproc_per_node=W`, or any initialised default process group): each rank draws its
+    1/W share of every task's global batch (the per-task batch size is per rank; global = W x that), and the
+    gradients and reported losses are averaged across ranks once per step (`training.distributed`). Only rank 0
+    writes checkpoints, logs, TensorBoard files and the progress bar; every rank resumes from the same checkpoint.
 
     Args:
         model: The model; every task in `tasks` must already be added.
@@ -77,6 +84,7 @@ class Trainer:
         self.device = next(model.backbone.parameters()).device
         if config.amp == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError(f"TrainConfig: amp='bf16' but {torch.cuda.get_device_name(self.device)} has no bf16")
+        self.dist = setup(self.device)
         self.weighting = LossWeighting(self.names, {n: d.loss_weight for n, d in tasks.items()}, config.loss_weighting)
         self.weighting.to(self.device)
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=config.lr, weight_decay=config.weight_decay)
@@ -109,10 +117,10 @@ class Trainer:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def _stream(self, task: str, epoch: int = 0, position: int = 0) -> TaskStream:
-        data = self.tasks[task]
-        bs = data.batch_size or self.config.batch_size
+        data, cfg, world = self.tasks[task], self.config, self.dist.world_size
+        bs = (data.batch_size or cfg.batch_size) * world  # global batch: the per-rank batch on each of `world` ranks
         return TaskStream(
-            task, data.dataset, bs, data.collate_fn(), self.config.seed, self.config.num_workers, epoch, position
+            task, data.dataset, bs, data.collate_fn(), cfg.seed, cfg.num_workers, epoch, position, self.dist.rank, world
         )
 
     # --- state ---------------------------------------------------------------------------------------------
@@ -127,6 +135,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "weighting": self.weighting.state_dict(),
             "streams": {n: s.state() for n, s in self.streams.items()},
+            "world_size": self.dist.world_size,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -147,7 +156,16 @@ class Trainer:
         for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base_lr * schedule(self.scheduler.last_epoch)
         self.weighting.load_state_dict(state["weighting"])
-        self.streams = {n: self._stream(n, **state["streams"][n]) for n in self.names}
+        streams = state["streams"]
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.dist.world_size:  # positions count global batches of another size
+            warnings.warn(
+                f"checkpoint was written by {saved_world} process(es), this run has {self.dist.world_size}: each "
+                "task's data stream restarts at its next epoch (data order differs from an uninterrupted run)",
+                stacklevel=2,
+            )
+            streams = {n: {"epoch": streams[n]["epoch"] + 1, "position": 0} for n in self.names}
+        self.streams = {n: self._stream(n, **streams[n]) for n in self.names}
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
@@ -157,11 +175,18 @@ class Trainer:
         version, internal, gauss = rng["python"]
         random.setstate((version, tuple(internal), gauss))
 
-    def save(self) -> Path:
-        """Write a checkpoint of the current step (atomically) and return its directory."""
-        return save_checkpoint(
-            self.out_dir, self.step, self.model, self.names, self.state_dict(), self.config.keep_checkpoints
-        )
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (atomically; rank 0 only) and return its directory.
+
+        Every rank calls it; all wait until rank 0 has written the checkpoint (None is returned on other ranks).
+        """
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(
+                self.out_dir, self.step, self.model, self.names, self.state_dict(), self.config.keep_checkpoints
+            )
+        self.dist.barrier()
+        return path
 
     def resume(self) -> Path | None:
         """Load the latest complete checkpoint of `out_dir` (None if there is none: start from scratch)."""
@@ -192,17 +217,20 @@ class Trainer:
         resumed = self.resume() if resume else None
         if resumed is None:
             self._seed_everything()
-        logger = RunLogger(self.out_dir, cfg.tensorboard, resume_step=self.step if resume else None)
+        main = self.dist.is_main
+        logger = RunLogger(self.out_dir, cfg.tensorboard, resume_step=self.step if resume else None) if main else None
         was_training = self.model.training
         self.model.train()
         self.weighting.train()
         start = time.perf_counter()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc="train", dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.steps, initial=self.step, disable=not (cfg.progress and main), desc="train", dynamic_ncols=True
+        )
         last_saved, losses = (self.step if resumed else None), {}
         try:
             while self.step < cfg.steps:
                 losses = self._train_step()
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if logger is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     logger.log(self._record(losses, time.perf_counter() - start))
                 bar.update(1)
                 bar.set_postfix({t: f"{v:.3f}" for t, v in losses.items()}, refresh=False)
@@ -211,7 +239,8 @@ class Trainer:
                     last_saved = self.step
         finally:
             bar.close()
-            logger.close()
+            if logger is not None:
+                logger.close()
             self.model.train(was_training)
         final = latest_checkpoint(self.out_dir)
         return {
@@ -241,13 +270,16 @@ class Trainer:
             batches = {t: next(self.streams[t]) for t in chosen}
             losses = self._losses(batches)
             for task, loss in losses.items():
-                if not torch.isfinite(loss.detach()).all():
-                    raise NonFiniteLossError(
-                        f"loss of task {task!r} is {loss.item()} at step {self.step + 1}; training stopped before "
-                        f"the optimizer step, the last good checkpoint is {latest_checkpoint(self.out_dir)}"
-                    )
+                if not self.dist.enabled:  # distributed: checked after averaging, so that every rank stops
+                    self._check_finite(task, loss.item())
                 totals[task] += loss.item() / cfg.grad_accum
             (self.weighting(losses) / cfg.grad_accum).backward()
+        if self.dist.enabled:
+            scalars = torch.tensor([totals[t] for t in chosen], dtype=torch.float32, device=self.device)
+            averaged = average_gradients(self.parameters(), scalars, self.dist.world_size).tolist()
+            totals = dict(zip(chosen, averaged))
+            for task, value in totals.items():
+                self._check_finite(task, value)
         if cfg.clip_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.parameters(), cfg.clip_norm)
             if not torch.isfinite(norm):
@@ -260,6 +292,13 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         return totals
+
+    def _check_finite(self, task: str, value: float) -> None:
+        if not torch.isfinite(torch.tensor(value)):
+            raise NonFiniteLossError(
+                f"loss of task {task!r} is {value} at step {self.step + 1}; training stopped before "
+                f"the optimizer step, the last good checkpoint is {latest_checkpoint(self.out_dir)}"
+            )
 
     def _losses(self, batches: Mapping[str, tuple[torch.Tensor, Any]]) -> dict[str, torch.Tensor]:
         """Each task's head loss; tasks whose images have one shape share one routed forward."""
