@@ -38,12 +38,25 @@ class TaskMetric:
         raise NotImplementedError
 
 
+class _MetricDict(TaskMetric):
+    """A task metric made of named torchmetrics objects (`self.metrics`), computed and reset together."""
+
+    metrics: dict[str, Any]
+
+    def compute(self) -> dict[str, float]:
+        return {name: float(metric.compute()) for name, metric in self.metrics.items()}
+
+    def reset(self) -> None:
+        for metric in self.metrics.values():
+            metric.reset()
+
+
 def _check_batch(owner: str, results: Results, targets: Sized) -> None:
     if len(results) != len(targets):
         raise ValueError(f"{owner}.update: {len(results)} results but {len(targets)} targets; they must pair up")
 
 
-class ClassificationMetric(TaskMetric):
+class ClassificationMetric(_MetricDict):
     """Top-k accuracy (torchmetrics `MulticlassAccuracy(top_k=k, average="micro")`) from result logits.
 
     Keys are `top{k}` for each requested k. A k above `num_classes` is computed as top-`num_classes` (which is
@@ -83,13 +96,6 @@ class ClassificationMetric(TaskMetric):
         target = torch.as_tensor(targets, dtype=torch.int64).cpu().reshape(-1)  # (N,)
         for metric in self.metrics.values():
             metric.update(logits, target)
-
-    def compute(self) -> dict[str, float]:
-        return {name: float(metric.compute()) for name, metric in self.metrics.items()}
-
-    def reset(self) -> None:
-        for metric in self.metrics.values():
-            metric.reset()
 
 
 class DetectionMetric(TaskMetric):
@@ -153,7 +159,7 @@ class DetectionMetric(TaskMetric):
         self.metric.reset()
 
 
-class SegmentationMetric(TaskMetric):
+class SegmentationMetric(_MetricDict):
     """Semantic segmentation mIoU and pixel accuracy, pixels labelled `ignore_index` left out.
 
     "miou" is torchmetrics `MulticlassJaccardIndex(average="macro")` over the confusion matrix accumulated over
@@ -214,13 +220,6 @@ class SegmentationMetric(TaskMetric):
             )
         for metric in self.metrics.values():
             metric.update(pred, gt)
-
-    def compute(self) -> dict[str, float]:
-        return {name: float(metric.compute()) for name, metric in self.metrics.items()}
-
-    def reset(self) -> None:
-        for metric in self.metrics.values():
-            metric.reset()
 
 
 def _cpu(value: Any, dtype: torch.dtype) -> torch.Tensor:
