@@ -1,40 +1,120 @@
 """Batched multi-adapter ops (a leaf package: tensors in, tensors out).
 
-Every op has a pure-torch reference (`reference.py`, the spec, a plain loop over rows) and a fast segmented
-torch path (`segmented.py`, one matmul per segment, used on CPU). `MULTITASK_PEFT_KERNELS=reference|torch`
-forces one of them; the default is `torch`.
+Three implementations of every op, same semantics:
+
+- `reference` (`reference.py`): plain loops over rows; the spec and the test oracle.
+- `torch` (`segmented.py`): one matmul / elementwise op per segment; the fast path on CPU.
+- `triton` (`triton_ops.py` over `triton_kernels.py`): segments packed into stacked weights and row tiles, one
+  launch per op for the whole batch; torch custom ops with autograd. The fast path on CUDA.
+
+Each op has an in-place form `op_` (inference) and a differentiable out-of-place form `op` (training).
+`MULTITASK_PEFT_KERNELS=auto|reference|torch|triton` picks the implementation; `auto` (default) takes Triton for
+CUDA tensors and the torch path otherwise. Forcing `triton` on CPU tensors needs `TRITON_INTERPRET=1` set before
+the first launch (that is how the kernel tests run without a GPU).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 
 from . import reference, segmented
-from .segmented import LoRASegment, ScaleShiftSegment
+from .packing import clear_cache
+from .segmented import ACTIVATIONS, BottleneckSegment, LoRASegment, ScaleShiftSegment
 
-__all__ = ["LoRASegment", "ScaleShiftSegment", "lora_", "scale_shift_", "backend", "reference", "segmented"]
+__all__ = [
+    "ACTIVATIONS",
+    "BottleneckSegment",
+    "LoRASegment",
+    "ScaleShiftSegment",
+    "backend",
+    "bottleneck",
+    "bottleneck_",
+    "clear_cache",
+    "lora",
+    "lora_",
+    "scale_shift",
+    "scale_shift_",
+]
 
-_BACKENDS = ("reference", "torch")
+BACKENDS = ("auto", "reference", "torch", "triton")
 
 
-def backend() -> str:
-    """The kernel backend in force (`MULTITASK_PEFT_KERNELS`, default `torch`)."""
-    name = os.environ.get("MULTITASK_PEFT_KERNELS", "torch")
-    if name not in _BACKENDS:
-        raise ValueError(f"MULTITASK_PEFT_KERNELS must be one of {_BACKENDS} but is {name!r}")
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def backend(tensor: torch.Tensor | None = None) -> str:
+    """The implementation used for `tensor`: `MULTITASK_PEFT_KERNELS` resolved (`auto` -> triton on CUDA)."""
+    name = os.environ.get("MULTITASK_PEFT_KERNELS", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"MULTITASK_PEFT_KERNELS must be one of {BACKENDS} but is {name!r}")
+    if name == "auto":
+        return "triton" if tensor is not None and tensor.is_cuda and triton_available() else "torch"
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("MULTITASK_PEFT_KERNELS=triton but triton is not installed (pip install triton)")
+        if tensor is not None and not tensor.is_cuda and not _interpreting():
+            raise RuntimeError(
+                "MULTITASK_PEFT_KERNELS=triton on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
+                "before the first launch, or use MULTITASK_PEFT_KERNELS=torch"
+            )
     return name
 
 
+def batched_training(tensor: torch.Tensor) -> bool:
+    """True when training should use the batched differentiable ops (Triton), not per-segment composition."""
+    return backend(tensor) == "triton"
+
+
+def _impl(tensor: torch.Tensor) -> ModuleType:
+    name = backend(tensor)
+    if name == "triton":
+        from . import triton_ops
+
+        return triton_ops
+    return reference if name == "reference" else segmented
+
+
 def lora_(y: torch.Tensor, x: torch.Tensor, segments: Sequence[LoRASegment]) -> torch.Tensor:
-    return (reference.lora_ if backend() == "reference" else segmented.lora_)(y, x, segments)
+    """In place, for each segment s: `y[s rows, s.col : s.col + out] += s.scale * (x[s rows] @ A.T) @ B.T`."""
+    return _impl(y).lora_(y, x, segments)
+
+
+def lora(y: torch.Tensor, x: torch.Tensor, segments: Sequence[LoRASegment]) -> torch.Tensor:
+    """Differentiable `lora_`, out of place."""
+    if _impl(y) is reference:
+        return reference.lora_(y.clone(), x, segments)
+    return _impl(y).lora(y, x, segments)
 
 
 def scale_shift_(y: torch.Tensor, segments: Sequence[ScaleShiftSegment]) -> torch.Tensor:
-    return (reference.scale_shift_ if backend() == "reference" else segmented.scale_shift_)(y, segments)
+    """In place, per segment: `y[s rows] = y[s rows] * scale + shift` over channels (dim 1 of a 2-D or 3-D y)."""
+    return _impl(y).scale_shift_(y, segments)
 
 
-lora_.__doc__ = segmented.lora_.__doc__
-scale_shift_.__doc__ = segmented.scale_shift_.__doc__
+def scale_shift(y: torch.Tensor, segments: Sequence[ScaleShiftSegment]) -> torch.Tensor:
+    """Differentiable `scale_shift_`, out of place."""
+    if _impl(y) is reference:
+        return reference.scale_shift_(y.clone(), segments)
+    return _impl(y).scale_shift(y, segments)
+
+
+def bottleneck_(y: torch.Tensor, z: torch.Tensor, segments: Sequence[BottleneckSegment]) -> torch.Tensor:
+    """In place, per segment: `y[s rows] += scale * (act(z @ down.T + db) @ up.T + ub)` (z may be y)."""
+    return _impl(y).bottleneck_(y, z, segments)
+
+
+def bottleneck(y: torch.Tensor, z: torch.Tensor, segments: Sequence[BottleneckSegment]) -> torch.Tensor:
+    """Differentiable `bottleneck_`, out of place."""
+    if _impl(y) is reference:
+        return reference.bottleneck_(y.clone(), z, segments)
+    return _impl(y).bottleneck(y, z, segments)

@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run through the interpreter on CPU-only machines
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import multitask_peft as mtp
 from multitask_peft.peft import METHODS

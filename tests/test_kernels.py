@@ -1,78 +1,400 @@
-"""The segmented torch path of each batched op against its reference (the spec)."""
+"""Every implementation of the batched multi-adapter ops against the reference (the spec).
+
+The Triton kernels run on CUDA when a GPU is present and through Triton's interpreter otherwise (conftest sets
+`TRITON_INTERPRET=1` on machines without CUDA). Scratch buffers are poisoned with NaN so that a kernel reading an
+element no kernel wrote fails the comparison.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 import torch
 
 from multitask_peft import kernels
-from multitask_peft.kernels import reference, segmented
+from multitask_peft.kernels import BottleneckSegment, LoRASegment, ScaleShiftSegment, reference, segmented
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-def _segments(rows: int, num_slots: int, g: torch.Generator) -> list[tuple[int, int]]:
-    """Random contiguous segments covering part of the rows (gaps are slot -1 rows; some segments empty)."""
+@pytest.fixture
+def triton_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    from multitask_peft.kernels import triton_ops
+
+    monkeypatch.setenv("MULTITASK_PEFT_KERNELS", "triton")
+    monkeypatch.setattr(triton_ops, "POISON", True)
+    kernels.clear_cache()
+
+
+def _ranges(rows: int, num_slots: int, g: torch.Generator) -> list[tuple[int, int]]:
+    """Random disjoint contiguous ranges covering part of the rows (gaps are slot -1 rows; some ranges empty)."""
     cuts = sorted(torch.randint(0, rows + 1, (2 * num_slots,), generator=g).tolist())
     return [(cuts[2 * k], cuts[2 * k + 1]) for k in range(num_slots)]
+
+
+def _lora_segments(
+    rows: int, d_in: int, d_out: int, ranks: list[int], g: torch.Generator, device: str = "cpu"
+) -> list[LoRASegment]:
+    return [
+        LoRASegment(
+            a,
+            b,
+            (torch.randn(r, d_in, generator=g) / d_in**0.5).to(device),
+            (torch.randn(d_out, r, generator=g) / r**0.5).to(device),
+            0.5 + k,
+        )
+        for k, ((a, b), r) in enumerate(zip(_ranges(rows, len(ranks), g), ranks, strict=True))
+    ]
+
+
+def _covered(rows: int, segments: list) -> torch.Tensor:
+    mask = torch.zeros(rows, dtype=torch.bool)
+    for s in segments:
+        mask[s.start : s.end] = True
+    return mask
+
+
+def _grads(
+    op: Callable, y: torch.Tensor, z: torch.Tensor, params: list[torch.Tensor], seed: int = 1
+) -> list[torch.Tensor]:
+    """Output and gradients of a random projection of `op(y, z)` w.r.t. y, z and the segment parameters."""
+    y, z = y.clone().requires_grad_(), z.clone().requires_grad_()
+    out = op(y, z)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device)
+    grads = torch.autograd.grad((out * w).sum(), [y, z, *params], allow_unused=True)
+    return [out.detach(), *(torch.zeros_like(t) if d is None else d for t, d in zip([y, z, *params], grads))]
+
+
+def _close(got: list[torch.Tensor], expected: list[torch.Tensor], atol: float = 1e-4, rtol: float = 1e-4) -> None:
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        torch.testing.assert_close(a.cpu(), b.cpu(), atol=atol, rtol=rtol, msg=lambda m, i=i: f"tensor {i}: {m}")
+
+
+# --- torch path (segmented.py) ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("rows", "d_in", "d_out"), [(1, 8, 8), (37, 197, 385), (64, 384, 1152), (5, 3, 1)])
 @pytest.mark.parametrize("rank", [1, 4, 16])
 @pytest.mark.parametrize("num_slots", [0, 1, 5])
-def test_lora_matches_reference(rows: int, d_in: int, d_out: int, rank: int, num_slots: int) -> None:
+def test_segmented_lora_matches_reference(rows: int, d_in: int, d_out: int, rank: int, num_slots: int) -> None:
     g = torch.Generator().manual_seed(rows * 1000 + rank * 10 + num_slots)
-    x = torch.randn(rows, d_in, generator=g)
-    y0 = torch.randn(rows, d_out, generator=g)
-    segs = [
-        kernels.LoRASegment(
-            a,
-            b,
-            torch.randn(rank, d_in, generator=g) / d_in**0.5,
-            torch.randn(d_out, rank, generator=g) / rank**0.5,
-            0.5 + k,
-        )
-        for k, (a, b) in enumerate(_segments(rows, num_slots, g))
-    ]
+    x, y0 = torch.randn(rows, d_in, generator=g), torch.randn(rows, d_out, generator=g)
+    segs = _lora_segments(rows, d_in, d_out, [rank] * num_slots, g)
     expected = reference.lora_(y0.clone(), x, segs)
     got = segmented.lora_(y0.clone(), x, segs)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
-    covered = torch.zeros(rows, dtype=torch.bool)
-    for s in segs:
-        covered[s.start : s.end] = True
+    covered = _covered(rows, segs)
     assert torch.equal(got[~covered], y0[~covered])  # slot -1 rows untouched
-    if any(s.end > s.start for s in segs):
+    if covered.any():
         assert not torch.allclose(got[covered], y0[covered])
+    torch.testing.assert_close(segmented.lora(y0, x, segs), expected, atol=1e-4, rtol=1e-5)
 
 
 def test_lora_column_slices() -> None:
     """q/k/v slices of a fused projection write only their own output columns."""
     g = torch.Generator().manual_seed(0)
     x, y0 = torch.randn(6, 10, generator=g), torch.randn(6, 3 * 7, generator=g)
-    segs = [
-        kernels.LoRASegment(1, 5, torch.randn(2, 10, generator=g), torch.randn(7, 2, generator=g), 1.0, col)
-        for col in (0, 14)
-    ]
+    segs = [LoRASegment(1, 5, torch.randn(2, 10, generator=g), torch.randn(7, 2, generator=g), 1.0, c) for c in (0, 14)]
     got = segmented.lora_(y0.clone(), x, segs)
     torch.testing.assert_close(got, reference.lora_(y0.clone(), x, segs))
     assert torch.equal(got[:, 7:14], y0[:, 7:14]) and torch.equal(got[0], y0[0]) and torch.equal(got[5], y0[5])
 
 
-@pytest.mark.parametrize(("rows", "channels"), [(1, 1), (33, 385), (100, 64)])
-@pytest.mark.parametrize("which", ["both", "scale", "shift"])
-def test_scale_shift_matches_reference(rows: int, channels: int, which: str) -> None:
-    g = torch.Generator().manual_seed(rows + channels)
-    y0 = torch.randn(rows, channels, generator=g)
+def _scale_shift_segments(
+    rows: int, channels: int, which: str, g: torch.Generator, device: str = "cpu"
+) -> list[ScaleShiftSegment]:
     segs = []
-    for a, b in _segments(rows, 3, g):
-        scale = torch.randn(channels, generator=g) if which in ("both", "scale") else None
-        shift = torch.randn(channels, generator=g) if which in ("both", "shift") else None
-        segs.append(kernels.ScaleShiftSegment(a, b, scale, shift))
-    torch.testing.assert_close(segmented.scale_shift_(y0.clone(), segs), reference.scale_shift_(y0.clone(), segs))
+    for k, (a, b) in enumerate(_ranges(rows, 3, g)):
+        kind = ("scale", "shift", "both")[k % 3] if which == "mixed" else which
+        scale = torch.randn(channels, generator=g).to(device) if kind in ("both", "scale") else None
+        shift = torch.randn(channels, generator=g).to(device) if kind in ("both", "shift") else None
+        segs.append(ScaleShiftSegment(a, b, scale, shift))
+    return segs
+
+
+@pytest.mark.parametrize(("shape"), [(1, 1), (33, 385), (100, 64), (7, 12, 9)])
+@pytest.mark.parametrize("which", ["both", "scale", "shift", "mixed"])
+def test_segmented_scale_shift_matches_reference(shape: tuple[int, ...], which: str) -> None:
+    g = torch.Generator().manual_seed(sum(shape))
+    y0 = torch.randn(shape, generator=g)
+    segs = _scale_shift_segments(shape[0], shape[1], which, g)
+    expected = reference.scale_shift_(y0.clone(), segs)
+    torch.testing.assert_close(segmented.scale_shift_(y0.clone(), segs), expected)
+    torch.testing.assert_close(segmented.scale_shift(y0, segs), expected)
+
+
+def _bottleneck_segments(
+    rows: int, channels: int, dims: list[int], act: str, g: torch.Generator, device: str = "cpu"
+) -> list[BottleneckSegment]:
+    return [
+        BottleneckSegment(
+            a,
+            b,
+            *(
+                t.to(device)
+                for t in (
+                    torch.randn(d, channels, generator=g) / channels**0.5,
+                    torch.randn(d, generator=g),
+                    torch.randn(channels, d, generator=g) / d**0.5,
+                    torch.randn(channels, generator=g),
+                )
+            ),
+            act,
+            0.5 + k,
+        )
+        for k, ((a, b), d) in enumerate(zip(_ranges(rows, len(dims), g), dims, strict=True))
+    ]
+
+
+@pytest.mark.parametrize("act", list(kernels.ACTIVATIONS))
+@pytest.mark.parametrize("sequential", [False, True])
+def test_segmented_bottleneck_matches_reference(act: str, sequential: bool) -> None:
+    g = torch.Generator().manual_seed(3)
+    x, y0 = torch.randn(40, 24, generator=g), torch.randn(40, 24, generator=g)
+    segs = _bottleneck_segments(40, 24, [4, 8, 5], act, g)
+    z = None if sequential else x
+    expected = reference.bottleneck_(y0.clone(), y0.clone() if sequential else x, segs)
+    y = y0.clone()
+    torch.testing.assert_close(segmented.bottleneck_(y, y if sequential else z, segs), expected)
+    torch.testing.assert_close(segmented.bottleneck(y0, y0 if sequential else z, segs), expected)
 
 
 def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert kernels.backend() == "torch"
+    monkeypatch.delenv("MULTITASK_PEFT_KERNELS", raising=False)
+    assert kernels.backend() == "torch" and kernels.backend(torch.zeros(1)) == "torch"  # auto: CPU -> torch
     monkeypatch.setenv("MULTITASK_PEFT_KERNELS", "reference")
-    assert kernels.backend() == "reference"
+    assert kernels.backend(torch.zeros(1)) == "reference"
+    monkeypatch.setenv("MULTITASK_PEFT_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.backend(torch.zeros(1))
     monkeypatch.setenv("MULTITASK_PEFT_KERNELS", "cuda-magic")
     with pytest.raises(ValueError, match="'cuda-magic'"):
         kernels.backend()
+
+
+# --- Triton ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("rows", "d_in", "d_out", "ranks"),
+    [
+        (1, 8, 8, [1]),
+        (37, 197, 385, [4, 16, 1]),  # odd sizes: masking on every dim; mixed ranks padded in one launch
+        (150, 64, 96, [64, 8]),  # several tiles per segment
+        (90, 33, 20, [2] * 32),  # 32 slots, many empty
+        (20, 16, 16, []),  # all rows slot -1
+    ],
+)
+@pytest.mark.parametrize("fused", [False, True])
+def test_triton_lora_matches_reference(
+    device: str, rows: int, d_in: int, d_out: int, ranks: list[int], fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from multitask_peft.kernels import triton_ops
+
+    monkeypatch.setattr(triton_ops, "FUSE_MIN_TILES", 0 if fused else 1 << 30)
+    g = torch.Generator().manual_seed(rows + d_in + len(ranks))
+    x, y0 = torch.randn(rows, d_in, generator=g), torch.randn(rows, d_out, generator=g)
+    segs = _lora_segments(rows, d_in, d_out, ranks, g)
+    expected = reference.lora_(y0.clone(), x, segs)
+    dev_segs = [LoRASegment(s.start, s.end, s.lora_a.to(device), s.lora_b.to(device), s.scale) for s in segs]
+    got = kernels.lora_(y0.to(device), x.to(device), dev_segs).cpu()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    covered = _covered(rows, segs)
+    assert torch.equal(got[~covered], y0[~covered])
+
+
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_lora_qkv_slices_and_overlaps(device: str) -> None:
+    """Per-slice q/k/v factors (some adapters without k), and two updates of the same rows and columns."""
+    g = torch.Generator().manual_seed(5)
+    dim, d_in, rows = 24, 40, 70
+    x, y0 = torch.randn(rows, d_in, generator=g), torch.randn(rows, 3 * dim, generator=g)
+
+    def factors(r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(r, d_in, generator=g).to(device), torch.randn(dim, r, generator=g).to(device)
+
+    segs = [LoRASegment(0, 30, *factors(4), 0.5, c * dim) for c in (0, 1, 2)]
+    segs += [LoRASegment(30, 50, *factors(8), 2.0, c * dim) for c in (0, 2)]  # q and v only
+    segs += [LoRASegment(50, 60, *factors(4), 1.0, dim), LoRASegment(50, 60, *factors(2), 3.0, dim)]  # same cols
+    expected = reference.lora_(y0.clone(), x, [_to_cpu(s) for s in segs])
+    got = kernels.lora_(y0.to(device), x.to(device), segs).cpu()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got[30:50, dim : 2 * dim], y0[30:50, dim : 2 * dim]) and torch.equal(got[60:], y0[60:])
+    # gradients, against autograd through the reference
+    params = [t for s in segs for t in (s.lora_a, s.lora_b)]
+    leaves = [p.detach().clone().requires_grad_() for p in params]
+    mapped = [LoRASegment(s.start, s.end, leaves[2 * i], leaves[2 * i + 1], s.scale, s.col) for i, s in enumerate(segs)]
+    got = _grads(lambda yy, xx: kernels.lora(yy, xx, mapped), y0.to(device), x.to(device), leaves)
+    ref = [p.detach().cpu().clone().requires_grad_() for p in leaves]  # the same parameters on the CPU
+    ref_segs = [LoRASegment(s.start, s.end, ref[2 * i], ref[2 * i + 1], s.scale, s.col) for i, s in enumerate(segs)]
+    expected = _grads(lambda yy, xx: reference.lora_(yy.clone(), xx, ref_segs), y0, x, ref)
+    _close(got, expected, atol=2e-4)
+
+
+def _to_cpu(seg: LoRASegment) -> LoRASegment:
+    return LoRASegment(seg.start, seg.end, seg.lora_a.cpu(), seg.lora_b.cpu(), seg.scale, seg.col)
+
+
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("rows", "d_in", "d_out", "ranks"), [(37, 197, 385, [4, 16, 1]), (150, 64, 96, [64, 8])])
+def test_triton_lora_gradients(device: str, rows: int, d_in: int, d_out: int, ranks: list[int]) -> None:
+    g = torch.Generator().manual_seed(rows)
+    x, y0 = torch.randn(rows, d_in, generator=g), torch.randn(rows, d_out, generator=g)
+    segs = _lora_segments(rows, d_in, d_out, ranks, g)
+    cpu = [t.clone().requires_grad_() for s in segs for t in (s.lora_a, s.lora_b)]
+    dev = [t.detach().to(device).requires_grad_() for t in cpu]
+
+    def with_params(params: list[torch.Tensor]) -> list[LoRASegment]:
+        return [LoRASegment(s.start, s.end, params[2 * i], params[2 * i + 1], s.scale) for i, s in enumerate(segs)]
+
+    expected = _grads(lambda yy, xx: reference.lora_(yy.clone(), xx, with_params(cpu)), y0, x, cpu)
+    got = _grads(lambda yy, xx: kernels.lora(yy, xx, with_params(dev)), y0.to(device), x.to(device), dev)
+    _close(got, expected, atol=3e-4)
+
+
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1, 1), (33, 385), (130, 64), (7, 12, 9)])
+@pytest.mark.parametrize("which", ["both", "scale", "shift", "mixed"])
+def test_triton_scale_shift(device: str, shape: tuple[int, ...], which: str) -> None:
+    g = torch.Generator().manual_seed(sum(shape) + len(which))
+    y0 = torch.randn(shape, generator=g)
+    segs = _scale_shift_segments(shape[0], shape[1], which, g)
+    expected = reference.scale_shift_(y0.clone(), segs)
+    dev_segs = [
+        ScaleShiftSegment(s.start, s.end, *(t.to(device) if t is not None else None for t in (s.scale, s.shift)))
+        for s in segs
+    ]
+    torch.testing.assert_close(kernels.scale_shift_(y0.to(device), dev_segs).cpu(), expected)
+    params = [t for s in segs for t in (s.scale, s.shift) if t is not None]
+    cpu = [p.clone().requires_grad_() for p in params]
+    dev = [p.detach().to(device).requires_grad_() for p in cpu]
+
+    def with_params(ps: list[torch.Tensor]) -> list[ScaleShiftSegment]:
+        it = iter(ps)
+        return [
+            ScaleShiftSegment(s.start, s.end, *(next(it) if t is not None else None for t in (s.scale, s.shift)))
+            for s in segs
+        ]
+
+    expected = _grads(lambda yy, _: reference.scale_shift_(yy.clone(), with_params(cpu)), y0, y0, cpu)
+    got = _grads(lambda yy, _: kernels.scale_shift(yy, with_params(dev)), y0.to(device), y0.to(device), dev)
+    _close(got, expected)
+
+
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", list(kernels.ACTIVATIONS))
+@pytest.mark.parametrize("sequential", [False, True])
+def test_triton_bottleneck(device: str, act: str, sequential: bool) -> None:
+    g = torch.Generator().manual_seed(7)
+    rows, channels = 90, 40
+    x, y0 = torch.randn(rows, channels, generator=g), torch.randn(rows, channels, generator=g)
+    segs = _bottleneck_segments(rows, channels, [4, 16, 5], act, g)
+    expected = reference.bottleneck_(y0.clone(), y0.clone() if sequential else x, segs)
+    cpu = [t.clone().requires_grad_() for s in segs for t in (s.down, s.down_bias, s.up, s.up_bias)]
+    dev = [t.detach().to(device).requires_grad_() for t in cpu]
+
+    def with_params(ps: list[torch.Tensor]) -> list[BottleneckSegment]:
+        return [BottleneckSegment(s.start, s.end, *ps[4 * i : 4 * i + 4], s.act, s.scale) for i, s in enumerate(segs)]
+
+    y = y0.to(device)
+    with torch.no_grad():
+        got = kernels.bottleneck_(y, y if sequential else x.to(device), with_params(dev)).cpu()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+    def ref_op(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+        return reference.bottleneck_(yy.clone(), yy if sequential else xx, with_params(cpu))
+
+    def dev_op(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+        return kernels.bottleneck(yy, yy if sequential else xx, with_params(dev))
+
+    _close(_grads(dev_op, y0.to(device), x.to(device), dev), _grads(ref_op, y0, x, cpu), atol=2e-4)
+
+
+@pytest.mark.usefixtures("triton_backend")
+def test_triton_custom_ops_opcheck() -> None:
+    """Schemas, fake (meta) implementations and autograd registrations are consistent (what torch.compile needs)."""
+    from multitask_peft.kernels import packing, triton_ops
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(70, 20, generator=g), torch.randn(70, 12, generator=g)
+    segs = _lora_segments(70, 20, 12, [4, 4], g)
+    leaves = [t.clone().requires_grad_() for s in segs for t in (s.lora_a, s.lora_b)]
+    segs = [LoRASegment(s.start, s.end, leaves[2 * i], leaves[2 * i + 1], s.scale) for i, s in enumerate(segs)]
+    (pack,) = packing.pack_lora(segs)
+    tiles = packing.tiles_for(pack.ranges, x.device)
+    args = (y.requires_grad_(), x, pack.down, pack.up, None, None, pack.cols, pack.nslices, pack.scale, tiles)
+    torch.library.opcheck(triton_ops.lowrank_op, (*args, "identity"))
+    scale, shift = torch.randn(2, 12, generator=g).requires_grad_(), torch.randn(2, 12, generator=g)
+    torch.library.opcheck(triton_ops.scale_shift_op, (y.detach().unsqueeze(-1).requires_grad_(), scale, shift, tiles))
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    rows, d_in, d_out = 300, 384, 1152
+    x, y0 = torch.randn(rows, d_in, generator=g), torch.randn(rows, d_out, generator=g)
+    segs = _lora_segments(rows, d_in, d_out, [16, 8, 16], g)
+    expected = segmented.lora_(y0.double(), x.double(), [_cast(s, torch.float64, "cpu") for s in segs])
+    got = kernels.lora_(y0.to("cuda", dtype), x.to("cuda", dtype), [_cast(s, dtype, "cuda") for s in segs])
+    torch.testing.assert_close(got.double().cpu(), expected, atol=5e-2, rtol=2e-2)
+
+
+def _cast(seg: LoRASegment, dtype: torch.dtype, device: str) -> LoRASegment:
+    return LoRASegment(
+        seg.start, seg.end, seg.lora_a.to(device, dtype), seg.lora_b.to(device, dtype), seg.scale, seg.col
+    )
+
+
+# --- the model on the Triton path -----------------------------------------------------------------------------
+
+
+def test_model_on_triton_matches_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mixed batch of LoRA (q/k/v slices), SSF and Pfeiffer tasks on a ViT: same outputs and gradients whether
+    the multi-adapter layers run the Triton kernels (one batched differentiable op per adapter class) or torch."""
+    import multitask_peft as mtp
+    from conftest import make_model, randomize
+
+    model, size = make_model("vit")
+    recipes = {
+        "lora": [mtp.peft.LoRA(r=4, targets=("qkv", "fc1"), qkv_slices=("q", "v"))],
+        "ssf": [mtp.peft.SSF()],
+        "pfeiffer": [mtp.peft.Pfeiffer(dim=6)],
+    }
+    for name, peft in recipes.items():
+        model.add_task(name, head=mtp.tasks.Classification(num_classes=3), peft=peft)
+        randomize(model.task(name))
+    images = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(0))
+    slots = [model.slot(t) for t in ("ssf", "lora", "pfeiffer", "lora", "ssf")]
+
+    def run(backend: str) -> list[torch.Tensor]:
+        monkeypatch.setenv("MULTITASK_PEFT_KERNELS", backend)
+        with torch.no_grad():
+            pooled = model.forward_features(images, slots).pooled
+        out = model(images, slots)
+        loss = sum((logits * torch.arange(3.0)).sum() for _, logits in out.values())
+        params = [p for t in model.tasks for p in model.trainable_parameters(t)]
+        return [pooled, *torch.autograd.grad(loss, params)]
+
+    from multitask_peft.kernels import triton_ops
+
+    calls: dict[str, int] = {}
+    for op in ("lora", "lora_", "scale_shift", "scale_shift_", "bottleneck", "bottleneck_"):
+        fn = getattr(triton_ops, op)
+        monkeypatch.setattr(
+            triton_ops, op, lambda *a, _fn=fn, _op=op: calls.update({_op: calls.get(_op, 0) + 1}) or _fn(*a)
+        )
+    torch_path = run("torch")
+    assert not calls
+    triton_path = run("triton")
+    assert all(calls.get(op) for op in ("lora", "lora_", "scale_shift", "scale_shift_", "bottleneck", "bottleneck_"))
+    _close(triton_path, torch_path, atol=1e-4, rtol=1e-3)

@@ -10,19 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..config import check_choice, check_positive_int
+from ..routing import Segment
 from .base import PeftConfig, register_method
 from .layer import LayerAdapter
 
 if TYPE_CHECKING:
     from ..backbone import BackboneHost
 
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "silu": F.silu,
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-}
+ACTIVATIONS = {name: fn for name, fn in kernels.ACTIVATIONS.items() if name != "identity"}
 
 
 def _is_vit_sublayer(name: str, kind: str) -> bool:
@@ -75,6 +72,22 @@ class Bottleneck(LayerAdapter):
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         return y + self.bottleneck(y if self.sequential else x)
+
+    @classmethod
+    def apply_segments(cls, items: list[tuple[Segment, LayerAdapter]], x, y, base) -> torch.Tensor:  # noqa: ANN001
+        """Token / channels-last rows of plain bottlenecks run as one segmented op; others segment by segment."""
+        plain = [(s, a) for s, a in items if a.channel_dim == -1 and type(a).bottleneck is Bottleneck.bottleneck]
+        if len(plain) < len(items):
+            return super().apply_segments(items, x, y, base)
+        z = y if plain[0][1].sequential else x
+        z2, y2 = z.reshape(-1, z.shape[-1]), y.reshape(-1, y.shape[-1])  # (rows * tokens, C)
+        tokens = y2.shape[0] // y.shape[0]
+        segments = [
+            kernels.BottleneckSegment(seg.start * tokens, seg.end * tokens, *a.params(), a.act, a.scale)
+            for seg, a in plain
+        ]
+        y2 = kernels.bottleneck(y2, z2, segments) if torch.is_grad_enabled() else kernels.bottleneck_(y2, z2, segments)
+        return y2.view(y.shape)
 
 
 class ParallelBottleneck(Bottleneck):

@@ -5,9 +5,10 @@ slot's contiguous segment of rows. Adapter classes run in a fixed phase order (`
 norm-affine overrides, DoRA rescaling, parallel low-rank / bottleneck deltas, bias and scale-shift, sequential
 bottleneck adapters. A task may combine methods on one module; they compose in that order.
 
-Two forms of every adapter: `apply` (one segment, out of place: the spec, and what autograd sees when training;
-the wrapper joins the segments with one `cat`) and `apply_segments` (the batched inference form, used without
-autograd: it may update the frozen output in place through the segmented ops of `multitask_peft.kernels`).
+Two forms of every adapter: `apply` (one segment, out of place: the spec, and what autograd sees when training on
+the torch path; the wrapper joins the segments with one `cat`) and `apply_segments` (the batched form over every
+segment of the batch, through the ops of `multitask_peft.kernels`: in place on the frozen output without autograd,
+out of place and differentiable when training with the Triton kernels).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from timm.layers import Conv2dSame, pad_same
 from torch import nn
 
+from .. import kernels
 from ..routing import RoutingContext, Segment
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)
@@ -102,7 +104,8 @@ class MultiAdapterLayer(nn.Module):
         segments = [s for s in self._router.current.segments_for(x) if s.slot in self._adapters]
         if not segments:
             return y
-        if not torch.is_grad_enabled():  # inference: batched forms, in place on the frozen output
+        if not torch.is_grad_enabled() or kernels.batched_training(y):
+            # batched forms: in place on the frozen output at inference, one differentiable op per class with Triton
             groups: dict[type[LayerAdapter], list[tuple[Segment, LayerAdapter]]] = defaultdict(list)
             for seg in segments:
                 for adapter in self._adapters[seg.slot]:
@@ -110,7 +113,7 @@ class MultiAdapterLayer(nn.Module):
             for cls in sorted(groups, key=lambda c: c.order):
                 y = cls.apply_segments(groups[cls], x, y, self.base)
             return y
-        # training: each segment out of place, joined by one cat (cheap backward: no full-size slice gradients)
+        # training on the torch path: each segment out of place, joined by one cat (no full-size slice gradients)
         outputs = {}
         for seg in segments:
             xs, ys = x[seg.start : seg.end], y[seg.start : seg.end]
@@ -131,12 +134,7 @@ def write_segments(y: torch.Tensor, outputs: dict[Segment, torch.Tensor]) -> tor
         for seg, rows in outputs.items():
             y[seg.start : seg.end] = rows
         return y
-    pieces, pos = [], 0
-    for seg in sorted(outputs, key=lambda s: s.start):
-        pieces += [y[pos : seg.start], outputs[seg]]
-        pos = seg.end
-    pieces.append(y[pos:])
-    return torch.cat(pieces)
+    return kernels.segmented.join_rows(y, {(seg.start, seg.end): rows for seg, rows in outputs.items()})
 
 
 def channel_dim(module: nn.Module) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import defaultdict
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -123,19 +124,19 @@ class LoRALinear(LayerAdapter):
     @classmethod
     def apply_segments(cls, items: list[tuple[Segment, LayerAdapter]], x, y, base) -> torch.Tensor:  # noqa: ANN001
         x2 = x.reshape(-1, x.shape[-1])  # (rows * tokens, in)
-        y2 = y.view(-1, y.shape[-1])  # (rows * tokens, out)
+        y2 = y.reshape(-1, y.shape[-1])  # (rows * tokens, out)
         tokens = x2.shape[0] // x.shape[0]
-        segments = []
+        by_dropout: dict[float, list[kernels.LoRASegment]] = defaultdict(list)  # one op per dropout rate
         for seg, adapter in items:
+            p = adapter.dropout if adapter.training else 0.0
             start, end = seg.start * tokens, seg.end * tokens
-            if adapter.dropout and adapter.training:
-                xs = F.dropout(x2[start:end], adapter.dropout, training=True)
-                for a, b, col in adapter.factors():
-                    y2[start:end, col : col + b.shape[0]].addmm_(xs @ a.t(), b.t(), alpha=adapter.scale)
-                continue
-            segments += [kernels.LoRASegment(start, end, a, b, adapter.scale, col) for a, b, col in adapter.factors()]
-        kernels.lora_(y2, x2, segments)
-        return y
+            by_dropout[p] += [
+                kernels.LoRASegment(start, end, a, b, adapter.scale, col) for a, b, col in adapter.factors()
+            ]
+        for p, segments in by_dropout.items():
+            xs = F.dropout(x2, p, training=True) if p else x2
+            y2 = kernels.lora(y2, xs, segments) if torch.is_grad_enabled() else kernels.lora_(y2, xs, segments)
+        return y2.view(y.shape)
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         xs = F.dropout(x, self.dropout, training=True) if self.dropout and self.training else x

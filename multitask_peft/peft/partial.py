@@ -74,24 +74,15 @@ class OutputScaleShift(LayerAdapter):
 
     @classmethod
     def apply_segments(cls, items: list[tuple[Segment, LayerAdapter]], x, y, base) -> torch.Tensor:  # noqa: ANN001
-        dim = channel_dim(base)
-        if dim == -1:  # token / channels-last rows: the segmented kernel on a 2-D view
-            y2 = y.view(-1, y.shape[-1])  # (rows * tokens, C)
-            tokens = y2.shape[0] // y.shape[0]
-            segments = [
-                kernels.ScaleShiftSegment(seg.start * tokens, seg.end * tokens, *adapter.scale_shift())
-                for seg, adapter in items
-            ]
-            kernels.scale_shift_(y2, segments)
-            return y
-        for seg, adapter in items:
-            scale, shift = adapter.scale_shift()
-            rows = y[seg.start : seg.end]
-            if scale is not None:
-                rows.mul_(per_channel(scale, dim, y.ndim))
-            if shift is not None:
-                rows.add_(per_channel(shift, dim, y.ndim))
-        return y
+        # token / channels-last rows as (rows * tokens, C); NCHW maps as (rows, C, H * W)
+        y2 = y.reshape(-1, y.shape[-1]) if channel_dim(base) == -1 else y.reshape(y.shape[0], y.shape[1], -1)
+        per_row = y2.shape[0] // y.shape[0]
+        segments = [
+            kernels.ScaleShiftSegment(seg.start * per_row, seg.end * per_row, *adapter.scale_shift())
+            for seg, adapter in items
+        ]
+        y2 = kernels.scale_shift(y2, segments) if torch.is_grad_enabled() else kernels.scale_shift_(y2, segments)
+        return y2.view(y.shape)
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         scale, shift = self.scale_shift()

@@ -1,0 +1,242 @@
+"""Segments -> stacked operands for the Triton kernels (weights stacked by entry, rows split into tiles).
+
+An entry is one row range (one slot's segment); a LoRA entry may hold several column slices (the q / k / v
+factors of one adapter on a fused qkv projection). Ranks and slice counts are zero-padded to the largest in the
+launch, so padded terms add exact zeros. Segments that cannot share a launch (different output widths, or two
+updates of the same rows and columns) go to separate launches, applied in the given order.
+
+Without autograd, stacked weights and tiles are cached (keyed on the tensors' identity and version, so an
+in-place update of a weight invalidates its entry), which makes repeated batches launch-only.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .segmented import BottleneckSegment, LoRASegment, ScaleShiftSegment
+
+BLOCK_M = 64  # keep equal to triton_kernels.BLOCK_M
+CACHE_BYTES = 1 << 30  # stacked weights kept for reuse, least recently used dropped first
+
+
+@dataclass(frozen=True)
+class LowRankPack:
+    """Operands of one low-rank launch (LoRA: no biases, identity activation; bottleneck adapter: J = 1).
+
+    Attributes:
+        down: (W, J, R, K) (LoRA A, adapter down-projection)
+        up: (W, J, N, R) (LoRA B, adapter up-projection)
+        cols: (W, J) int32 first output column of each slice
+        nslices: (W,) int32 slices in use per entry
+        scale: (W,) fp32
+        down_bias: (W, R) or None
+        up_bias: (W, N) or None
+        act: activation between the two projections
+    """
+
+    ranges: tuple[tuple[int, int], ...]
+    down: torch.Tensor
+    up: torch.Tensor
+    cols: torch.Tensor
+    nslices: torch.Tensor
+    scale: torch.Tensor
+    down_bias: torch.Tensor | None
+    up_bias: torch.Tensor | None
+    act: str
+
+
+@dataclass(frozen=True)
+class ScaleShiftPack:
+    ranges: tuple[tuple[int, int], ...]
+    scale: torch.Tensor | None  # (W, C)
+    shift: torch.Tensor | None  # (W, C)
+
+
+_cache: OrderedDict[Hashable, tuple[tuple[torch.Tensor, ...], object, int]] = OrderedDict()
+_cache_bytes = 0
+
+
+def _cached(key: Hashable, tensors: tuple[torch.Tensor, ...], build: Callable[[], object]) -> object:
+    """`build()`, memoised on `key` + the identity and version of `tensors` when autograd does not record them."""
+    global _cache_bytes
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return build()
+    full = (key, tuple((id(t), t._version) for t in tensors))
+    hit = _cache.get(full)
+    if hit is not None and all(a is b for a, b in zip(hit[0], tensors, strict=True)):
+        _cache.move_to_end(full)
+        return hit[1]
+    value = build()
+    parts = vars(value).values() if not isinstance(value, torch.Tensor) else (value,)
+    size = sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
+    _cache[full] = (tensors, value, size)  # holding the tensors keeps their ids from being reused
+    _cache_bytes += size
+    while _cache_bytes > CACHE_BYTES and len(_cache) > 1:
+        _cache_bytes -= _cache.popitem(last=False)[1][2]
+    return value
+
+
+def clear_cache() -> None:
+    """Drop every cached stack (e.g. after unloading tasks, to free their memory at once)."""
+    global _cache_bytes
+    _cache.clear()
+    _cache_bytes = 0
+
+
+def tiles_for(ranges: Sequence[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """(T, 3) int32 tiles of disjoint row ranges: entry w = ranges[w], first row, end row (<= BLOCK_M rows)."""
+
+    def build() -> torch.Tensor:
+        tiles = [
+            (w, s, min(s + BLOCK_M, end)) for w, (start, end) in enumerate(ranges) for s in range(start, end, BLOCK_M)
+        ]
+        return torch.tensor(tiles, dtype=torch.int32).view(-1, 3).to(device, non_blocking=True)
+
+    return _cached(("tiles", tuple(ranges), str(device)), (), build)  # type: ignore[return-value]
+
+
+def _check_disjoint(ranges: Sequence[tuple[int, int]]) -> None:
+    ordered = sorted(ranges)
+    for (a0, a1), (b0, _) in zip(ordered, ordered[1:]):
+        if b0 < a1:
+            raise ValueError(f"segments must cover disjoint row ranges; got {(a0, a1)} and {b0, _}")
+
+
+def pack_lora(segments: Sequence[LoRASegment]) -> list[LowRankPack]:
+    """Group LoRA segments into launches: one entry per row range, its column slices side by side."""
+    launches: list[dict[tuple[int, int], list[LoRASegment]]] = []
+    widths: list[int] = []
+    for seg in segments:
+        if seg.end <= seg.start:
+            continue
+        rows, n = (seg.start, seg.end), seg.lora_b.shape[0]
+        for launch, width in zip(launches, widths, strict=True):
+            slices = launch.get(rows, [])
+            if width == n and all(seg.col + n <= s.col or s.col + n <= seg.col for s in slices):
+                launch.setdefault(rows, []).append(seg)
+                break
+        else:
+            launches.append({rows: [seg]})
+            widths.append(n)
+    packs = []
+    for launch in launches:
+        ranges = tuple(launch)
+        _check_disjoint(ranges)
+        entries = [launch[r] for r in ranges]
+        tensors = tuple(t for slices in entries for s in slices for t in (s.lora_a, s.lora_b))
+        meta = tuple((s.col, s.scale) for slices in entries for s in slices)
+        packs.append(_cached(("lora", ranges, meta), tensors, lambda e=entries, r=ranges: _stack_lora(r, e)))
+    return packs  # type: ignore[return-value]
+
+
+def _stack_lora(ranges: tuple[tuple[int, int], ...], entries: list[list[LoRASegment]]) -> LowRankPack:
+    first = entries[0][0]
+    w, j = len(entries), max(len(e) for e in entries)
+    r = max(s.lora_a.shape[0] for e in entries for s in e)
+    uniform = all(len(e) == j and all(s.lora_a.shape[0] == r for s in e) for e in entries)
+    if uniform:  # one copy kernel each
+        down = torch.stack([torch.stack([s.lora_a for s in e]) for e in entries])
+        up = torch.stack([torch.stack([s.lora_b for s in e]) for e in entries])
+    else:
+        k, n = first.lora_a.shape[1], first.lora_b.shape[0]
+        down = first.lora_a.new_zeros(w, j, r, k)
+        up = first.lora_b.new_zeros(w, j, n, r)
+        for i, e in enumerate(entries):
+            for jj, s in enumerate(e):
+                down[i, jj, : s.lora_a.shape[0]] = s.lora_a
+                up[i, jj, :, : s.lora_b.shape[1]] = s.lora_b
+    device = first.lora_a.device
+    cols = torch.tensor([[s.col for s in e] + [0] * (j - len(e)) for e in entries], dtype=torch.int32)
+    nslices = torch.tensor([len(e) for e in entries], dtype=torch.int32)
+    scale = torch.tensor([e[0].scale for e in entries], dtype=torch.float32)
+    if any(s.scale != e[0].scale for e in entries for s in e):  # per-slice scales: fold them into `up`
+        factors = torch.tensor([[s.scale / e[0].scale for s in e] + [0.0] * (j - len(e)) for e in entries])
+        up = up * factors.to(device=device, dtype=up.dtype)[:, :, None, None]
+    return LowRankPack(ranges, down, up, cols.to(device), nslices.to(device), scale.to(device), None, None, "identity")
+
+
+def pack_bottleneck(segments: Sequence[BottleneckSegment]) -> list[LowRankPack]:
+    """One launch per group of disjoint segments with one activation (J = 1; adapter widths zero-padded)."""
+    groups: list[list[BottleneckSegment]] = []
+    for seg in segments:
+        if seg.end <= seg.start:
+            continue
+        for group in groups:
+            if group[0].act == seg.act and all((seg.start, seg.end) != (g.start, g.end) for g in group):
+                group.append(seg)
+                break
+        else:
+            groups.append([seg])
+    packs = []
+    for group in groups:
+        ranges = tuple((s.start, s.end) for s in group)
+        _check_disjoint(ranges)
+        tensors = tuple(t for s in group for t in (s.down, s.down_bias, s.up, s.up_bias))
+        key = ("bottleneck", ranges, group[0].act, tuple(s.scale for s in group))
+        packs.append(_cached(key, tensors, lambda g=group, r=ranges: _stack_bottleneck(r, g)))
+    return packs  # type: ignore[return-value]
+
+
+def _stack_bottleneck(ranges: tuple[tuple[int, int], ...], group: list[BottleneckSegment]) -> LowRankPack:
+    dim = max(s.down.shape[0] for s in group)
+    if all(s.down.shape[0] == dim for s in group):
+        down = torch.stack([s.down for s in group])[:, None]
+        up = torch.stack([s.up for s in group])[:, None]
+        down_bias = torch.stack([s.down_bias for s in group])
+    else:
+        c = group[0].down.shape[1]
+        down = group[0].down.new_zeros(len(group), 1, dim, c)
+        up = group[0].up.new_zeros(len(group), 1, c, dim)
+        down_bias = group[0].down_bias.new_zeros(len(group), dim)
+        for i, s in enumerate(group):
+            d = s.down.shape[0]
+            down[i, 0, :d], up[i, 0, :, :d], down_bias[i, :d] = s.down, s.up, s.down_bias
+    device = down.device
+    return LowRankPack(
+        ranges,
+        down,
+        up,
+        torch.zeros(len(group), 1, dtype=torch.int32, device=device),
+        torch.ones(len(group), dtype=torch.int32, device=device),
+        torch.tensor([s.scale for s in group], dtype=torch.float32, device=device),
+        down_bias,
+        torch.stack([s.up_bias for s in group]),
+        group[0].act,
+    )
+
+
+def pack_scale_shift(segments: Sequence[ScaleShiftSegment]) -> list[ScaleShiftPack]:
+    """One launch per group of disjoint segments (a missing scale is 1, a missing shift 0)."""
+    groups: list[list[ScaleShiftSegment]] = []
+    for seg in segments:
+        if seg.end <= seg.start or (seg.scale is None and seg.shift is None):
+            continue
+        for group in groups:
+            if all((seg.start, seg.end) != (g.start, g.end) for g in group):
+                group.append(seg)
+                break
+        else:
+            groups.append([seg])
+    packs = []
+    for group in groups:
+        ranges = tuple((s.start, s.end) for s in group)
+        _check_disjoint(ranges)
+        tensors = tuple(t for s in group for t in (s.scale, s.shift) if t is not None)
+        key = ("scale_shift", ranges, tuple((s.scale is None, s.shift is None) for s in group))
+        packs.append(_cached(key, tensors, lambda g=group, r=ranges: _stack_scale_shift(r, g)))
+    return packs  # type: ignore[return-value]
+
+
+def _stack_scale_shift(ranges: tuple[tuple[int, int], ...], group: list[ScaleShiftSegment]) -> ScaleShiftPack:
+    ref = next(t for s in group for t in (s.scale, s.shift) if t is not None)
+
+    def stack(values: list[torch.Tensor | None], fill: float) -> torch.Tensor | None:
+        if all(v is None for v in values):
+            return None
+        return torch.stack([v if v is not None else torch.full_like(ref, fill) for v in values])
+
+    return ScaleShiftPack(ranges, stack([s.scale for s in group], 1.0), stack([s.shift for s in group], 0.0))

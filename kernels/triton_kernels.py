@@ -1,0 +1,359 @@
+"""Triton kernels of the segmented multi-adapter ops, and their launchers.
+
+The operands are the stacked form of `packing.py`: W entries (disjoint row ranges of one slot each), each with up
+to J column slices of rank <= R, zero-padded to (W, J, R, K) / (W, J, N, R). The grid walks `tiles`
+(entry, first row, end row; at most BLOCK_M rows), so rows of slot -1 cost nothing and every program uses one
+adapter's weights (the SGMV layout of Punica / S-LoRA). Matmuls accumulate in fp32.
+
+    shrink:  out[i, j*R + r] = act(x[i, in_col(w, j) + :K] @ down[w, j, r] + bias[w, j*R + r]) * scale[w]
+    expand:  y[i, col(w, j) + n] += scale[w] * (h[i, j*R : (j+1)*R] @ up[w, j, n] + bias[w, n])
+    lowrank: expand(act(shrink(x))) in one pass per tile (the rank-R intermediate stays in registers)
+    outer:   out[w, j] += a[rows of w, a_col(w, j) + :P].T @ b[rows of w, b_col(w, j) + :Q]   (weight gradients)
+    scale_shift: y[i, c, :] = y[i, c, :] * scale[w, c] + shift[w, c]
+
+Rows i run over each entry's tiles; slices j >= nslices[w] are skipped. Set `TRITON_INTERPRET=1` before the first
+launch to run them on the CPU (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ACT_CODES = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3, "quick_gelu": 4}
+BLOCK_M = 64  # rows per tile (packing.py splits segments with this)
+
+
+@triton.jit
+def _activate(v, ACT: tl.constexpr):
+    if ACT == 1:
+        v = tl.maximum(v, 0.0)
+    elif ACT == 2:
+        v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
+    elif ACT == 3:
+        v = v * tl.sigmoid(v)
+    elif ACT == 4:
+        v = v * tl.sigmoid(1.702 * v)
+    return v
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _shrink_tile(
+    x_ptr, w_ptr, rows, rmask, in_col, K, R, w, j,
+    sxm, sxk, sww, swj, swr, swk,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """(BLOCK_M, BLOCK_R) fp32 = x[rows, in_col:in_col + K] @ w[w, j].T (padded ranks and rows masked to 0)."""
+    r = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    w_base = w_ptr + w.to(tl.int64) * sww + j * swj
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < K
+        xt = tl.load(x_ptr + rows[:, None] * sxm + (in_col + k)[None, :] * sxk, rmask[:, None] & kmask[None, :], 0.0)
+        wt = tl.load(w_base + r[None, :] * swr + k[:, None] * swk, (r < R)[None, :] & kmask[:, None], 0.0)
+        acc = _dot(xt, wt.to(xt.dtype), acc, IEEE)
+    return acc
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, w_ptr, bias_ptr, scale_ptr, out_ptr, tiles_ptr, nslices_ptr, incol_ptr,
+    K, R, J,
+    sxm, sxk, sww, swj, swr, swk, som, soc,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    j = tl.program_id(1)
+    w = tl.load(tiles_ptr + 3 * t)
+    if j >= tl.load(nslices_ptr + w):
+        return
+    start = tl.load(tiles_ptr + 3 * t + 1)
+    end = tl.load(tiles_ptr + 3 * t + 2)
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    rows = rows.to(tl.int64)
+    in_col = tl.load(incol_ptr + w * J + j)
+    acc = _shrink_tile(
+        x_ptr, w_ptr, rows, rmask, in_col, K, R, w, j, sxm, sxk, sww, swj, swr, swk, BLOCK_M, BLOCK_R, BLOCK_K, IEEE
+    )
+    r = tl.arange(0, BLOCK_R)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + w * J * R + j * R + r, r < R, 0.0).to(tl.float32)[None, :]
+    acc = _activate(acc, ACT)
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + w)
+    tl.store(out_ptr + rows[:, None] * som + (j * R + r)[None, :] * soc, acc, rmask[:, None] & (r < R)[None, :])
+
+
+@triton.jit
+def _expand_block(
+    acc_h, w_ptr, bias_ptr, scale_ptr, y_ptr, rows, rmask, w, j, nb, col, N, R,
+    sww, swj, swn, swr, sym, syn,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    IEEE: tl.constexpr,
+):  # fmt: skip
+    """y[rows, col + n-block] += scale[w] * (acc_h @ w[w, j].T + bias[w, n-block])."""
+    r = tl.arange(0, BLOCK_R)
+    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    wt = tl.load(
+        w_ptr + w.to(tl.int64) * sww + j * swj + n[None, :] * swn + r[:, None] * swr,
+        (r < R)[:, None] & nmask[None, :],
+        0.0,
+    )
+    acc = _dot(acc_h.to(wt.dtype), wt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + w * N + n, nmask, 0.0).to(tl.float32)[None, :]
+    acc *= tl.load(scale_ptr + w)
+    ptrs = y_ptr + rows[:, None] * sym + (col + n)[None, :] * syn
+    mask = rmask[:, None] & nmask[None, :]
+    old = tl.load(ptrs, mask, 0.0)
+    tl.store(ptrs, (old.to(tl.float32) + acc).to(old.dtype), mask)
+
+
+@triton.jit
+def _expand_kernel(
+    h_ptr, w_ptr, bias_ptr, scale_ptr, y_ptr, tiles_ptr, nslices_ptr, cols_ptr,
+    N, R, J,
+    shm, shc, sww, swj, swn, swr, sym, syn,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    IEEE: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    j = tl.program_id(1)
+    nb = tl.program_id(2)
+    w = tl.load(tiles_ptr + 3 * t)
+    if j >= tl.load(nslices_ptr + w):
+        return
+    start = tl.load(tiles_ptr + 3 * t + 1)
+    end = tl.load(tiles_ptr + 3 * t + 2)
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    rows = rows.to(tl.int64)
+    r = tl.arange(0, BLOCK_R)
+    h = tl.load(h_ptr + rows[:, None] * shm + (j * R + r)[None, :] * shc, rmask[:, None] & (r < R)[None, :], 0.0)
+    col = tl.load(cols_ptr + w * J + j)
+    _expand_block(
+        h, w_ptr, bias_ptr, scale_ptr, y_ptr, rows, rmask, w, j, nb, col, N, R,
+        sww, swj, swn, swr, sym, syn, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_R, IEEE,
+    )  # fmt: skip
+
+
+@triton.jit
+def _lowrank_kernel(
+    x_ptr, down_ptr, down_bias_ptr, up_ptr, up_bias_ptr, scale_ptr, y_ptr, tiles_ptr, nslices_ptr, cols_ptr,
+    K, N, R, J,
+    sxm, sxk, sdw, sdj, sdr, sdk, suw, suj, sun, sur, sym, syn,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Fused shrink -> act -> expand for one tile and slice: x rows read once, y rows updated once."""
+    t = tl.program_id(0)
+    j = tl.program_id(1)
+    w = tl.load(tiles_ptr + 3 * t)
+    if j >= tl.load(nslices_ptr + w):
+        return
+    start = tl.load(tiles_ptr + 3 * t + 1)
+    end = tl.load(tiles_ptr + 3 * t + 2)
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    rows = rows.to(tl.int64)
+    h = _shrink_tile(
+        x_ptr, down_ptr, rows, rmask, 0, K, R, w, j, sxm, sxk, sdw, sdj, sdr, sdk, BLOCK_M, BLOCK_R, BLOCK_K, IEEE
+    )
+    if HAS_BIAS:
+        r = tl.arange(0, BLOCK_R)
+        h += tl.load(down_bias_ptr + w * J * R + j * R + r, r < R, 0.0).to(tl.float32)[None, :]
+    h = _activate(h, ACT)
+    col = tl.load(cols_ptr + w * J + j)
+    for nb in range(0, tl.cdiv(N, BLOCK_N)):
+        _expand_block(
+            h, up_ptr, up_bias_ptr, scale_ptr, y_ptr, rows, rmask, w, j, nb, col, N, R,
+            suw, suj, sun, sur, sym, syn, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_R, IEEE,
+        )  # fmt: skip
+
+
+@triton.jit
+def _outer_kernel(
+    a_ptr, b_ptr, out_ptr, tiles_ptr, nslices_ptr, acol_ptr, bcol_ptr,
+    P, Q, J,
+    sam, sac, sbm, sbc, sow, soj, sop, soq,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    j = tl.program_id(1)
+    pq = tl.program_id(2)
+    w = tl.load(tiles_ptr + 3 * t)
+    if j >= tl.load(nslices_ptr + w):
+        return
+    start = tl.load(tiles_ptr + 3 * t + 1)
+    end = tl.load(tiles_ptr + 3 * t + 2)
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    rows = rows.to(tl.int64)
+    nq = tl.cdiv(Q, BLOCK_Q)
+    p = (pq // nq) * BLOCK_P + tl.arange(0, BLOCK_P)
+    q = (pq % nq) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    acol = tl.load(acol_ptr + w * J + j)
+    bcol = tl.load(bcol_ptr + w * J + j)
+    at = tl.load(a_ptr + rows[:, None] * sam + (acol + p)[None, :] * sac, rmask[:, None] & (p < P)[None, :], 0.0)
+    bt = tl.load(b_ptr + rows[:, None] * sbm + (bcol + q)[None, :] * sbc, rmask[:, None] & (q < Q)[None, :], 0.0)
+    acc = _dot(tl.trans(at.to(tl.float32)), bt.to(tl.float32), tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32), IEEE)
+    ptrs = out_ptr + w.to(tl.int64) * sow + j * soj + p[:, None] * sop + q[None, :] * soq
+    tl.atomic_add(ptrs, acc, (p < P)[:, None] & (q < Q)[None, :])
+
+
+@triton.jit
+def _scale_shift_kernel(
+    y_ptr, scale_ptr, shift_ptr, out_ptr, tiles_ptr, C, INNER,
+    sym, syc, syi, som, soc, soi, ssw,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    eb = tl.program_id(1)
+    w = tl.load(tiles_ptr + 3 * t)
+    start = tl.load(tiles_ptr + 3 * t + 1)
+    end = tl.load(tiles_ptr + 3 * t + 2)
+    rows = (start + tl.arange(0, BLOCK_M)).to(tl.int64)
+    e = eb * BLOCK_E + tl.arange(0, BLOCK_E)  # element of a row: channel e // INNER, position e % INNER
+    c = e // INNER
+    i = e % INNER
+    emask = e < C * INNER
+    mask = (rows < end)[:, None] & emask[None, :]
+    v = tl.load(y_ptr + rows[:, None] * sym + (c * syc + i * syi)[None, :], mask, 0.0)
+    acc = v.to(tl.float32)
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + w.to(tl.int64) * ssw + c, emask, 1.0).to(tl.float32)[None, :]
+    if HAS_SHIFT:
+        acc += tl.load(shift_ptr + w.to(tl.int64) * ssw + c, emask, 0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * som + (c * soc + i * soi)[None, :], acc.to(v.dtype), mask)
+
+
+# --- launchers ----------------------------------------------------------------------------------------------------
+
+
+def _pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
+    b = max(lo, triton.next_power_of_2(max(int(n), 1)))
+    return min(b, hi) if hi else b
+
+
+def _ieee(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 for t in tensors)
+
+
+def shrink(
+    x: torch.Tensor,  # (M, >= in_col + K)
+    down: torch.Tensor,  # (W, J, R, K)
+    tiles: torch.Tensor,  # (T, 3) int32
+    nslices: torch.Tensor,  # (W,) int32
+    in_cols: torch.Tensor,  # (W, J) int32
+    out: torch.Tensor,  # (M, J * R) fp32
+    bias: torch.Tensor | None = None,  # (W, J * R)
+    scale: torch.Tensor | None = None,  # (W,) fp32
+    act: str = "identity",
+) -> torch.Tensor:
+    _, j, r, k = down.shape
+    if tiles.shape[0]:
+        _shrink_kernel[(tiles.shape[0], j)](
+            x, down, bias if bias is not None else out, scale if scale is not None else out, out, tiles, nslices,
+            in_cols, k, r, j, *x.stride(), *down.stride(), *out.stride(),
+            HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, ACT=ACT_CODES[act],
+            BLOCK_M=BLOCK_M, BLOCK_R=_pow2(r), BLOCK_K=_pow2(k, hi=64), IEEE=_ieee(x, down),
+        )  # fmt: skip
+    return out
+
+
+def expand(
+    h: torch.Tensor,  # (M, J * R)
+    up: torch.Tensor,  # (W, J, N, R)
+    tiles: torch.Tensor,
+    nslices: torch.Tensor,
+    cols: torch.Tensor,  # (W, J) int32
+    y: torch.Tensor,  # (M, >= col + N), updated in place
+    scale: torch.Tensor,  # (W,) fp32
+    bias: torch.Tensor | None = None,  # (W, N)
+) -> torch.Tensor:
+    _, j, n, r = up.shape
+    block_n = _pow2(n, hi=64)
+    if tiles.shape[0]:
+        _expand_kernel[(tiles.shape[0], j, triton.cdiv(n, block_n))](
+            h, up, bias if bias is not None else scale, scale, y, tiles, nslices, cols, n, r, j,
+            *h.stride(), *up.stride(), *y.stride(),
+            HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_R=_pow2(r), IEEE=_ieee(up, y),
+        )  # fmt: skip
+    return y
+
+
+def lowrank(
+    x: torch.Tensor,  # (M, K)
+    down: torch.Tensor,  # (W, J, R, K)
+    up: torch.Tensor,  # (W, J, N, R)
+    tiles: torch.Tensor,
+    nslices: torch.Tensor,
+    cols: torch.Tensor,
+    y: torch.Tensor,  # updated in place; must not alias x
+    scale: torch.Tensor,
+    down_bias: torch.Tensor | None = None,
+    up_bias: torch.Tensor | None = None,
+    act: str = "identity",
+) -> torch.Tensor:
+    """Fused `expand(act(shrink(x)))`."""
+    _, j, r, k = down.shape
+    n = up.shape[2]
+    if tiles.shape[0]:
+        _lowrank_kernel[(tiles.shape[0], j)](
+            x, down, down_bias if down_bias is not None else scale, up, up_bias if up_bias is not None else scale,
+            scale, y, tiles, nslices, cols, k, n, r, j,
+            *x.stride(), *down.stride(), *up.stride(), *y.stride(),
+            HAS_BIAS=down_bias is not None, ACT=ACT_CODES[act], BLOCK_M=BLOCK_M, BLOCK_N=_pow2(n, hi=64),
+            BLOCK_R=_pow2(r), BLOCK_K=_pow2(k, hi=64), IEEE=_ieee(x, down, y),
+        )  # fmt: skip
+    return y
+
+
+def outer(
+    a: torch.Tensor,  # (M, >= a_col + P)
+    b: torch.Tensor,  # (M, >= b_col + Q)
+    tiles: torch.Tensor,
+    nslices: torch.Tensor,
+    a_cols: torch.Tensor,  # (W, J) int32
+    b_cols: torch.Tensor,  # (W, J) int32
+    out: torch.Tensor,  # (W, J, P, Q) fp32, accumulated into
+) -> torch.Tensor:
+    _, j, p, q = out.shape
+    block_p, block_q = _pow2(p, hi=64), _pow2(q, hi=64)
+    if tiles.shape[0]:
+        _outer_kernel[(tiles.shape[0], j, triton.cdiv(p, block_p) * triton.cdiv(q, block_q))](
+            a, b, out, tiles, nslices, a_cols, b_cols, p, q, j, *a.stride(), *b.stride(), *out.stride(),
+            BLOCK_M=BLOCK_M, BLOCK_P=block_p, BLOCK_Q=block_q, IEEE=_ieee(a, b),
+        )  # fmt: skip
+    return out
+
+
+def scale_shift(
+    y: torch.Tensor,  # (M, C, INNER)
+    scale: torch.Tensor | None,  # (W, C)
+    shift: torch.Tensor | None,  # (W, C)
+    tiles: torch.Tensor,
+    out: torch.Tensor,  # (M, C, INNER); may be y
+) -> torch.Tensor:
+    _, c, inner = y.shape
+    ref = scale if scale is not None else shift
+    if tiles.shape[0] and ref is not None:
+        block_e = _pow2(c * inner, hi=256)
+        _scale_shift_kernel[(tiles.shape[0], triton.cdiv(c * inner, block_e))](
+            y, scale if scale is not None else ref, shift if shift is not None else ref, out, tiles, c, inner,
+            *y.stride(), *out.stride(), ref.stride(0),
+            HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, BLOCK_M=BLOCK_M, BLOCK_E=block_e,
+        )  # fmt: skip
+    return out
