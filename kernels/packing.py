@@ -11,6 +11,7 @@ in-place update of a weight invalidates its entry), which makes repeated batches
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -61,19 +62,21 @@ _cache_bytes = 0
 
 
 def _cached(key: Hashable, tensors: tuple[torch.Tensor, ...], build: Callable[[], object]) -> object:
-    """`build()`, memoised on `key` + the identity and version of `tensors` when autograd does not record them."""
+    """`build()`, memoised on `key` + the storage, layout and version of `tensors` when autograd does not record
+    them. An entry holds its tensors, so their storage (and address) cannot be reused while it is cached; moving a
+    module (`.to(dtype / device)`) gives its parameters new addresses, an in-place update a new version."""
     global _cache_bytes
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return build()
-    full = (key, tuple((id(t), t._version) for t in tensors))
+    full = (key, tuple((t.data_ptr(), t._version, t.shape, t.stride(), t.dtype, t.device) for t in tensors))
     hit = _cache.get(full)
-    if hit is not None and all(a is b for a, b in zip(hit[0], tensors, strict=True)):
+    if hit is not None:
         _cache.move_to_end(full)
         return hit[1]
     value = build()
     parts = vars(value).values() if not isinstance(value, torch.Tensor) else (value,)
     size = sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
-    _cache[full] = (tensors, value, size)  # holding the tensors keeps their ids from being reused
+    _cache[full] = (tensors, value, size)
     _cache_bytes += size
     while _cache_bytes > CACHE_BYTES and len(_cache) > 1:
         _cache_bytes -= _cache.popitem(last=False)[1][2]
@@ -99,6 +102,15 @@ def tiles_for(ranges: Sequence[tuple[int, int]], device: torch.device) -> torch.
     return _cached(("tiles", tuple(ranges), str(device)), (), build)  # type: ignore[return-value]
 
 
+def _cast(pack: LowRankPack | ScaleShiftPack, dtype: torch.dtype | None) -> LowRankPack | ScaleShiftPack:
+    """The pack with its weights in `dtype` (the activations' dtype), so that launches never cast them again.
+    (A low-rank pack's per-entry `scale` stays fp32.)"""
+    if dtype is None:
+        return pack
+    fields = ("scale", "shift") if isinstance(pack, ScaleShiftPack) else ("down", "up", "down_bias", "up_bias")
+    return dataclasses.replace(pack, **{f: getattr(pack, f).to(dtype) for f in fields if getattr(pack, f) is not None})
+
+
 def _check_disjoint(ranges: Sequence[tuple[int, int]]) -> None:
     ordered = sorted(ranges)
     for (a0, a1), (b0, _) in zip(ordered, ordered[1:]):
@@ -106,8 +118,9 @@ def _check_disjoint(ranges: Sequence[tuple[int, int]]) -> None:
             raise ValueError(f"segments must cover disjoint row ranges; got {(a0, a1)} and {b0, _}")
 
 
-def pack_lora(segments: Sequence[LoRASegment]) -> list[LowRankPack]:
-    """Group LoRA segments into launches: one entry per row range, its column slices side by side."""
+def pack_lora(segments: Sequence[LoRASegment], dtype: torch.dtype | None = None) -> list[LowRankPack]:
+    """Group LoRA segments into launches: one entry per row range, its column slices side by side (weights cast
+    to `dtype` if given)."""
     launches: list[dict[tuple[int, int], list[LoRASegment]]] = []
     widths: list[int] = []
     for seg in segments:
@@ -129,7 +142,8 @@ def pack_lora(segments: Sequence[LoRASegment]) -> list[LowRankPack]:
         entries = [launch[r] for r in ranges]
         tensors = tuple(t for slices in entries for s in slices for t in (s.lora_a, s.lora_b))
         meta = tuple((s.col, s.scale) for slices in entries for s in slices)
-        packs.append(_cached(("lora", ranges, meta), tensors, lambda e=entries, r=ranges: _stack_lora(r, e)))
+        key = ("lora", ranges, meta, dtype)
+        packs.append(_cached(key, tensors, lambda e=entries, r=ranges: _cast(_stack_lora(r, e), dtype)))
     return packs  # type: ignore[return-value]
 
 
@@ -159,7 +173,7 @@ def _stack_lora(ranges: tuple[tuple[int, int], ...], entries: list[list[LoRASegm
     return LowRankPack(ranges, down, up, cols.to(device), nslices.to(device), scale.to(device), None, None, "identity")
 
 
-def pack_bottleneck(segments: Sequence[BottleneckSegment]) -> list[LowRankPack]:
+def pack_bottleneck(segments: Sequence[BottleneckSegment], dtype: torch.dtype | None = None) -> list[LowRankPack]:
     """One launch per group of disjoint segments with one activation (J = 1; adapter widths zero-padded)."""
     groups: list[list[BottleneckSegment]] = []
     for seg in segments:
@@ -176,8 +190,8 @@ def pack_bottleneck(segments: Sequence[BottleneckSegment]) -> list[LowRankPack]:
         ranges = tuple((s.start, s.end) for s in group)
         _check_disjoint(ranges)
         tensors = tuple(t for s in group for t in (s.down, s.down_bias, s.up, s.up_bias))
-        key = ("bottleneck", ranges, group[0].act, tuple(s.scale for s in group))
-        packs.append(_cached(key, tensors, lambda g=group, r=ranges: _stack_bottleneck(r, g)))
+        key = ("bottleneck", ranges, group[0].act, tuple(s.scale for s in group), dtype)
+        packs.append(_cached(key, tensors, lambda g=group, r=ranges: _cast(_stack_bottleneck(r, g), dtype)))
     return packs  # type: ignore[return-value]
 
 
@@ -209,7 +223,7 @@ def _stack_bottleneck(ranges: tuple[tuple[int, int], ...], group: list[Bottlenec
     )
 
 
-def pack_scale_shift(segments: Sequence[ScaleShiftSegment]) -> list[ScaleShiftPack]:
+def pack_scale_shift(segments: Sequence[ScaleShiftSegment], dtype: torch.dtype | None = None) -> list[ScaleShiftPack]:
     """One launch per group of disjoint segments (a missing scale is 1, a missing shift 0)."""
     groups: list[list[ScaleShiftSegment]] = []
     for seg in segments:
@@ -226,8 +240,8 @@ def pack_scale_shift(segments: Sequence[ScaleShiftSegment]) -> list[ScaleShiftPa
         ranges = tuple((s.start, s.end) for s in group)
         _check_disjoint(ranges)
         tensors = tuple(t for s in group for t in (s.scale, s.shift) if t is not None)
-        key = ("scale_shift", ranges, tuple((s.scale is None, s.shift is None) for s in group))
-        packs.append(_cached(key, tensors, lambda g=group, r=ranges: _stack_scale_shift(r, g)))
+        key = ("scale_shift", ranges, tuple((s.scale is None, s.shift is None) for s in group), dtype)
+        packs.append(_cached(key, tensors, lambda g=group, r=ranges: _cast(_stack_scale_shift(r, g), dtype)))
     return packs  # type: ignore[return-value]
 
 

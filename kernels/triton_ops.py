@@ -283,11 +283,11 @@ FUSE_MIN_TILES = 128  # fused low-rank kernel once the grid has this many tiles 
 def _lowrank(y: torch.Tensor, x: torch.Tensor, packs: Sequence[LowRankPack], inplace: bool) -> torch.Tensor:
     for pack in packs:
         tiles = packing.tiles_for(pack.ranges, y.device)
-        dtype = y.dtype
-        args = [t.to(dtype) if t is not None else None for t in (pack.down, pack.up, pack.down_bias, pack.up_bias)]
-        xc = x.to(dtype)
+        args = (pack.down, pack.up, pack.down_bias, pack.up_bias)
+        xc = x.to(y.dtype)
         if inplace:
-            fused = tiles.shape[0] >= FUSE_MIN_TILES and xc.data_ptr() != y.data_ptr()
+            shared = xc.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+            fused = tiles.shape[0] >= FUSE_MIN_TILES and not shared
             lowrank_inplace_op(y, xc, *args, pack.cols, pack.nslices, pack.scale, tiles, pack.act, fused)
         else:
             y, _ = lowrank_op(y, xc, *args, pack.cols, pack.nslices, pack.scale, tiles, pack.act)
@@ -295,28 +295,28 @@ def _lowrank(y: torch.Tensor, x: torch.Tensor, packs: Sequence[LowRankPack], inp
 
 
 def lora_(y: torch.Tensor, x: torch.Tensor, segments: Sequence[LoRASegment]) -> torch.Tensor:
-    return _lowrank(y, x, packing.pack_lora(segments), inplace=True)
+    return _lowrank(y, x, packing.pack_lora(segments, y.dtype), inplace=True)
 
 
 def lora(y: torch.Tensor, x: torch.Tensor, segments: Sequence[LoRASegment]) -> torch.Tensor:
-    return _lowrank(y, x, packing.pack_lora(segments), inplace=False)
+    return _lowrank(y, x, packing.pack_lora(segments, y.dtype), inplace=False)
 
 
 def bottleneck_(y: torch.Tensor, z: torch.Tensor, segments: Sequence[BottleneckSegment]) -> torch.Tensor:
-    if z.data_ptr() == y.data_ptr():  # sequential adapter: read every row before any is written
+    if z.untyped_storage().data_ptr() == y.untyped_storage().data_ptr():  # sequential: read all rows, then write
         z = z.clone()
-    return _lowrank(y, z, packing.pack_bottleneck(segments), inplace=True)
+    return _lowrank(y, z, packing.pack_bottleneck(segments, y.dtype), inplace=True)
 
 
 def bottleneck(y: torch.Tensor, z: torch.Tensor, segments: Sequence[BottleneckSegment]) -> torch.Tensor:
-    return _lowrank(y, z, packing.pack_bottleneck(segments), inplace=False)
+    return _lowrank(y, z, packing.pack_bottleneck(segments, y.dtype), inplace=False)
 
 
 def _scale_shift(y: torch.Tensor, packs: Sequence[ScaleShiftPack], inplace: bool) -> torch.Tensor:
     y3 = y if y.ndim == 3 else y.unsqueeze(-1)
     for pack in packs:
         tiles = packing.tiles_for(pack.ranges, y3.device)
-        scale, shift = (t.to(y.dtype) if t is not None else None for t in (pack.scale, pack.shift))
+        scale, shift = pack.scale, pack.shift
         if inplace:
             scale_shift_inplace_op(y3, scale, shift, tiles)
         else:
@@ -325,8 +325,8 @@ def _scale_shift(y: torch.Tensor, packs: Sequence[ScaleShiftPack], inplace: bool
 
 
 def scale_shift_(y: torch.Tensor, segments: Sequence[ScaleShiftSegment]) -> torch.Tensor:
-    return _scale_shift(y, packing.pack_scale_shift(segments), inplace=True)
+    return _scale_shift(y, packing.pack_scale_shift(segments, y.dtype), inplace=True)
 
 
 def scale_shift(y: torch.Tensor, segments: Sequence[ScaleShiftSegment]) -> torch.Tensor:
-    return _scale_shift(y, packing.pack_scale_shift(segments), inplace=False)
+    return _scale_shift(y, packing.pack_scale_shift(segments, y.dtype), inplace=False)

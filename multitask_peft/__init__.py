@@ -4,8 +4,22 @@ __version__ = "0.1.0"
 
 from . import peft, tasks  # noqa: E402  (tasks registers the heads)
 from .executor import Features  # noqa: E402
+from .export import export_onnx  # noqa: E402
 from .heads import FeatureInfo, HeadConfig  # noqa: E402
 from .model import MultiTaskModel, Task  # noqa: E402
+from .onnx_runner import OnnxRunner  # noqa: E402
 from .ppt import ppt  # noqa: E402
 
-__all__ = ["Features", "FeatureInfo", "HeadConfig", "MultiTaskModel", "Task", "peft", "ppt", "tasks", "__version__"]
+__all__ = [
+    "Features",
+    "FeatureInfo",
+    "HeadConfig",
+    "MultiTaskModel",
+    "OnnxRunner",
+    "Task",
+    "export_onnx",
+    "peft",
+    "ppt",
+    "tasks",
+    "__version__",
+]

@@ -68,6 +68,11 @@ class BackboneHost(nn.Module):
         self._fingerprint: str | None = None
         self._shapes = _probe_shapes(model, self.named_targetable())
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The model's native input (H, W): a ViT's patch-embed size, else its pretrained config's."""
+        return default_image_size(self.model)
+
     def output_shape(self, name: str) -> tuple[int, ...]:
         """Output shape of a module for one image at the model's default input size (batch dim included)."""
         return self._shapes[name][1]
@@ -149,10 +154,8 @@ def _probe_shapes(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, 
 
     handles = [m.register_forward_hook(record(n)) for n, m in modules.items()]
     try:
-        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        size = (3, *img_size) if img_size is not None else model.pretrained_cfg.get("input_size", (3, 224, 224))
         with torch.no_grad():
-            model.forward_head(model.forward_features(torch.zeros(1, *size)), pre_logits=True)
+            model.forward_head(model.forward_features(torch.zeros(1, 3, *default_image_size(model))), pre_logits=True)
     finally:
         for h in handles:
             h.remove()
@@ -168,3 +171,11 @@ def _wrapped_path(name: str, wrappers: dict[str, MultiAdapterLayer]) -> str:
         if ".".join(parts[: i + 1]) in wrappers and i < len(parts) - 1:
             path.append("base")
     return ".".join(path)
+
+
+def default_image_size(model: nn.Module) -> tuple[int, int]:
+    """(H, W) of a timm model's native input: a ViT's patch-embed size, else its pretrained config's."""
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is None:
+        img_size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-2:]
+    return int(img_size[0]), int(img_size[1])

@@ -67,3 +67,7 @@ class Head(nn.Module):
     def postprocess(self, outputs: Any, image_size: tuple[int, int]) -> list[dict[str, Any]]:
         """Per-image result dicts (e.g. {"logits", "label", "score"})."""
         raise NotImplementedError
+
+    def export_outputs(self, outputs: Any, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Batched, fixed-shape, traceable post-processing for ONNX export: {field: (N, ...) tensor}."""
+        raise NotImplementedError(f"{type(self).__name__} has no ONNX export form")

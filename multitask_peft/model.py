@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import kernels
 from .backbone import BackboneHost, create_timm_backbone
 from .config import check_task_name
 from .executor import Features, SlotPlan, run_backbone
@@ -139,6 +140,7 @@ class MultiTaskModel(nn.Module):
         del self._plans[task.slot]
         del self.task_modules[name]
         task.slot = PLAIN_SLOT
+        kernels.clear_cache()  # drop stacked copies of its weights now
 
     def trainable_parameters(self, name: str) -> Iterator[nn.Parameter]:
         """The task's trainable parameters: its PEFT modules and its head."""

@@ -67,6 +67,14 @@ class Routing:
         return self.scaled(n // self.num_rows)
 
 
+@dataclass(frozen=True)
+class StackedRouting:
+    """Routing of a traced graph (ONNX export): the batch is `len(slots)` equal blocks, block k all of slot
+    `slots[k]`. Block sizes stay symbolic (dynamic batch), so layers split with tensor ops, not Python ints."""
+
+    slots: tuple[int, ...]
+
+
 def sort_by_slot(slots: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """Stable sort of row slots.
 
@@ -84,10 +92,10 @@ class RoutingContext:
     """
 
     def __init__(self) -> None:
-        self._current: Routing | None = None
+        self._current: Routing | StackedRouting | None = None
 
     @property
-    def current(self) -> Routing:
+    def current(self) -> Routing | StackedRouting:
         if self._current is None:
             raise RuntimeError(
                 "an adapted backbone layer ran outside MultiTaskModel.forward_features/predict; "
@@ -96,7 +104,7 @@ class RoutingContext:
         return self._current
 
     @contextlib.contextmanager
-    def use(self, routing: Routing) -> Iterator[None]:
+    def use(self, routing: Routing | StackedRouting) -> Iterator[None]:
         previous, self._current = self._current, routing
         try:
             yield

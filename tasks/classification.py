@@ -65,6 +65,9 @@ class ClassificationHead(Head):
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(outputs, targets, label_smoothing=self.config.label_smoothing)
 
+    def export_outputs(self, outputs: torch.Tensor, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        return {"logits": outputs}  # (N, num_classes)
+
     def postprocess(self, outputs: torch.Tensor, image_size: tuple[int, int]) -> list[dict[str, Any]]:
         probs = outputs.float().softmax(dim=-1)
         scores, labels = probs.max(dim=-1)

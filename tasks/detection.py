@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torchvision.models.detection._utils import BoxLinearCoder
 from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
-from torchvision.ops import batched_nms, clip_boxes_to_image
+from torchvision.ops import batched_nms, clip_boxes_to_image, nms
 
 from multitask_peft.config import check_class_names, check_positive_float, check_positive_int
 from multitask_peft.executor import Features
@@ -209,6 +209,50 @@ def postprocess_detections(
     return detections
 
 
+def export_detections(
+    outputs: Mapping[str, Any], image_size: tuple[int, int], box_coder: BoxLinearCoder, config: Detection
+) -> dict[str, torch.Tensor]:
+    """`postprocess_detections` for a whole batch with fixed shapes (traceable; NMS exports as ONNX
+    NonMaxSuppression): the same detections, padded to `detections_per_img` per image.
+
+    Candidates below `score_thresh` are kept through top-k and NMS but masked out: they rank after every valid
+    candidate, so they can neither displace nor suppress one.
+
+    Returns:
+        {"boxes": (N, K, 4) float32, "scores": (N, K) float32, "labels": (N, K) int64 (-1 where padded),
+        "num_detections": (N,) int64}, K = detections_per_img, best first.
+    """
+    sizes = list(outputs["num_anchors_per_level"])
+    anchors = outputs["anchors"].float().split(sizes)
+    logits = outputs["cls_logits"].float().split(sizes, dim=1)
+    regression = outputs["bbox_regression"].float().split(sizes, dim=1)
+    ctrness = outputs["bbox_ctrness"].float().split(sizes, dim=1)
+    num_classes = outputs["cls_logits"].shape[-1]
+    all_boxes, all_scores, all_labels = [], [], []
+    for level_anchors, level_logits, level_regression, level_ctrness in zip(anchors, logits, regression, ctrness):
+        scores = torch.sqrt(level_logits.sigmoid() * level_ctrness.sigmoid()).flatten(1)  # (N, A_l * C)
+        scores, candidates = scores.topk(min(config.topk_candidates, scores.shape[1]), dim=1)  # (N, k_l)
+        anchor_index = torch.div(candidates, num_classes, rounding_mode="floor")
+        deltas = level_regression.gather(1, anchor_index[..., None].expand(-1, -1, 4))  # (N, k_l, 4)
+        boxes = box_coder.decode(deltas.flatten(0, 1), level_anchors[anchor_index.flatten()]).view_as(deltas)
+        all_boxes.append(clip_boxes_to_image(boxes, image_size))
+        all_scores.append(scores)
+        all_labels.append(candidates % num_classes)
+    boxes, scores, labels = torch.cat(all_boxes, 1), torch.cat(all_scores, 1), torch.cat(all_labels, 1)
+    n, k = scores.shape
+    # class-wise NMS per image in one call: shift each (image, class) group to its own coordinate range
+    group = torch.arange(n, device=boxes.device)[:, None] * num_classes + labels  # (N, k)
+    offset = (group * (max(image_size) + 1.0)).to(boxes.dtype)[..., None]
+    keep = nms(boxes.add(offset).flatten(0, 1), scores.flatten(), config.nms_thresh)
+    kept = torch.zeros(n * k, dtype=torch.bool, device=boxes.device).index_fill(0, keep, True).view(n, k)
+    ranked = torch.where(kept & (scores > config.score_thresh), scores, torch.full_like(scores, -1.0))
+    top, order = ranked.topk(min(config.detections_per_img, k), dim=1)  # (N, K)
+    valid = top >= 0
+    boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4)) * valid[..., None]
+    labels = torch.where(valid, labels.gather(1, order), torch.full_like(order, -1))
+    return {"boxes": boxes, "scores": top.clamp(min=0.0), "labels": labels, "num_detections": valid.sum(1)}
+
+
 class DetectionHead(Head):
     """Neck (simple feature pyramid for ViTs, FPN for CNNs) + FCOS towers; loss and post-processing as in FCOS."""
 
@@ -245,6 +289,9 @@ class DetectionHead(Head):
 
     def postprocess(self, outputs: Mapping[str, Any], image_size: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
         return postprocess_detections(outputs, image_size, self.towers.box_coder, self.config)
+
+    def export_outputs(self, outputs: Mapping[str, Any], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        return export_detections(outputs, image_size, self.towers.box_coder, self.config)
 
 
 def _check_targets(

@@ -161,11 +161,14 @@ class SegmentationHead(Head):
     @torch.no_grad()
     def postprocess(self, outputs: torch.Tensor, image_size: tuple[int, int]) -> list[dict[str, Any]]:
         """Per image {"mask": (H, W) int64 class ids}, at `image_size` (logits resized bilinearly if needed)."""
+        masks = self.export_outputs(outputs, image_size)["mask"]
+        return [{"mask": masks[i]} for i in range(masks.shape[0])]
+
+    def export_outputs(self, outputs: torch.Tensor, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
         size = (int(image_size[0]), int(image_size[1]))
         if tuple(outputs.shape[-2:]) != size:
             outputs = F.interpolate(outputs.float(), size=size, mode="bilinear", align_corners=False)
-        masks = outputs.argmax(dim=1)  # (N, H, W) int64
-        return [{"mask": masks[i]} for i in range(masks.shape[0])]
+        return {"mask": outputs.argmax(dim=1)}  # (N, H, W) int64
 
 
 def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -174,6 +174,31 @@ def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
         kernels.backend()
 
 
+def test_pack_cache_follows_weights() -> None:
+    """Stacked weights are reused while the weights are unchanged (also for fresh views, like q/k/v factors), and
+    rebuilt after an in-place update or a move to new storage (`module.to(...)`)."""
+    from multitask_peft.kernels import packing
+
+    kernels.clear_cache()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(2, 4, 6, generator=g)), torch.nn.Parameter(torch.randn(2, 5, 4, generator=g))
+
+    def pack() -> packing.LowRankPack:
+        (p,) = packing.pack_lora([LoRASegment(0, 3, a[0], b[0], 1.0), LoRASegment(3, 5, a[1], b[1], 1.0)])
+        return p
+
+    with torch.no_grad():
+        first = pack()
+        assert pack() is first
+        a.add_(1.0)
+        updated = pack()
+        assert updated is not first and torch.equal(updated.down[:, 0], a)
+        a.data = a.data.double()
+        moved = pack()
+        assert moved is not updated and moved.down.dtype == torch.float64
+    kernels.clear_cache()
+
+
 # --- Triton ---------------------------------------------------------------------------------------------------
 
 

@@ -46,6 +46,8 @@ class PeftConfig(ConfigBase):
     identity_at_init: ClassVar[bool] = True
     #: merged_backbone() can fold it into plain weights.
     foldable: ClassVar[bool] = False
+    #: Whether the multi-task ONNX graph can hold the method (`mtp.export_onnx`).
+    onnx: ClassVar[bool] = True
 
     targets: str | tuple[str, ...] | None = None
 

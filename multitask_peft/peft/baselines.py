@@ -35,6 +35,8 @@ class FullFineTune(PeftConfig):
     """Full fine-tuning baseline: the task trains its own copy of the whole backbone (BatchNorm statistics
     included). Its rows run through that copy; it cannot be combined with other methods in one task."""
 
+    onnx: ClassVar[bool] = False  # its own backbone copy: export it as a merged single-task graph
+
     foldable: ClassVar[bool] = True
     kinds: ClassVar[tuple[str, ...]] = ("vit", "cnn")
 

@@ -23,7 +23,7 @@ from timm.layers import Conv2dSame, pad_same
 from torch import nn
 
 from .. import kernels
-from ..routing import RoutingContext, Segment
+from ..routing import RoutingContext, Segment, StackedRouting
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)
 
@@ -101,7 +101,10 @@ class MultiAdapterLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         y = self.base(x, *args, **kwargs)
-        segments = [s for s in self._router.current.segments_for(x) if s.slot in self._adapters]
+        routing = self._router.current
+        if isinstance(routing, StackedRouting):
+            return self._forward_stacked(x, y, routing.slots)
+        segments = [s for s in routing.segments_for(x) if s.slot in self._adapters]
         if not segments:
             return y
         if not torch.is_grad_enabled() or kernels.batched_training(y):
@@ -122,6 +125,19 @@ class MultiAdapterLayer(nn.Module):
                 ys = key.compose(list(group), xs, ys, self.base)
             outputs[seg] = ys
         return write_segments(y, outputs)
+
+    def _forward_stacked(self, x: torch.Tensor, y: torch.Tensor, slots: tuple[int, ...]) -> torch.Tensor:
+        """Each of the equal blocks of rows through its slot's adapters (the `compose` forms), traceable."""
+        if not any(s in self._adapters for s in slots):
+            return y
+        xs, ys = x.unflatten(0, (len(slots), -1)).unbind(0), y.unflatten(0, (len(slots), -1)).unbind(0)
+        outputs = []
+        for slot, xk, yk in zip(slots, xs, ys, strict=True):
+            ordered = sorted(self._adapters.get(slot, ()), key=lambda a: a.order)
+            for key, group in itertools.groupby(ordered, key=lambda a: a.batch_key()):
+                yk = key.compose(list(group), xk, yk, self.base)
+            outputs.append(yk)
+        return torch.cat(outputs)
 
     def extra_repr(self) -> str:
         return f"slots={sorted(self._adapters)}"

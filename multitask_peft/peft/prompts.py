@@ -27,6 +27,8 @@ class VPT(PeftConfig):
         dropout: Dropout on the prompts during training.
     """
 
+    onnx: ClassVar[bool] = False  # prompt tokens change the sequence length: not in the multi-task graph
+
     kinds: ClassVar[tuple[str, ...]] = ("vit",)
     identity_at_init: ClassVar[bool] = False
 

@@ -1,0 +1,135 @@
+"""Run an exported multi-task graph with ONNX Runtime; results in the structure of `MultiTaskModel.predict`."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .export import SIDECAR_FORMAT, SIDECAR_VERSION, sidecar_path
+
+
+def _classification(out: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    logits = out["logits"]
+    scores, labels = logits.float().softmax(dim=-1).max(dim=-1)
+    return [{"logits": logits[i], "label": int(labels[i]), "score": float(scores[i])} for i in range(len(logits))]
+
+
+def _detection(out: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    results = []
+    for i, n in enumerate(out["num_detections"].tolist()):
+        results.append({"boxes": out["boxes"][i, :n], "scores": out["scores"][i, :n], "labels": out["labels"][i, :n]})
+    return results
+
+
+def _segmentation(out: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    return [{"mask": out["mask"][i]} for i in range(len(out["mask"]))]
+
+
+DECODERS: dict[str, Callable[[dict[str, torch.Tensor]], list[dict[str, Any]]]] = {
+    "classification": _classification,
+    "detection": _detection,
+    "segmentation": _segmentation,
+}
+
+
+def default_providers() -> list[str]:
+    """CUDA when onnxruntime-gpu offers it, then CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OnnxRunner:
+    """An exported multi-task graph (`export_onnx`) with its sidecar, on ONNX Runtime.
+
+    Args:
+        path: The `.onnx` file; its sidecar (`<name>.json`) must sit next to it.
+        providers: ONNX Runtime execution providers (default: CUDA if available, then CPU).
+        session_options: Optional `onnxruntime.SessionOptions` (threads, graph optimisation level, ...).
+
+    Example:
+        runner = mtp.OnnxRunner("out/model.onnx")
+        out = runner.predict(images, tasks=["cls", "masks"])   # same structure as model.predict
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, providers: Sequence[str] | None = None, session_options: Any = None
+    ) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        meta_path = sidecar_path(self.path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no ONNX graph at {self.path}")
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"no sidecar {meta_path} next to {self.path}; export with mtp.export_onnx")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != SIDECAR_FORMAT or self.meta.get("version") != SIDECAR_VERSION:
+            raise ValueError(
+                f"{meta_path} is not a {SIDECAR_FORMAT} v{SIDECAR_VERSION} sidecar "
+                f"(format={self.meta.get('format')!r}, version={self.meta.get('version')!r})"
+            )
+        self.providers = list(providers) if providers is not None else default_providers()
+        self.session = ort.InferenceSession(str(self.path), session_options, providers=self.providers)
+        self.input_name = self.meta["input"]["name"]
+        self.image_size = tuple(self.meta["input"]["size"])
+        self.dynamic_batch = bool(self.meta["input"]["dynamic_batch"])
+        self._adapters: dict[str, Any] = {}  # task -> loaded ort.LoraAdapter (adapter graphs)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.meta["tasks"])
+
+    def _run_options(self, task: str | None) -> Any:
+        """RunOptions activating `task`'s `.onnx_adapter` (adapter graphs), else None."""
+        adapters = self.meta.get("adapters")
+        if not adapters:
+            return None
+        if task is None:
+            raise ValueError(f"{self.path} switches tasks with adapter files: name one of {self.tasks}")
+        import onnxruntime as ort
+
+        if task not in self._adapters:
+            adapter = ort.LoraAdapter()
+            adapter.Load(str(self.path.parent / adapters[task]))
+            self._adapters[task] = adapter
+        options = ort.RunOptions()
+        options.add_active_adapter(self._adapters[task])
+        return options
+
+    def run(self, images: torch.Tensor | np.ndarray, task: str | None = None) -> dict[str, np.ndarray]:
+        """Raw graph outputs {output name: array} for normalised images (N, 3, H, W). `task` picks the adapter file
+        to activate in an adapter graph (`export_onnx(..., merge=True)` with several LoRA tasks)."""
+        array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        expected = (3, *self.image_size)
+        if array.ndim != 4 or array.shape[1:] != expected:
+            raise ValueError(f"images must have shape (N, {', '.join(map(str, expected))}), got {array.shape}")
+        names = [o.name for o in self.session.get_outputs()]
+        options = self._run_options(task)
+        if self.dynamic_batch or array.shape[0] == 1:
+            return dict(zip(names, self.session.run(names, {self.input_name: array}, options), strict=True))
+        parts = [self.session.run(names, {self.input_name: array[i : i + 1]}, options) for i in range(len(array))]
+        return {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(names)}
+
+    def predict(self, images: torch.Tensor | np.ndarray, tasks: Sequence[str] | str | None = None) -> dict[str, list]:
+        """Per task, one result dict per image, as `MultiTaskModel.predict` returns them."""
+        names = self.tasks if tasks is None else [tasks] if isinstance(tasks, str) else list(dict.fromkeys(tasks))
+        unknown = [t for t in names if t not in self.meta["tasks"]]
+        if unknown or not names:
+            raise ValueError(f"tasks {unknown or names} not in the graph; it serves {self.tasks}")
+        shared = None if self.meta.get("adapters") else self.run(images)  # one run serves every task
+        out = {}
+        for name in names:
+            raw = shared if shared is not None else self.run(images, task=name)
+            spec = self.meta["tasks"][name]
+            fields = {field: torch.from_numpy(raw[output]) for field, output in spec["outputs"].items()}
+            out[name] = DECODERS[spec["head"]](fields)
+        return out
