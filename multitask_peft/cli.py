@@ -51,6 +51,17 @@ def _tasks(args: argparse.Namespace) -> None:
         print(name, model.num_parameters(name))
 
 
+def _export(args: argparse.Namespace) -> None:
+    from .run import export_run, load_run
+
+    config, model = load_run(args.run_dir)
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    options = {"merge": args.merge, "dynamic_batch": not args.static_batch, "opset": args.opset, "fp16": args.fp16}
+    options.update(optimize=not args.no_optimize, check=not args.no_check)
+    path = export_run(model, config, args.out, tasks, args.image_size, **options)
+    print(f"sidecar: {path.with_suffix('.json')}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mtpeft", description="Parameter-efficient multi-task vision.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +82,22 @@ def main(argv: list[str] | None = None) -> None:
     tasks = sub.add_parser("tasks", help="list a run's tasks: metric, trainable parameters, PPT")
     tasks.add_argument("run_dir")
     tasks.set_defaults(fn=_tasks)
+    export = sub.add_parser("export", help="export a run's tasks to ONNX (one multi-task graph, or merged)")
+    export.add_argument("run_dir")
+    export.add_argument("out", help="output .onnx file (the JSON sidecar goes next to it)")
+    export.add_argument("--tasks", help="comma-separated tasks (default: every task with an ONNX form)")
+    export.add_argument(
+        "--merge",
+        action="store_true",
+        help="one task folded into the weights; several LoRA tasks: one graph + an .onnx_adapter file per task",
+    )
+    export.add_argument("--image-size", type=int, help="input side (default: the largest task image size)")
+    export.add_argument("--opset", type=int)
+    export.add_argument("--fp16", action="store_true", help="half-precision graph (float32 inputs / outputs)")
+    export.add_argument("--static-batch", action="store_true", help="batch fixed to 1 instead of dynamic")
+    export.add_argument("--no-optimize", action="store_true", help="skip the exporter's graph optimiser (faster)")
+    export.add_argument("--no-check", action="store_true", help="skip onnx.checker and the parity run")
+    export.set_defaults(fn=_export)
     args, rest = parser.parse_known_args(argv)
     if args.command == "data":
         from .tasks.data.cli import main as data_main

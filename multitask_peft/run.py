@@ -110,10 +110,32 @@ class TaskSpec(ConfigBase):
 
 
 @dataclasses.dataclass
+class ExportSpec(ConfigBase):
+    """ONNX export at the end of a run (`<output>/model.onnx` + sidecar), as `mtpeft export` does it.
+
+    Args:
+        onnx: Export the multi-task graph.
+        tasks: Tasks in the graph (default: all that have an ONNX form).
+        image_size: Side of the graph's square input (default: the largest task image size).
+        optimize: Run the exporter's graph optimiser.
+    """
+
+    onnx: bool = True
+    tasks: list | None = None
+    image_size: int | None = None
+    optimize: bool = True
+
+
+#: Input normalisation of the run's data pipeline (images in [0, 1], mean = std = 0.5 per channel).
+RUN_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+@dataclasses.dataclass
 class RunConfig(ConfigBase):
     backbone: dict = dataclasses.field(default_factory=dict)
     tasks: dict = dataclasses.field(default_factory=dict)
     train: dict = dataclasses.field(default_factory=dict)
+    export: dict | None = None
     output: str = "runs/run"
     #: Options of `MultiFashionConfig`: a multifashion root that does not exist yet is generated with them.
     multifashion: dict | None = None
@@ -125,6 +147,7 @@ class RunConfig(ConfigBase):
         from .training import TrainConfig
 
         self.backbone_spec = BackboneSpec.from_dict(self.backbone)
+        self.export_spec = ExportSpec.from_dict(self.export) if self.export is not None else None
         self.train_config = TrainConfig.from_dict(self.train)
         if not self.tasks:
             raise ValueError("run config: `tasks` must define at least one task")
@@ -218,7 +241,33 @@ def train_run(config: RunConfig, resume: bool = False) -> Path:
     report = evaluate_run(model, config, out)
     report["train_time_s"] = round(train_time, 1)
     write_report(report, out)
+    if config.export_spec is not None and config.export_spec.onnx:
+        spec = config.export_spec
+        export_run(model, config, out / "model.onnx", spec.tasks, spec.image_size, optimize=spec.optimize)
     return out
+
+
+def export_run(
+    model: Any,
+    config: RunConfig,
+    path: str | os.PathLike,
+    tasks: list[str] | None = None,
+    image_size: int | None = None,
+    **options: Any,
+) -> Path:
+    """Export a run's model to ONNX with the run's preprocessing (default: every task with an ONNX form, at the
+    largest task image size)."""
+    from .export import export_onnx
+
+    if tasks is None:
+        tasks = [t for t in model.tasks if all(c.onnx for c in model.task(t).peft_configs)]
+    if image_size is None:
+        image_size = max(config.task_specs[t].data_spec.image_size for t in tasks)
+    mean, std = RUN_MEAN_STD
+    start = time.perf_counter()
+    path = export_onnx(model, path, tasks=tasks, image_size=image_size, mean=mean, std=std, **options)
+    print(f"exported {', '.join(tasks)} to {path} ({time.perf_counter() - start:.0f} s, checked against PyTorch)")
+    return path
 
 
 def evaluate_run(model: Any, config: RunConfig, out: Path) -> dict[str, Any]:

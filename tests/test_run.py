@@ -38,6 +38,7 @@ def _config(root: Path, out: Path) -> dict:
             },
         },
         "train": {"steps": 3, "batch_size": 4, "checkpoint_every": 2, "tensorboard": False, "progress": False},
+        "export": {"onnx": True, "optimize": False},
         "output": str(out),
     }
 
@@ -68,6 +69,13 @@ def test_train_eval_tasks_commands(tmp_path: Path, capsys: pytest.CaptureFixture
     main(["eval", str(run)])
     out = capsys.readouterr().out
     assert "boxes" in out and "map50" in out
+    # the run's ONNX graph (export section): every task, the run's preprocessing, at the largest image size
+    meta = json.loads((run / "model.json").read_text())
+    assert sorted(meta["tasks"]) == ["boxes", "garment", "masks"] and meta["input"]["size"] == [64, 64]
+    assert meta["input"]["mean"] == [0.5] * 3 and (run / "model.onnx").is_file()
+    main(["export", str(run), str(tmp_path / "garment.onnx"), "--tasks", "garment", "--merge", "--no-optimize"])
+    meta = json.loads((tmp_path / "garment.json").read_text())
+    assert meta["form"] == "merged" and list(meta["tasks"]) == ["garment"]
 
 
 def test_config_errors(tmp_path: Path) -> None:
