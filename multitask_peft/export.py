@@ -362,10 +362,10 @@ class _Fp16Wrapper(nn.Module):
         super().__init__()
         import copy
 
-        self.graph = copy.deepcopy(graph).half()
+        self.inner = copy.deepcopy(graph).half()  # (not `graph`: that name is taken in the traced module)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outs = self.graph(images.half())
+        outs = self.inner(images.half())
         return tuple(o.float() if o.is_floating_point() else o for o in outs)
 
 

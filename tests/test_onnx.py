@@ -141,3 +141,17 @@ def test_lora_adapter_files_switch_tasks(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="'other' differs"):
         mtp.export_onnx(model, tmp_path / "bad.onnx", tasks=["a", "other"], image_size=size, merge=True)
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_fp16_export(tmp_path: Path) -> None:
+    """Half-precision graph with float32 inputs and outputs, close to the fp32 model."""
+    model, size = make_model("vit")
+    model.add_task("cls", head=mtp.tasks.Classification(num_classes=4), peft=[mtp.peft.SSF()])
+    randomize(model.task("cls"))
+    path = mtp.export_onnx(model, tmp_path / "half.onnx", image_size=size, fp16=True, optimize=False)
+    assert json.loads(sidecar_path(path).read_text())["precision"] == "fp16"
+    images = _images(2, size, seed=1)
+    raw = mtp.OnnxRunner(path).run(images)["cls.logits"]
+    assert raw.dtype.name == "float32"
+    expected = torch.stack([r["logits"] for r in model.predict(images, "cls")["cls"]])
+    torch.testing.assert_close(torch.from_numpy(raw), expected, atol=2e-2, rtol=2e-2)
