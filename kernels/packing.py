@@ -63,8 +63,10 @@ _cache_bytes = 0
 
 def _cached(key: Hashable, tensors: tuple[torch.Tensor, ...], build: Callable[[], object]) -> object:
     """`build()`, memoised on `key` + the storage, layout and version of `tensors` when autograd does not record
-    them. An entry holds its tensors, so their storage (and address) cannot be reused while it is cached; moving a
-    module (`.to(dtype / device)`) gives its parameters new addresses, an in-place update a new version."""
+    them. An entry holds the tensors' storage, so their addresses cannot be reused while it is cached; moving a
+    module (`.to(dtype / device)`) gives its parameters new addresses, an in-place update a new version. (Writes
+    through `.data` bump no version: call `clear_cache()` after them.) Entries are built outside inference mode,
+    so that a pack made under `torch.inference_mode()` can later be saved for a backward pass."""
     global _cache_bytes
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return build()
@@ -73,10 +75,11 @@ def _cached(key: Hashable, tensors: tuple[torch.Tensor, ...], build: Callable[[]
     if hit is not None:
         _cache.move_to_end(full)
         return hit[1]
-    value = build()
+    with torch.inference_mode(False):
+        value = build()
     parts = vars(value).values() if not isinstance(value, torch.Tensor) else (value,)
     size = sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
-    _cache[full] = (tensors, value, size)
+    _cache[full] = (tuple(t.detach() for t in tensors), value, size)
     _cache_bytes += size
     while _cache_bytes > CACHE_BYTES and len(_cache) > 1:
         _cache_bytes -= _cache.popitem(last=False)[1][2]
@@ -142,8 +145,14 @@ def pack_lora(segments: Sequence[LoRASegment], dtype: torch.dtype | None = None)
         entries = [launch[r] for r in ranges]
         tensors = tuple(t for slices in entries for s in slices for t in (s.lora_a, s.lora_b))
         meta = tuple((s.col, s.scale) for slices in entries for s in slices)
-        key = ("lora", ranges, meta, dtype)
-        packs.append(_cached(key, tensors, lambda e=entries, r=ranges: _cast(_stack_lora(r, e), dtype)))
+        key = (
+            "lora",
+            meta,
+            tuple(len(e) for e in entries),
+            dtype,
+        )  # the stacked weights do not depend on the rows: reused across batch layouts
+        pack = _cached(key, tensors, lambda e=entries: _cast(_stack_lora((), e), dtype))
+        packs.append(dataclasses.replace(pack, ranges=ranges))
     return packs  # type: ignore[return-value]
 
 
@@ -168,8 +177,9 @@ def _stack_lora(ranges: tuple[tuple[int, int], ...], entries: list[list[LoRASegm
     nslices = torch.tensor([len(e) for e in entries], dtype=torch.int32)
     scale = torch.tensor([e[0].scale for e in entries], dtype=torch.float32)
     if any(s.scale != e[0].scale for e in entries for s in e):  # per-slice scales: fold them into `up`
-        factors = torch.tensor([[s.scale / e[0].scale for s in e] + [0.0] * (j - len(e)) for e in entries])
+        factors = torch.tensor([[s.scale for s in e] + [0.0] * (j - len(e)) for e in entries])
         up = up * factors.to(device=device, dtype=up.dtype)[:, :, None, None]
+        scale = torch.ones(w, dtype=torch.float32)
     return LowRankPack(ranges, down, up, cols.to(device), nslices.to(device), scale.to(device), None, None, "identity")
 
 
@@ -190,8 +200,9 @@ def pack_bottleneck(segments: Sequence[BottleneckSegment], dtype: torch.dtype | 
         ranges = tuple((s.start, s.end) for s in group)
         _check_disjoint(ranges)
         tensors = tuple(t for s in group for t in (s.down, s.down_bias, s.up, s.up_bias))
-        key = ("bottleneck", ranges, group[0].act, tuple(s.scale for s in group), dtype)
-        packs.append(_cached(key, tensors, lambda g=group, r=ranges: _cast(_stack_bottleneck(r, g), dtype)))
+        key = ("bottleneck", group[0].act, tuple(s.scale for s in group), dtype)
+        pack = _cached(key, tensors, lambda g=group: _cast(_stack_bottleneck((), g), dtype))
+        packs.append(dataclasses.replace(pack, ranges=ranges))
     return packs  # type: ignore[return-value]
 
 
@@ -240,8 +251,9 @@ def pack_scale_shift(segments: Sequence[ScaleShiftSegment], dtype: torch.dtype |
         ranges = tuple((s.start, s.end) for s in group)
         _check_disjoint(ranges)
         tensors = tuple(t for s in group for t in (s.scale, s.shift) if t is not None)
-        key = ("scale_shift", ranges, tuple((s.scale is None, s.shift is None) for s in group), dtype)
-        packs.append(_cached(key, tensors, lambda g=group, r=ranges: _cast(_stack_scale_shift(r, g), dtype)))
+        key = ("scale_shift", tuple((s.scale is None, s.shift is None) for s in group), dtype)
+        pack = _cached(key, tensors, lambda g=group: _cast(_stack_scale_shift((), g), dtype))
+        packs.append(dataclasses.replace(pack, ranges=ranges))
     return packs  # type: ignore[return-value]
 
 

@@ -43,7 +43,7 @@ def bottleneck_(y: torch.Tensor, z: torch.Tensor, segments: Sequence[BottleneckS
     y[i] += s.scale * (act(z[i] @ s.down.T + s.down_bias) @ s.up.T + s.up_bias)"""
     for seg in segments:
         updates = [
-            seg.scale * (ACTIVATIONS[seg.act](z[i] @ seg.down.t() + seg.down_bias) @ seg.up.t() + seg.up_bias)
+            seg.scale * (ACTIVATIONS[seg.act](z[i].clone() @ seg.down.t() + seg.down_bias) @ seg.up.t() + seg.up_bias)
             for i in range(seg.start, seg.end)
         ]
         for i, update in zip(range(seg.start, seg.end), updates, strict=True):

@@ -156,7 +156,11 @@ def bottleneck_(y: torch.Tensor, z: torch.Tensor, segments: Sequence[BottleneckS
 
 def bottleneck(y: torch.Tensor, z: torch.Tensor, segments: Sequence[BottleneckSegment]) -> torch.Tensor:
     """Out-of-place, differentiable `bottleneck_`."""
-    updates = {(s.start, s.end): y[s.start : s.end] + _bottleneck(z[s.start : s.end], s) for s in segments}
+    sequential = z.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+    updates: dict[tuple[int, int], torch.Tensor] = {}
+    for seg in segments:
+        rows = updates.get((seg.start, seg.end), y[seg.start : seg.end])
+        updates[(seg.start, seg.end)] = rows + _bottleneck(rows if sequential else z[seg.start : seg.end], seg)
     return join_rows(y, updates)
 
 

@@ -35,8 +35,8 @@ POISON = False  # tests: fill scratch buffers with NaN so that a read of an elem
 def _scratch(rows: int, cols: int, device: torch.device) -> torch.Tensor:
     """(rows, cols) fp32 buffer whose in-tile elements the next kernel writes before anything reads them."""
     if POISON:
-        return torch.full((rows, cols), float("nan"), device=device)
-    return torch.empty(rows, cols, device=device)
+        return torch.full((rows, cols), float("nan"), device=device, dtype=torch.float32)
+    return torch.empty(rows, cols, device=device, dtype=torch.float32)
 
 
 def _act_derivative(act: str, v: torch.Tensor) -> torch.Tensor | float:
@@ -125,8 +125,10 @@ def lowrank_backward_op(
     down_t = down.reshape(w, 1, j * r, k).transpose(-1, -2)
     tk.expand(dpre, down_t, tiles, torch.ones_like(nslices), zero_cols[:, :1].contiguous(), dx, torch.ones_like(scale))
     offsets = _slice_offsets(nslices, j, r)
-    d_down = tk.outer(dpre, x, tiles, nslices, offsets, zero_cols, torch.zeros(w, j, r, k, device=x.device))
-    d_up = tk.outer(g, h, tiles, nslices, cols, offsets, torch.zeros(w, j, n, r, device=x.device))
+    d_down = tk.outer(
+        dpre, x, tiles, nslices, offsets, zero_cols, torch.zeros(w, j, r, k, device=x.device, dtype=torch.float32)
+    )
+    d_up = tk.outer(g, h, tiles, nslices, cols, offsets, torch.zeros(w, j, n, r, device=x.device, dtype=torch.float32))
     d_up *= scale[:, None, None, None]
     d_down_bias, d_up_bias = down.new_empty(0), up.new_empty(0)
     if has_bias:
@@ -286,8 +288,7 @@ def _lowrank(y: torch.Tensor, x: torch.Tensor, packs: Sequence[LowRankPack], inp
         args = (pack.down, pack.up, pack.down_bias, pack.up_bias)
         xc = x.to(y.dtype)
         if inplace:
-            shared = xc.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
-            fused = tiles.shape[0] >= FUSE_MIN_TILES and not shared
+            fused = tiles.shape[0] >= FUSE_MIN_TILES and not _shares_storage(xc, y)
             lowrank_inplace_op(y, xc, *args, pack.cols, pack.nslices, pack.scale, tiles, pack.act, fused)
         else:
             y, _ = lowrank_op(y, xc, *args, pack.cols, pack.nslices, pack.scale, tiles, pack.act)
@@ -303,13 +304,21 @@ def lora(y: torch.Tensor, x: torch.Tensor, segments: Sequence[LoRASegment]) -> t
 
 
 def bottleneck_(y: torch.Tensor, z: torch.Tensor, segments: Sequence[BottleneckSegment]) -> torch.Tensor:
-    if z.untyped_storage().data_ptr() == y.untyped_storage().data_ptr():  # sequential: read all rows, then write
-        z = z.clone()
-    return _lowrank(y, z, packing.pack_bottleneck(segments, y.dtype), inplace=True)
+    sequential = _shares_storage(y, z)  # z is y: each launch reads the rows as the previous launches left them
+    for pack in packing.pack_bottleneck(segments, y.dtype):
+        _lowrank(y, y.clone() if sequential else z, [pack], inplace=True)  # (kernels must not read rows they write)
+    return y
 
 
 def bottleneck(y: torch.Tensor, z: torch.Tensor, segments: Sequence[BottleneckSegment]) -> torch.Tensor:
-    return _lowrank(y, z, packing.pack_bottleneck(segments, y.dtype), inplace=False)
+    sequential = _shares_storage(y, z)
+    for pack in packing.pack_bottleneck(segments, y.dtype):
+        y = _lowrank(y, y if sequential else z, [pack], inplace=False)
+    return y
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _scale_shift(y: torch.Tensor, packs: Sequence[ScaleShiftPack], inplace: bool) -> torch.Tensor:

@@ -182,6 +182,8 @@ def export_onnx(
         The path of the graph. Nothing is written unless every check passed.
     """
     path = Path(path)
+    if isinstance(tasks, str):
+        tasks = [tasks]
     names = list(model.tasks) if tasks is None else list(dict.fromkeys(tasks))
     if not names:
         raise ValueError(f"tasks must name at least one task; the model has {model.tasks}")
@@ -194,8 +196,12 @@ def export_onnx(
     image_size = (int(image_size[0]), int(image_size[1]))
     if opset is not None and opset < 18:
         raise ValueError(f"opset must be >= 18 (the dynamo exporter's minimum), got {opset}")
+    if path.suffix == ".json":
+        raise ValueError(f"path must not end in .json (that is the sidecar's name): {path}")
     adapters = merge and len(names) > 1
     if adapters:
+        if fp16:
+            raise ValueError("fp16 adapter graphs are not supported: export LoRA adapter files in fp32")
         _check_adapter_tasks(model, names)
 
     was_training = model.training
@@ -215,6 +221,9 @@ def export_onnx(
             staged = Path(tmp) / path.name
             _save_onnx(onnx_model, staged)
             files = {staged: path}
+            weights = Path(tmp) / (path.name + ".data")  # large graphs keep their weights beside them
+            if weights.exists():
+                files[weights] = path.parent / weights.name
             if adapters:
                 sidecar["adapters"] = {}
                 for name in names:

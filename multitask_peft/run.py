@@ -261,12 +261,20 @@ def export_run(
 
     if tasks is None:
         tasks = [t for t in model.tasks if all(c.onnx for c in model.task(t).peft_configs)]
+        if options.get("merge") and len(tasks) > 1:
+            raise ValueError(
+                f"--merge exports one task (or several LoRA tasks as adapters): name them with --tasks; "
+                f"tasks: {model.tasks}"
+            )
+    if not tasks:
+        raise ValueError(f"no task to export: tasks {model.tasks} all use methods without an ONNX form")
     if image_size is None:
         image_size = max(config.task_specs[t].data_spec.image_size for t in tasks)
     mean, std = RUN_MEAN_STD
     start = time.perf_counter()
     path = export_onnx(model, path, tasks=tasks, image_size=image_size, mean=mean, std=std, **options)
-    print(f"exported {', '.join(tasks)} to {path} ({time.perf_counter() - start:.0f} s, checked against PyTorch)")
+    checked = ", checked against PyTorch" if options.get("check", True) else ""
+    print(f"exported {', '.join(tasks)} to {path} ({time.perf_counter() - start:.0f} s{checked})")
     return path
 
 

@@ -220,7 +220,7 @@ def export_detections(
 
     Returns:
         {"boxes": (N, K, 4) float32, "scores": (N, K) float32, "labels": (N, K) int64 (-1 where padded),
-        "num_detections": (N,) int64}, K = detections_per_img, best first.
+        "num_detections": (N,) int64}, K = min(detections_per_img, candidates), best first.
     """
     sizes = list(outputs["num_anchors_per_level"])
     anchors = outputs["anchors"].float().split(sizes)
@@ -240,10 +240,12 @@ def export_detections(
         all_labels.append(candidates % num_classes)
     boxes, scores, labels = torch.cat(all_boxes, 1), torch.cat(all_scores, 1), torch.cat(all_labels, 1)
     n, k = scores.shape
-    # class-wise NMS per image in one call: shift each (image, class) group to its own coordinate range
+    # class-wise NMS per image in one call: each (image, class) group moves to its own cell of a 2-D grid of
+    # image-sized cells (64 columns), which keeps coordinates small enough for float32 in large batches
     group = torch.arange(n, device=boxes.device)[:, None] * num_classes + labels  # (N, k)
-    offset = (group * (max(image_size) + 1.0)).to(boxes.dtype)[..., None]
-    keep = nms(boxes.add(offset).flatten(0, 1), scores.flatten(), config.nms_thresh)
+    cell = float(max(image_size) + 1)
+    shift = torch.stack([group % 64, torch.div(group, 64, rounding_mode="floor")], -1).to(boxes.dtype) * cell
+    keep = nms(boxes.add(shift.repeat(1, 1, 2)).flatten(0, 1), scores.flatten(), config.nms_thresh)
     kept = torch.zeros(n * k, dtype=torch.bool, device=boxes.device).index_fill(0, keep, True).view(n, k)
     ranked = torch.where(kept & (scores > config.score_thresh), scores, torch.full_like(scores, -1.0))
     top, order = ranked.topk(min(config.detections_per_img, k), dim=1)  # (N, K)

@@ -147,14 +147,28 @@ def _bottleneck_segments(
     ]
 
 
+def _stacked(segs: list[BottleneckSegment], g: torch.Generator) -> list[BottleneckSegment]:
+    """`segs` plus a second adapter on the rows of the first non-empty one (e.g. Houlsby + Pfeiffer in one task):
+    a sequential pair must see each other's output."""
+    first = next(s for s in segs if s.end > s.start)
+    c = first.up.shape[0]
+    extra = [torch.randn(3, c, generator=g) / c**0.5, torch.randn(3, generator=g), torch.randn(c, 3, generator=g)]
+    return [*segs, BottleneckSegment(first.start, first.end, *extra, torch.randn(c, generator=g), first.act, 0.7)]
+
+
+def _reference_bottleneck(y: torch.Tensor, x: torch.Tensor, segs: list, sequential: bool) -> torch.Tensor:
+    out = y.clone()
+    return reference.bottleneck_(out, out if sequential else x, segs)
+
+
 @pytest.mark.parametrize("act", list(kernels.ACTIVATIONS))
 @pytest.mark.parametrize("sequential", [False, True])
 def test_segmented_bottleneck_matches_reference(act: str, sequential: bool) -> None:
     g = torch.Generator().manual_seed(3)
     x, y0 = torch.randn(40, 24, generator=g), torch.randn(40, 24, generator=g)
-    segs = _bottleneck_segments(40, 24, [4, 8, 5], act, g)
+    segs = _stacked(_bottleneck_segments(40, 24, [4, 8, 5], act, g), g)
     z = None if sequential else x
-    expected = reference.bottleneck_(y0.clone(), y0.clone() if sequential else x, segs)
+    expected = _reference_bottleneck(y0, x, segs, sequential)
     y = y0.clone()
     torch.testing.assert_close(segmented.bottleneck_(y, y if sequential else z, segs), expected)
     torch.testing.assert_close(segmented.bottleneck(y0, y0 if sequential else z, segs), expected)
@@ -189,13 +203,13 @@ def test_pack_cache_follows_weights() -> None:
 
     with torch.no_grad():
         first = pack()
-        assert pack() is first
+        assert pack().down is first.down  # the stacked weights are reused
         a.add_(1.0)
         updated = pack()
-        assert updated is not first and torch.equal(updated.down[:, 0], a)
+        assert updated.down is not first.down and torch.equal(updated.down[:, 0], a)
         a.data = a.data.double()
         moved = pack()
-        assert moved is not updated and moved.down.dtype == torch.float64
+        assert moved.down is not updated.down and moved.down.dtype == torch.float64
     kernels.clear_cache()
 
 
@@ -321,8 +335,8 @@ def test_triton_bottleneck(device: str, act: str, sequential: bool) -> None:
     g = torch.Generator().manual_seed(7)
     rows, channels = 90, 40
     x, y0 = torch.randn(rows, channels, generator=g), torch.randn(rows, channels, generator=g)
-    segs = _bottleneck_segments(rows, channels, [4, 16, 5], act, g)
-    expected = reference.bottleneck_(y0.clone(), y0.clone() if sequential else x, segs)
+    segs = _stacked(_bottleneck_segments(rows, channels, [4, 16, 5], act, g), g)
+    expected = _reference_bottleneck(y0, x, segs, sequential)
     cpu = [t.clone().requires_grad_() for s in segs for t in (s.down, s.down_bias, s.up, s.up_bias)]
     dev = [t.detach().to(device).requires_grad_() for t in cpu]
 
@@ -335,12 +349,28 @@ def test_triton_bottleneck(device: str, act: str, sequential: bool) -> None:
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
     def ref_op(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
-        return reference.bottleneck_(yy.clone(), yy if sequential else xx, with_params(cpu))
+        return _reference_bottleneck(yy, xx, with_params(cpu), sequential)
 
     def dev_op(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
         return kernels.bottleneck(yy, yy if sequential else xx, with_params(dev))
 
     _close(_grads(dev_op, y0.to(device), x.to(device), dev), _grads(ref_op, y0, x, cpu), atol=2e-4)
+
+
+@pytest.mark.usefixtures("triton_backend")
+def test_triton_packs_from_inference_mode_serve_training() -> None:
+    """Packs and tiles cached under `torch.inference_mode()` (serving) can be saved for backward afterwards."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(30, 16, generator=g), torch.randn(30, 12, generator=g)
+    scale = torch.randn(12, generator=g)  # frozen (no grad): its pack is cached
+    segs = [ScaleShiftSegment(0, 20, scale, None)]
+    with torch.inference_mode():
+        kernels.scale_shift_(y.clone(), segs)
+    yy = y.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(kernels.scale_shift(yy, segs).sum(), yy)
+    assert torch.equal(grad[:20], scale.expand(20, -1)) and torch.equal(grad[20:], torch.ones(10, 12))
+    lora = [LoRASegment(0, 30, torch.randn(2, 16, generator=g), torch.randn(12, 2, generator=g), 0.0)]
+    torch.testing.assert_close(kernels.lora_(y.clone(), x, lora), y)  # scale 0 (alpha = 0) is a no-op
 
 
 @pytest.mark.usefixtures("triton_backend")
