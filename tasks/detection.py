@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torchvision.models.detection._utils import BoxLinearCoder
 from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
-from torchvision.ops import batched_nms, clip_boxes_to_image, nms
+from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from multitask_peft.config import check_class_names, check_positive_float, check_positive_int
 from multitask_peft.executor import Features
@@ -209,14 +209,40 @@ def postprocess_detections(
     return detections
 
 
+@torch.library.custom_op("multitask_peft::nms_keep", mutates_args=())
+def nms_keep(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float, min_score: float, num_classes: int
+) -> torch.Tensor:
+    """Class-wise NMS per image of a fixed-size candidate batch: (N, k) bool, True for the candidates kept
+    (score > `min_score`, not suppressed by a better box of their image and class with IoU > `iou`).
+
+    Args:
+        boxes: (N, k, 4) xyxy. scores: (N, k). labels: (N, k) int64 in [0, num_classes).
+
+    A custom op so that ONNX export can emit one batched `NonMaxSuppression` (see `export.py`) instead of an NMS
+    over all images at once (quadratic in the batch).
+    """
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    for i in range(scores.shape[0]):
+        index = (scores[i] > min_score).nonzero().flatten()
+        kept = batched_nms(boxes[i, index], scores[i, index], labels[i, index], iou)
+        keep[i, index[kept]] = True
+    return keep
+
+
+@nms_keep.register_fake
+def _(boxes, scores, labels, iou, min_score, num_classes):  # noqa: ANN001, ANN202
+    return torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+
+
 def export_detections(
     outputs: Mapping[str, Any], image_size: tuple[int, int], box_coder: BoxLinearCoder, config: Detection
 ) -> dict[str, torch.Tensor]:
     """`postprocess_detections` for a whole batch with fixed shapes (traceable; NMS exports as ONNX
     NonMaxSuppression): the same detections, padded to `detections_per_img` per image.
 
-    Candidates below `score_thresh` are kept through top-k and NMS but masked out: they rank after every valid
-    candidate, so they can neither displace nor suppress one.
+    Candidates below `score_thresh` are kept through top-k (they rank after every valid candidate, so they cannot
+    displace one) and left out of NMS (`nms_keep`, ONNX NonMaxSuppression in an exported graph).
 
     Returns:
         {"boxes": (N, K, 4) float32, "scores": (N, K) float32, "labels": (N, K) int64 (-1 where padded),
@@ -240,13 +266,7 @@ def export_detections(
         all_labels.append(candidates % num_classes)
     boxes, scores, labels = torch.cat(all_boxes, 1), torch.cat(all_scores, 1), torch.cat(all_labels, 1)
     n, k = scores.shape
-    # class-wise NMS per image in one call: each (image, class) group moves to its own cell of a 2-D grid of
-    # image-sized cells (64 columns), which keeps coordinates small enough for float32 in large batches
-    group = torch.arange(n, device=boxes.device)[:, None] * num_classes + labels  # (N, k)
-    cell = float(max(image_size) + 1)
-    shift = torch.stack([group % 64, torch.div(group, 64, rounding_mode="floor")], -1).to(boxes.dtype) * cell
-    keep = nms(boxes.add(shift.repeat(1, 1, 2)).flatten(0, 1), scores.flatten(), config.nms_thresh)
-    kept = torch.zeros(n * k, dtype=torch.bool, device=boxes.device).index_fill(0, keep, True).view(n, k)
+    kept = nms_keep(boxes, scores, labels, config.nms_thresh, config.score_thresh, num_classes)
     ranked = torch.where(kept & (scores > config.score_thresh), scores, torch.full_like(scores, -1.0))
     top, order = ranked.topk(min(config.detections_per_img, k), dim=1)  # (N, K)
     valid = top >= 0
