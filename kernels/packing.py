@@ -151,12 +151,13 @@ def pack_lora(segments: Sequence[LoRASegment], dtype: torch.dtype | None = None)
             tuple(len(e) for e in entries),
             dtype,
         )  # the stacked weights do not depend on the rows: reused across batch layouts
-        pack = _cached(key, tensors, lambda e=entries: _cast(_stack_lora((), e), dtype))
+        pack = _cached(key, tensors, lambda e=entries: _cast(_stack_lora(e), dtype))
         packs.append(dataclasses.replace(pack, ranges=ranges))
     return packs  # type: ignore[return-value]
 
 
-def _stack_lora(ranges: tuple[tuple[int, int], ...], entries: list[list[LoRASegment]]) -> LowRankPack:
+def _stack_lora(entries: list[list[LoRASegment]]) -> LowRankPack:
+    """Stacked weights of a launch's entries (row ranges are filled in per call)."""
     first = entries[0][0]
     w, j = len(entries), max(len(e) for e in entries)
     r = max(s.lora_a.shape[0] for e in entries for s in e)
@@ -180,7 +181,7 @@ def _stack_lora(ranges: tuple[tuple[int, int], ...], entries: list[list[LoRASegm
         factors = torch.tensor([[s.scale for s in e] + [0.0] * (j - len(e)) for e in entries])
         up = up * factors.to(device=device, dtype=up.dtype)[:, :, None, None]
         scale = torch.ones(w, dtype=torch.float32)
-    return LowRankPack(ranges, down, up, cols.to(device), nslices.to(device), scale.to(device), None, None, "identity")
+    return LowRankPack((), down, up, cols.to(device), nslices.to(device), scale.to(device), None, None, "identity")
 
 
 def pack_bottleneck(segments: Sequence[BottleneckSegment], dtype: torch.dtype | None = None) -> list[LowRankPack]:
@@ -201,12 +202,12 @@ def pack_bottleneck(segments: Sequence[BottleneckSegment], dtype: torch.dtype | 
         _check_disjoint(ranges)
         tensors = tuple(t for s in group for t in (s.down, s.down_bias, s.up, s.up_bias))
         key = ("bottleneck", group[0].act, tuple(s.scale for s in group), dtype)
-        pack = _cached(key, tensors, lambda g=group: _cast(_stack_bottleneck((), g), dtype))
+        pack = _cached(key, tensors, lambda g=group: _cast(_stack_bottleneck(g), dtype))
         packs.append(dataclasses.replace(pack, ranges=ranges))
     return packs  # type: ignore[return-value]
 
 
-def _stack_bottleneck(ranges: tuple[tuple[int, int], ...], group: list[BottleneckSegment]) -> LowRankPack:
+def _stack_bottleneck(group: list[BottleneckSegment]) -> LowRankPack:
     dim = max(s.down.shape[0] for s in group)
     if all(s.down.shape[0] == dim for s in group):
         down = torch.stack([s.down for s in group])[:, None]
@@ -222,7 +223,7 @@ def _stack_bottleneck(ranges: tuple[tuple[int, int], ...], group: list[Bottlenec
             down[i, 0, :d], up[i, 0, :, :d], down_bias[i, :d] = s.down, s.up, s.down_bias
     device = down.device
     return LowRankPack(
-        ranges,
+        (),
         down,
         up,
         torch.zeros(len(group), 1, dtype=torch.int32, device=device),
@@ -252,12 +253,12 @@ def pack_scale_shift(segments: Sequence[ScaleShiftSegment], dtype: torch.dtype |
         _check_disjoint(ranges)
         tensors = tuple(t for s in group for t in (s.scale, s.shift) if t is not None)
         key = ("scale_shift", tuple((s.scale is None, s.shift is None) for s in group), dtype)
-        pack = _cached(key, tensors, lambda g=group: _cast(_stack_scale_shift((), g), dtype))
+        pack = _cached(key, tensors, lambda g=group: _cast(_stack_scale_shift(g), dtype))
         packs.append(dataclasses.replace(pack, ranges=ranges))
     return packs  # type: ignore[return-value]
 
 
-def _stack_scale_shift(ranges: tuple[tuple[int, int], ...], group: list[ScaleShiftSegment]) -> ScaleShiftPack:
+def _stack_scale_shift(group: list[ScaleShiftSegment]) -> ScaleShiftPack:
     ref = next(t for s in group for t in (s.scale, s.shift) if t is not None)
 
     def stack(values: list[torch.Tensor | None], fill: float) -> torch.Tensor | None:
@@ -265,4 +266,4 @@ def _stack_scale_shift(ranges: tuple[tuple[int, int], ...], group: list[ScaleShi
             return None
         return torch.stack([v if v is not None else torch.full_like(ref, fill) for v in values])
 
-    return ScaleShiftPack(ranges, stack([s.scale for s in group], 1.0), stack([s.shift for s in group], 0.0))
+    return ScaleShiftPack((), stack([s.scale for s in group], 1.0), stack([s.shift for s in group], 0.0))

@@ -27,7 +27,8 @@ def _train(args: argparse.Namespace) -> None:
 
     out = train_run(load_run_config(args.config, args.set), resume=args.resume)
     print((out / "report.md").read_text())
-    print(f"run directory: {out} (tasks/, report.md, report.json, log.jsonl, checkpoints/)")
+    onnx = ", model.onnx + model.json" if (out / "model.onnx").is_file() else ""
+    print(f"run directory: {out} (tasks/, report.md, report.json, log.jsonl, checkpoints/{onnx})")
 
 
 def _eval(args: argparse.Namespace) -> None:

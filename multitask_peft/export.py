@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .executor import Features
+from .heads import Head
 from .routing import PLAIN_SLOT, StackedRouting
 
 SIDECAR_FORMAT = "multitask-peft-onnx"
@@ -57,7 +58,7 @@ class MultiTaskGraph(nn.Module):
         self.slots = tuple(model.slot(t) for t in self.task_names)
         self.plain: nn.Module | None = None  # merged: the task's backbone with its PEFT folded in
         for name in self.task_names:
-            if type(model.task(name).head).export_outputs is _base_export_outputs():
+            if type(model.task(name).head).export_outputs is Head.export_outputs:
                 raise ValueError(f"task {name!r}: head {type(model.task(name).head).__name__} has no ONNX form")
         if merged:
             if len(self.task_names) != 1:
@@ -123,12 +124,6 @@ class MultiTaskGraph(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(t for fields in self._forward(images) for t in fields.values())
-
-
-def _base_export_outputs() -> Any:
-    from .heads import Head
-
-    return Head.export_outputs
 
 
 def _device(model: nn.Module) -> torch.device:
