@@ -391,6 +391,7 @@ class _Fp16Wrapper(nn.Module):
         import copy
 
         self.inner = copy.deepcopy(graph).half()  # (not `graph`: that name is taken in the traced module)
+        self.eval()
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outs = self.inner(images.half())
