@@ -271,26 +271,10 @@ def _export(
 
 
 def _onnx_translations() -> dict[Any, Any]:
-    """ONNX forms of our custom ops (onnxscript functions)."""
-    import numpy as np
-    import onnx_ir as ir
-    from onnxscript import BOOL, FLOAT, INT64
-    from onnxscript import opset18 as op
+    """ONNX forms of our custom ops (onnxscript functions, in `_onnx_ops`)."""
+    from . import _onnx_ops
 
-    def nms_keep(boxes: FLOAT, scores: FLOAT, labels: INT64, iou: float, min_score: float, num_classes: int) -> BOOL:
-        # per-class score planes (N, C, k): a candidate scores in its own class only (0 elsewhere, under min_score)
-        onehot = op.OneHot(labels, op.Constant(value_int=num_classes), op.Constant(value_floats=[0.0, 1.0]))
-        planes = op.Transpose(op.Mul(onehot, op.Unsqueeze(scores, [-1])), perm=[0, 2, 1])
-        k = op.Shape(scores, start=1, end=2)
-        selected = op.NonMaxSuppression(
-            boxes, planes, k, op.Constant(value_float=iou), op.Constant(value_float=min_score)
-        )  # (S, 3): image, class, candidate
-        pairs = op.Gather(selected, op.Constant(value_ints=[0, 2]), axis=1)
-        keep = op.ConstantOfShape(op.Shape(scores), value=ir.tensor(np.array([False])))
-        ones = op.Expand(op.Constant(value=ir.tensor(np.array([True]))), op.Shape(pairs, start=0, end=1))
-        return op.ScatterND(keep, pairs, ones)
-
-    return {torch.ops.multitask_peft.nms_keep.default: nms_keep}
+    return {torch.ops.multitask_peft.nms_keep.default: _onnx_ops.nms_keep}
 
 
 def _save_onnx(onnx_model: Any, path: Path) -> None:
