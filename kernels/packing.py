@@ -15,6 +15,7 @@ import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -114,6 +115,20 @@ def _cast(pack: LowRankPack | ScaleShiftPack, dtype: torch.dtype | None) -> LowR
     return dataclasses.replace(pack, **{f: getattr(pack, f).to(dtype) for f in fields if getattr(pack, f) is not None})
 
 
+def _launch_groups(segments: Sequence[Any], compatible: Callable[[Any, Any], bool]) -> list[list[Any]]:
+    """Segments in order, split into launches of compatible segments over distinct row ranges (a second update of
+    the same rows goes to a later launch, so updates of one row apply in the given order)."""
+    groups: list[list[Any]] = []
+    for seg in segments:
+        for group in groups:
+            if compatible(group[0], seg) and all((seg.start, seg.end) != (g.start, g.end) for g in group):
+                group.append(seg)
+                break
+        else:
+            groups.append([seg])
+    return groups
+
+
 def _check_disjoint(ranges: Sequence[tuple[int, int]]) -> None:
     ordered = sorted(ranges)
     for (a0, a1), (b0, _) in zip(ordered, ordered[1:]):
@@ -186,16 +201,7 @@ def _stack_lora(entries: list[list[LoRASegment]]) -> LowRankPack:
 
 def pack_bottleneck(segments: Sequence[BottleneckSegment], dtype: torch.dtype | None = None) -> list[LowRankPack]:
     """One launch per group of disjoint segments with one activation (J = 1; adapter widths zero-padded)."""
-    groups: list[list[BottleneckSegment]] = []
-    for seg in segments:
-        if seg.end <= seg.start:
-            continue
-        for group in groups:
-            if group[0].act == seg.act and all((seg.start, seg.end) != (g.start, g.end) for g in group):
-                group.append(seg)
-                break
-        else:
-            groups.append([seg])
+    groups = _launch_groups([s for s in segments if s.end > s.start], lambda a, b: a.act == b.act)
     packs = []
     for group in groups:
         ranges = tuple((s.start, s.end) for s in group)
@@ -237,16 +243,8 @@ def _stack_bottleneck(group: list[BottleneckSegment]) -> LowRankPack:
 
 def pack_scale_shift(segments: Sequence[ScaleShiftSegment], dtype: torch.dtype | None = None) -> list[ScaleShiftPack]:
     """One launch per group of disjoint segments (a missing scale is 1, a missing shift 0)."""
-    groups: list[list[ScaleShiftSegment]] = []
-    for seg in segments:
-        if seg.end <= seg.start or (seg.scale is None and seg.shift is None):
-            continue
-        for group in groups:
-            if all((seg.start, seg.end) != (g.start, g.end) for g in group):
-                group.append(seg)
-                break
-        else:
-            groups.append([seg])
+    live = [s for s in segments if s.end > s.start and (s.scale is not None or s.shift is not None)]
+    groups = _launch_groups(live, lambda a, b: True)
     packs = []
     for group in groups:
         ranges = tuple((s.start, s.end) for s in group)

@@ -39,6 +39,15 @@ def _activate(v, ACT: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(tiles_ptr, t, BLOCK_M: tl.constexpr):
+    """Rows of tile `t` (int64, for offsets beyond 2**31 elements) and their mask."""
+    start = tl.load(tiles_ptr + 3 * t + 1)
+    end = tl.load(tiles_ptr + 3 * t + 2)
+    rows = start + tl.arange(0, BLOCK_M)
+    return rows.to(tl.int64), rows < end
+
+
+@triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee")
@@ -77,11 +86,7 @@ def _shrink_kernel(
     w = tl.load(tiles_ptr + 3 * t)
     if j >= tl.load(nslices_ptr + w):
         return
-    start = tl.load(tiles_ptr + 3 * t + 1)
-    end = tl.load(tiles_ptr + 3 * t + 2)
-    rows = start + tl.arange(0, BLOCK_M)
-    rmask = rows < end
-    rows = rows.to(tl.int64)
+    rows, rmask = _tile_rows(tiles_ptr, t, BLOCK_M)
     in_col = tl.load(incol_ptr + w * J + j)
     acc = _shrink_tile(
         x_ptr, w_ptr, rows, rmask, in_col, K, R, w, j, sxm, sxk, sww, swj, swr, swk, BLOCK_M, BLOCK_R, BLOCK_K, IEEE
@@ -135,11 +140,7 @@ def _expand_kernel(
     w = tl.load(tiles_ptr + 3 * t)
     if j >= tl.load(nslices_ptr + w):
         return
-    start = tl.load(tiles_ptr + 3 * t + 1)
-    end = tl.load(tiles_ptr + 3 * t + 2)
-    rows = start + tl.arange(0, BLOCK_M)
-    rmask = rows < end
-    rows = rows.to(tl.int64)
+    rows, rmask = _tile_rows(tiles_ptr, t, BLOCK_M)
     r = tl.arange(0, BLOCK_R)
     h = tl.load(h_ptr + rows[:, None] * shm + (j * R + r)[None, :] * shc, rmask[:, None] & (r < R)[None, :], 0.0)
     col = tl.load(cols_ptr + w * J + j)
@@ -163,11 +164,7 @@ def _lowrank_kernel(
     w = tl.load(tiles_ptr + 3 * t)
     if j >= tl.load(nslices_ptr + w):
         return
-    start = tl.load(tiles_ptr + 3 * t + 1)
-    end = tl.load(tiles_ptr + 3 * t + 2)
-    rows = start + tl.arange(0, BLOCK_M)
-    rmask = rows < end
-    rows = rows.to(tl.int64)
+    rows, rmask = _tile_rows(tiles_ptr, t, BLOCK_M)
     h = _shrink_tile(
         x_ptr, down_ptr, rows, rmask, 0, K, R, w, j, sxm, sxk, sdw, sdj, sdr, sdk, BLOCK_M, BLOCK_R, BLOCK_K, IEEE
     )
@@ -196,11 +193,7 @@ def _outer_kernel(
     w = tl.load(tiles_ptr + 3 * t)
     if j >= tl.load(nslices_ptr + w):
         return
-    start = tl.load(tiles_ptr + 3 * t + 1)
-    end = tl.load(tiles_ptr + 3 * t + 2)
-    rows = start + tl.arange(0, BLOCK_M)
-    rmask = rows < end
-    rows = rows.to(tl.int64)
+    rows, rmask = _tile_rows(tiles_ptr, t, BLOCK_M)
     nq = tl.cdiv(Q, BLOCK_Q)
     p = (pq // nq) * BLOCK_P + tl.arange(0, BLOCK_P)
     q = (pq % nq) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -222,14 +215,12 @@ def _scale_shift_kernel(
     t = tl.program_id(0)
     eb = tl.program_id(1)
     w = tl.load(tiles_ptr + 3 * t)
-    start = tl.load(tiles_ptr + 3 * t + 1)
-    end = tl.load(tiles_ptr + 3 * t + 2)
-    rows = (start + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rows, rmask = _tile_rows(tiles_ptr, t, BLOCK_M)
     e = eb * BLOCK_E + tl.arange(0, BLOCK_E)  # element of a row: channel e // INNER, position e % INNER
     c = e // INNER
     i = e % INNER
     emask = e < C * INNER
-    mask = (rows < end)[:, None] & emask[None, :]
+    mask = rmask[:, None] & emask[None, :]
     v = tl.load(y_ptr + rows[:, None] * sym + (c * syc + i * syi)[None, :], mask, 0.0)
     acc = v.to(tl.float32)
     if HAS_SCALE:
