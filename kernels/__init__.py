@@ -91,8 +91,6 @@ def lora_(y: torch.Tensor, x: torch.Tensor, segments: Sequence[LoRASegment]) -> 
 
 def lora(y: torch.Tensor, x: torch.Tensor, segments: Sequence[LoRASegment]) -> torch.Tensor:
     """Differentiable `lora_`, out of place."""
-    if _impl(y) is reference:
-        return reference.lora_(y.clone(), x, segments)
     return _impl(y).lora(y, x, segments)
 
 
@@ -103,8 +101,6 @@ def scale_shift_(y: torch.Tensor, segments: Sequence[ScaleShiftSegment]) -> torc
 
 def scale_shift(y: torch.Tensor, segments: Sequence[ScaleShiftSegment]) -> torch.Tensor:
     """Differentiable `scale_shift_`, out of place."""
-    if _impl(y) is reference:
-        return reference.scale_shift_(y.clone(), segments)
     return _impl(y).scale_shift(y, segments)
 
 
@@ -115,6 +111,4 @@ def bottleneck_(y: torch.Tensor, z: torch.Tensor, segments: Sequence[BottleneckS
 
 def bottleneck(y: torch.Tensor, z: torch.Tensor, segments: Sequence[BottleneckSegment]) -> torch.Tensor:
     """Differentiable `bottleneck_`, out of place."""
-    if _impl(y) is reference:
-        return reference.bottleneck_(y.clone(), z, segments)
     return _impl(y).bottleneck(y, z, segments)

@@ -49,3 +49,18 @@ def bottleneck_(y: torch.Tensor, z: torch.Tensor, segments: Sequence[BottleneckS
         for i, update in zip(range(seg.start, seg.end), updates, strict=True):
             y[i] += update
     return y
+
+
+def lora(y: torch.Tensor, x: torch.Tensor, segments: Sequence[LoRASegment]) -> torch.Tensor:
+    """Out of place (differentiable through autograd's record of the loops)."""
+    return lora_(y.clone(), x, segments)
+
+
+def scale_shift(y: torch.Tensor, segments: Sequence[ScaleShiftSegment]) -> torch.Tensor:
+    return scale_shift_(y.clone(), segments)
+
+
+def bottleneck(y: torch.Tensor, z: torch.Tensor, segments: Sequence[BottleneckSegment]) -> torch.Tensor:
+    """Out of place; a sequential adapter (`z` is `y`) reads the rows as the earlier segments left them."""
+    out = y.clone()
+    return bottleneck_(out, out if z.untyped_storage().data_ptr() == y.untyped_storage().data_ptr() else z, segments)

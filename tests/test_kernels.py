@@ -89,6 +89,7 @@ def test_segmented_lora_matches_reference(rows: int, d_in: int, d_out: int, rank
     if covered.any():
         assert not torch.allclose(got[covered], y0[covered])
     torch.testing.assert_close(segmented.lora(y0, x, segs), expected, atol=1e-4, rtol=1e-5)
+    assert torch.equal(reference.lora(y0, x, segs), expected)
 
 
 def test_lora_column_slices() -> None:
@@ -122,6 +123,7 @@ def test_segmented_scale_shift_matches_reference(shape: tuple[int, ...], which: 
     expected = reference.scale_shift_(y0.clone(), segs)
     torch.testing.assert_close(segmented.scale_shift_(y0.clone(), segs), expected)
     torch.testing.assert_close(segmented.scale_shift(y0, segs), expected)
+    assert torch.equal(reference.scale_shift(y0, segs), expected)
 
 
 def _bottleneck_segments(
@@ -172,6 +174,7 @@ def test_segmented_bottleneck_matches_reference(act: str, sequential: bool) -> N
     y = y0.clone()
     torch.testing.assert_close(segmented.bottleneck_(y, y if sequential else z, segs), expected)
     torch.testing.assert_close(segmented.bottleneck(y0, y0 if sequential else z, segs), expected)
+    torch.testing.assert_close(reference.bottleneck(y0, y0 if sequential else x, segs), expected)
 
 
 def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
