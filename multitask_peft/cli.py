@@ -58,7 +58,7 @@ def _export(args: argparse.Namespace) -> None:
     config, model = load_run(args.run_dir)
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     options = {"merge": args.merge, "dynamic_batch": not args.static_batch, "opset": args.opset, "fp16": args.fp16}
-    options.update(optimize=not args.no_optimize, check=not args.no_check)
+    options.update(optimize=not args.no_optimize, check=not args.no_check, quantize="int8" if args.int8 else None)
     path = export_run(model, config, args.out, tasks, args.image_size, **options)
     print(f"sidecar: {path.with_suffix('.json')}")
 
@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("--image-size", type=int, help="input side (default: the largest task image size)")
     export.add_argument("--opset", type=int)
     export.add_argument("--fp16", action="store_true", help="half-precision graph (float32 inputs / outputs)")
+    export.add_argument(
+        "--int8", action="store_true", help="dynamic int8 weight matmuls (CPU; ~2x on ViTs; results drift, see docs)"
+    )
     export.add_argument("--static-batch", action="store_true", help="batch fixed to 1 instead of dynamic")
     export.add_argument("--no-optimize", action="store_true", help="skip the exporter's graph optimiser (faster)")
     export.add_argument("--no-check", action="store_true", help="skip onnx.checker and the parity run")

@@ -118,12 +118,14 @@ class ExportSpec(ConfigBase):
         tasks: Tasks in the graph (default: all that have an ONNX form).
         image_size: Side of the graph's square input (default: the largest task image size).
         optimize: Run the exporter's graph optimiser.
+        quantize: `"int8"` for dynamic int8 weight matmuls (see `export_onnx`), else None.
     """
 
     onnx: bool = True
     tasks: list | None = None
     image_size: int | None = None
     optimize: bool = True
+    quantize: str | None = None
 
 
 #: Input normalisation of the run's data pipeline (images in [0, 1], mean = std = 0.5 per channel).
@@ -243,7 +245,15 @@ def train_run(config: RunConfig, resume: bool = False) -> Path:
     write_report(report, out)
     if config.export_spec is not None and config.export_spec.onnx:
         spec = config.export_spec
-        export_run(model, config, out / "model.onnx", spec.tasks, spec.image_size, optimize=spec.optimize)
+        export_run(
+            model,
+            config,
+            out / "model.onnx",
+            spec.tasks,
+            spec.image_size,
+            optimize=spec.optimize,
+            quantize=spec.quantize,
+        )
     return out
 
 

@@ -143,6 +143,33 @@ def test_lora_adapter_files_switch_tasks(tmp_path: Path) -> None:
     assert not (tmp_path / "bad.onnx").exists()
 
 
+def test_int8_export(tmp_path: Path) -> None:
+    """Dynamic int8 weight matmuls: MatMulInteger in the graph, drift recorded and small, labels kept."""
+    import onnx
+
+    model, size = make_model("vit")
+    model.add_task("cls", head=mtp.tasks.Classification(num_classes=4), peft=[mtp.peft.LoRA(r=4)])
+    model.add_task("masks", head=mtp.tasks.Segmentation(num_classes=3), peft=[mtp.peft.SSF()])
+    randomize(model.task("cls"))
+    randomize(model.task("masks"), seed=1)
+    path = mtp.export_onnx(model, tmp_path / "q.onnx", image_size=size, quantize="int8", optimize=False)
+    sidecar = json.loads(sidecar_path(path).read_text())
+    assert sidecar["precision"] == "int8"
+    drift = sidecar["quantization"]["drift"]
+    assert 0 < drift["cls.logits"] <= 0.25 and drift["masks.mask"] >= 0.95
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "MatMulInteger" in ops
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.json", "q.onnx"]  # no fp32 copy left behind
+    images = _images(4, size, seed=2)
+    raw = torch.from_numpy(mtp.OnnxRunner(path).run(images)["cls.logits"])
+    expected = torch.stack([r["logits"] for r in model.predict(images, "cls")["cls"]])
+    assert (raw - expected).abs().max() <= 0.25 * max(1.0, expected.abs().max().item())
+    with pytest.raises(ValueError, match="exclude each other"):
+        mtp.export_onnx(model, tmp_path / "bad.onnx", image_size=size, quantize="int8", fp16=True)
+    with pytest.raises(ValueError, match="quantize must be"):
+        mtp.export_onnx(model, tmp_path / "bad.onnx", image_size=size, quantize="int4")
+
+
 def test_fp16_export(tmp_path: Path) -> None:
     """Half-precision graph with float32 inputs and outputs, close to the fp32 model."""
     model, size = make_model("vit")
