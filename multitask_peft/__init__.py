@@ -23,3 +23,12 @@ __all__ = [
     "tasks",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # `mtp.serving` on first use: it needs the `serve` extra, and the core never imports it
+    if name == "serving":
+        import importlib
+
+        return importlib.import_module(".serving", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -64,6 +64,7 @@ class MultiTaskModel(nn.Module):
         self.task_modules = nn.ModuleDict()
         self._plans: dict[int, SlotPlan] = {}
         self.grad_checkpointing = False
+        self.version = 0  # bumped whenever a task is attached or removed
         layout = host.layout
         self.feature_info = FeatureInfo(
             tuple((lvl.channels, lvl.reduction) for lvl in layout.levels), layout.pooled_dim, layout.kind
@@ -104,10 +105,15 @@ class MultiTaskModel(nn.Module):
         self._commit(task)
         return task
 
-    def build_task(self, name: str, head: HeadConfig, peft: PeftConfig | Sequence[PeftConfig] = ()) -> Task:
-        """A task's modules, built and validated against this backbone but not attached to it."""
+    def build_task(
+        self, name: str, head: HeadConfig, peft: PeftConfig | Sequence[PeftConfig] = (), replace: bool = False
+    ) -> Task:
+        """A task's modules, built and validated against this backbone but not attached to it (`attach_task`).
+
+        With `replace`, a task of that name may exist (the built task is meant to replace it later).
+        """
         check_task_name(name)
-        if name in self.task_modules:
+        if name in self.task_modules and not replace:
             raise ValueError(f"task {name!r} already exists; tasks: {self.tasks} (remove_task it first)")
         if not isinstance(head, HeadConfig):
             raise TypeError(f"head must be a head config such as mtp.tasks.Classification(...), got {head!r}")
@@ -125,6 +131,18 @@ class MultiTaskModel(nn.Module):
         ref = next(self.backbone.model.parameters())
         return task.to(device=ref.device, dtype=ref.dtype).train(self.training)
 
+    def attach_task(self, task: Task) -> Task:
+        """Attach a task built for this model (`build_task`, `read_task`); cheap, so it can run between two
+        forward passes while the slow part (building, reading files) ran elsewhere."""
+        if not isinstance(task, Task):
+            raise TypeError(f"task must be a Task from build_task / read_task, got {type(task).__name__}")
+        if task.name in self.task_modules:
+            raise ValueError(f"task {task.name!r} already exists; tasks: {self.tasks} (remove_task it first)")
+        if task.slot != PLAIN_SLOT:
+            raise ValueError(f"task {task.name!r} is attached to a model already")
+        self._commit(task)
+        return task
+
     def _commit(self, task: Task) -> None:
         used = {t.slot for t in self.task_modules.values()}
         task.slot = next(s for s in range(len(used) + 1) if s not in used)
@@ -133,6 +151,7 @@ class MultiTaskModel(nn.Module):
                 self.backbone.attach(name, task.slot, adapter)
         self.task_modules[task.name] = task
         self._plans[task.slot] = task.plan(self.backbone)
+        self.version += 1
 
     def remove_task(self, name: str) -> None:
         task = self.task(name)
@@ -140,6 +159,7 @@ class MultiTaskModel(nn.Module):
         del self._plans[task.slot]
         del self.task_modules[name]
         task.slot = PLAIN_SLOT
+        self.version += 1
         kernels.clear_cache()  # drop stacked copies of its weights now
 
     def trainable_parameters(self, name: str) -> Iterator[nn.Parameter]:
@@ -218,6 +238,38 @@ class MultiTaskModel(nn.Module):
         finally:
             self.train(was_training)
 
+    @torch.no_grad()
+    def predict_each(self, images: torch.Tensor, tasks: Sequence[Sequence[str]]) -> list[dict[str, dict[str, Any]]]:
+        """Per image its own tasks, in one forward: `tasks[i]` lists the tasks of image i (what a server batching
+        several requests needs). Images asking for several tasks share the backbone prefix those tasks have in
+        common, and every task's rows go through its head together.
+
+        Returns:
+            One {task: result dict} per image, result dicts as in `predict`.
+        """
+        self._check_images(images)
+        n = images.shape[0]
+        if isinstance(tasks, str) or len(tasks) != n:
+            raise ValueError(f"tasks must hold one list of task names per image ({n}), got {tasks!r}")
+        per_image = [[t] if isinstance(t, str) else list(dict.fromkeys(t)) for t in tasks]
+        rows = [(i, self.slot(name)) for i, names in enumerate(per_image) for name in names]
+        if not rows:
+            raise ValueError("tasks must name at least one task for some image; tasks: " + str(self.tasks))
+        was_training = self.training
+        self.eval()
+        try:
+            features = run_backbone(self.backbone, images, rows, self._plans, share_prefix=True)
+            results: list[dict[str, dict[str, Any]]] = [{} for _ in range(n)]
+            for name in dict.fromkeys(t for names in per_image for t in names):
+                index = [k for k, (_, slot) in enumerate(rows) if slot == self.task_modules[name].slot]
+                head = self.task_modules[name].head
+                outputs = head.postprocess(head(features.select(index)), (images.shape[-2], images.shape[-1]))
+                for k, out in zip(index, outputs, strict=True):
+                    results[rows[k][0]][name] = out
+            return results
+        finally:
+            self.train(was_training)
+
     # --- merging -------------------------------------------------------------------------------------------
     def merged_backbone(self, name: str) -> nn.Module:
         """A plain timm module with the task's reparameterisable PEFT folded into its weights."""
@@ -288,9 +340,14 @@ class MultiTaskModel(nn.Module):
 
     def load_task(self, path: str | os.PathLike, name: str | None = None) -> Task:
         """Load a saved task (optionally under another name); the model is unchanged if anything is wrong."""
-        from .task_io import load_task
+        return self.attach_task(self.read_task(path, name))
 
-        return load_task(self, path, name)
+    def read_task(self, path: str | os.PathLike, name: str | None = None, replace: bool = False) -> Task:
+        """A saved task built, validated (backbone fingerprint, tensor names and shapes, finite values) and loaded,
+        but not attached (`attach_task`); the model is not changed. `replace`: see `build_task`."""
+        from .task_io import read_task
+
+        return read_task(self, path, name, replace)
 
 
 def _check_no_conflicts(methods: list[MethodModule]) -> None:

@@ -80,8 +80,8 @@ def read_task_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def load_task(model: MultiTaskModel, path: str | os.PathLike, name: str | None = None) -> Task:
-    """Build, validate and load a saved task, then attach it. Nothing changes in `model` unless all succeeds."""
+def read_task(model: MultiTaskModel, path: str | os.PathLike, name: str | None = None, replace: bool = False) -> Task:
+    """Build, validate and load a saved task for `model` without attaching it (`model.attach_task`)."""
     config = read_task_config(path)
     backbone = config["backbone"]
     saved_for = backbone.get("fingerprint") if isinstance(backbone, dict) else backbone
@@ -100,7 +100,7 @@ def load_task(model: MultiTaskModel, path: str | os.PathLike, name: str | None =
             raise ValueError(f"{path}: each 'peft' entry needs a 'method' key, got {entry!r}")
         options = {k: v for k, v in entry.items() if k != "method"}
         peft.append(METHODS.get(entry["method"]).from_dict(options))
-    task = model.build_task(name or config["task"], head, peft)
+    task = model.build_task(name or config["task"], head, peft, replace=replace)
 
     weights = Path(path) / WEIGHTS_NAME
     if not weights.is_file():
@@ -126,5 +126,4 @@ def load_task(model: MultiTaskModel, path: str | os.PathLike, name: str | None =
     if bad:
         raise ValueError(f"{weights}: non-finite values in {bad[:5]}")
     task.load_state_dict(state, strict=True)
-    model._commit(task)
     return task

@@ -1,0 +1,373 @@
+"""The HTTP API (FastAPI): predict, task admin, health (incl. the Open Inference Protocol v2), Prometheus metrics.
+
+    POST   /v1/predict              multipart (field `image` + `tasks` + options) or JSON (base64 `image`)
+    GET    /v1/tasks                served tasks
+    POST   /v1/tasks                load or replace a task from a folder inside the adapter directory (admin)
+    DELETE /v1/tasks/{name}         unload a task (admin)
+    GET    /health/live, /health/ready
+    GET    /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}, /v2/models/{name}/ready   (OIP v2)
+    GET    /metrics                 Prometheus text format
+
+Admin routes need `Authorization: Bearer <token>` (401 without it, 403 with a wrong one, 403 when the server has
+no admin token). Client mistakes are 4xx with `{"error": {"code", "message"}}`; only server faults are 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from multitask_peft import __version__
+
+from .engine import Engine
+from .errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    PayloadTooLarge,
+    ServingError,
+    ShuttingDown,
+    Unauthorized,
+    Unprocessable,
+    UnsupportedMediaType,
+)
+from .images import PredictOptions, decode_base64, parse_tasks
+
+log = logging.getLogger("multitask_peft.serving")
+
+#: Largest request body accepted, in bytes (413 past it).
+MAX_BODY_BYTES = 20 * 2**20
+OPTION_FIELDS = ("score_threshold", "max_detections", "mask_format", "logits", "timeout_s")
+ROUTES = {"/v1/predict", "/v1/tasks", "/health/live", "/health/ready", "/metrics", "/v2", "/v2/health/live",
+          "/v2/health/ready"}  # fmt: skip
+
+_PREDICT_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["image", "tasks"],
+                "properties": {
+                    "image": {"type": "string", "description": "the image file (PNG, JPEG, ...), base64"},
+                    "tasks": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                    "score_threshold": {"type": "number", "minimum": 0, "maximum": 1},
+                    "max_detections": {"type": "integer", "minimum": 0},
+                    "mask_format": {"type": "string", "enum": ["png", "list"]},
+                    "logits": {"type": "boolean"},
+                    "timeout_s": {"type": "number", "exclusiveMinimum": 0},
+                },
+            }
+        },
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["image", "tasks"],
+                "properties": {
+                    "image": {"type": "string", "format": "binary"},
+                    "tasks": {"type": "string", "description": "comma-separated task names (or repeat the field)"},
+                    "score_threshold": {"type": "number"},
+                    "max_detections": {"type": "integer"},
+                    "mask_format": {"type": "string", "enum": ["png", "list"]},
+                    "logits": {"type": "boolean"},
+                    "timeout_s": {"type": "number"},
+                },
+            }
+        },
+    },
+}
+_LOAD_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["path"],
+                "properties": {
+                    "path": {"type": "string", "description": "task folder, relative to the adapter directory"},
+                    "name": {"type": "string", "description": "served name (default: the saved task's name)"},
+                },
+            }
+        }
+    },
+}
+
+
+class _Guard:
+    """ASGI middleware: refuses bodies over `max_body` (413, by Content-Length or while streaming) and counts
+    responses by route and status code."""
+
+    def __init__(self, app: Any, engine: Engine, max_body: int) -> None:
+        self.app = app
+        self.engine = engine
+        self.max_body = max_body
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        route = path if path in ROUTES else "/v1/tasks/{name}" if path.startswith("/v1/tasks/") else "other"
+        if path.startswith("/v2/models/"):
+            route = "/v2/models/{name}"
+        status = {"code": 500}
+        metrics = self.engine.metrics
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        try:
+            too_big = length is not None and int(length) > self.max_body
+        except ValueError:
+            too_big = False  # the server rejects a bad Content-Length itself
+        if too_big:
+            await _send_error(counting_send, PayloadTooLarge(f"request body over {self.max_body} bytes"))
+        else:
+            received = 0
+
+            async def limited_receive() -> dict:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_body:
+                        raise PayloadTooLarge(f"request body over {self.max_body} bytes")
+                return message
+
+            try:
+                await self.app(scope, limited_receive, counting_send)
+            except PayloadTooLarge as e:  # raised while the app read the body (a streamed body)
+                await _send_error(counting_send, e)
+        code = status["code"]
+        metrics.requests.labels(route, str(code)).inc()
+        if code >= 400:
+            metrics.errors.labels(str(code)).inc()
+
+
+async def _send_error(send: Any, error: ServingError) -> None:
+    body = json.dumps({"error": {"code": error.status, "message": error.message}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _error_response(error: ServingError) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": error.status, "message": error.message}}, status_code=error.status, headers=error.headers
+    )
+
+
+def create_app(engine: Engine, admin_token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> Any:
+    """The ASGI app serving `engine` (started and stopped with the app's lifespan)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.stop()
+
+    app = FastAPI(
+        title="multitask-peft",
+        version=__version__,
+        description="Many vision tasks on one frozen backbone: several tasks per image, batched across requests.",
+        lifespan=lifespan,
+    )
+    app.state.engine = engine
+
+    @app.exception_handler(ServingError)
+    async def serving_error(request: Request, exc: ServingError) -> JSONResponse:
+        if exc.status >= 500 and not isinstance(exc, ShuttingDown):
+            log.error("%s %s: %s", request.method, request.url.path, exc.message)
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(Unprocessable(f"invalid request: {exc.errors()}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = ServingError(str(exc.detail), dict(exc.headers or {}))
+        error.status = exc.status_code
+        return _error_response(error)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error in %s %s", request.method, request.url.path)
+        return _error_response(ServingError(f"internal error: {type(exc).__name__}"))
+
+    def check_admin(request: Request) -> None:
+        if admin_token is None:
+            raise Forbidden("the admin API is disabled: start the server with an admin token (--admin-token)")
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header or scheme.lower() != "bearer" or not token:
+            raise Unauthorized("admin route: send 'Authorization: Bearer <token>'")
+        if not hmac.compare_digest(token.strip().encode(), admin_token.encode()):
+            raise Forbidden("wrong admin token")
+
+    # --- predict -------------------------------------------------------------------------------------------
+    @app.post("/v1/predict", openapi_extra={"requestBody": _PREDICT_BODY}, summary="Run tasks on one image")
+    async def predict(request: Request) -> dict[str, Any]:
+        if engine.closing:
+            raise ShuttingDown()
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "multipart/form-data":
+            data, raw_tasks, fields = await _read_form(request)
+        elif kind == "application/json":
+            data, raw_tasks, fields = await _read_json(request)
+        else:
+            raise UnsupportedMediaType(
+                f"content type {kind or '(none)'!r} is not accepted: send multipart/form-data or application/json"
+            )
+        tasks = parse_tasks(raw_tasks)
+        options = PredictOptions.parse(fields)
+        image, original = await asyncio.to_thread(engine.preprocess.decode, data)
+        results = await engine.predict(image, original, tasks, options)
+        served = engine.served_tasks()
+        versions = {t: served[t]["version"] for t in tasks if t in served}
+        return {"results": results, "image_size": list(original), "versions": versions}
+
+    # --- tasks ---------------------------------------------------------------------------------------------
+    @app.get("/v1/tasks", summary="Served tasks")
+    async def list_tasks() -> dict[str, Any]:
+        return {"tasks": list(engine.served_tasks().values()), **engine.backend.describe()}
+
+    @app.post("/v1/tasks", openapi_extra={"requestBody": _LOAD_BODY}, summary="Load or replace a task (admin)")
+    async def load_task(request: Request) -> dict[str, Any]:
+        check_admin(request)
+        if engine.store is None:
+            raise Conflict(f"the {engine.backend.name} backend serves the tasks of its graph; re-export to change them")
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            raise UnsupportedMediaType('send the task to load as application/json: {"path": ..., "name": ...}')
+        body = await _json_body(request)
+        name = body.get("name")
+        if name is not None and not isinstance(name, str):
+            raise Unprocessable(f"'name' must be a string, got {name!r}")
+        entry = await engine.store.load(name, body.get("path"))
+        return {"task": entry.info()}
+
+    @app.delete("/v1/tasks/{name}", summary="Unload a task (admin)")
+    async def unload_task(name: str, request: Request) -> dict[str, Any]:
+        check_admin(request)
+        if engine.store is None:
+            raise Conflict(f"the {engine.backend.name} backend serves the tasks of its graph; re-export to change them")
+        await engine.store.unload(name)
+        return {"unloaded": name}
+
+    # --- health --------------------------------------------------------------------------------------------
+    @app.get("/health/live", summary="The process answers")
+    async def live() -> dict[str, str]:
+        return {"status": "live"}
+
+    @app.get("/health/ready", summary="The server takes requests")
+    async def ready() -> Response:
+        if not engine.ready or engine.closing:
+            return JSONResponse({"status": "not ready"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    # --- Open Inference Protocol v2 (health, server and model metadata; the models are the tasks) ----------
+    @app.get("/v2", summary="OIP v2 server metadata")
+    async def v2_server() -> dict[str, Any]:
+        return {"name": "multitask-peft", "version": __version__, "extensions": []}
+
+    @app.get("/v2/health/live", summary="OIP v2 server live")
+    async def v2_live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", summary="OIP v2 server ready")
+    async def v2_ready() -> Response:
+        ok = engine.ready and not engine.closing
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    def task_info(name: str) -> dict[str, Any]:
+        served = engine.served_tasks()
+        if name not in served:
+            raise StarletteHTTPException(404, f"unknown model (task) {name!r}; served: {list(served)}")
+        return served[name]
+
+    @app.get("/v2/models/{name}", summary="OIP v2 model (task) metadata")
+    async def v2_model(name: str) -> dict[str, Any]:
+        info = task_info(name)
+        h, w = engine.preprocess.size
+        return {
+            "name": name,
+            "versions": [str(info["version"])],
+            "platform": f"multitask-peft-{engine.backend.name}",
+            "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, 3, h, w]}],
+            "outputs": [{"name": f"{name}.{field}", "datatype": "BYTES", "shape": [-1]} for field in ("json",)],
+            "parameters": {"head": info["head"], "class_names": info["class_names"]},
+        }
+
+    @app.get("/v2/models/{name}/ready", summary="OIP v2 model (task) ready")
+    async def v2_model_ready(name: str) -> dict[str, Any]:
+        task_info(name)
+        return {"name": name, "ready": engine.ready and not engine.closing}
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(engine.metrics.render(), media_type=engine.metrics.content_type)
+
+    return _Guard(app, engine, max_body_bytes)
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the body is not valid JSON ({e})") from e
+    if not isinstance(body, dict):
+        raise Unprocessable(f"the JSON body must be an object, got {type(body).__name__}")
+    return body
+
+
+async def _read_json(request: Request) -> tuple[bytes, Any, dict[str, Any]]:
+    body = await _json_body(request)
+    if "image" not in body:
+        raise Unprocessable("the JSON body needs 'image' (the image file, base64) and 'tasks'")
+    if "tasks" not in body:
+        raise Unprocessable("the JSON body needs 'tasks' (a list of task names)")
+    unknown = sorted(set(body) - {"image", "tasks", *OPTION_FIELDS})
+    if unknown:
+        raise Unprocessable(f"unknown field(s) {unknown}; accepted: image, tasks, {', '.join(OPTION_FIELDS)}")
+    return decode_base64(body["image"]), body["tasks"], {k: body.get(k) for k in OPTION_FIELDS}
+
+
+async def _read_form(request: Request) -> tuple[bytes, Any, dict[str, Any]]:
+    try:
+        form = await request.form(max_files=1, max_fields=16)
+    except StarletteHTTPException as e:
+        raise BadRequest(f"malformed multipart body: {e.detail}") from e
+    except PayloadTooLarge:
+        raise
+    except Exception as e:  # python-multipart's parse errors
+        raise BadRequest(f"malformed multipart body: {type(e).__name__}: {e}") from e
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise Unprocessable("the multipart body needs a file field 'image' and a field 'tasks'")
+    tasks = form.getlist("tasks")
+    if not tasks or not all(isinstance(t, str) for t in tasks):
+        raise Unprocessable("the multipart body needs a field 'tasks' (comma-separated task names)")
+    data = await upload.read()
+    fields = {k: form.get(k) for k in OPTION_FIELDS}
+    bad = [k for k, v in fields.items() if v is not None and not isinstance(v, str)]
+    if bad:
+        raise Unprocessable(f"field(s) {bad} must be plain values, not files")
+    return data, tasks, fields

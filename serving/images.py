@@ -1,0 +1,207 @@
+"""Request images in (bytes -> normalised tensor) and results out (tensors -> JSON in the request's pixels)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import BadRequest
+
+#: Largest decoded image accepted, in pixels (a decompression-bomb guard: 40 MP, e.g. 8000 x 5000).
+MAX_PIXELS = 40_000_000
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How the served model wants its input: RGB resized to `size` (H, W), scaled to [0, 1], normalised."""
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    max_pixels: int = MAX_PIXELS
+
+    def decode(self, data: bytes) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Image file bytes -> ((3, H, W) normalised float tensor at `size`, original (height, width)).
+
+        Raises `BadRequest` for anything that is not a whole, decodable image within `max_pixels`.
+        """
+        if not data:
+            raise BadRequest("the image is empty")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))  # reads the header only
+                width, height = image.size
+                if width * height > self.max_pixels:
+                    raise BadRequest(f"image of {width}x{height} pixels is over the limit of {self.max_pixels} pixels")
+                image.load()
+        except BadRequest:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise BadRequest(f"image rejected as a decompression bomb ({e})") from e
+        except Exception as e:  # PIL raises many types for bad files (OSError, SyntaxError, ValueError, ...)
+            raise BadRequest(f"cannot decode the image: {type(e).__name__}: {e}") from e
+        if width == 0 or height == 0:
+            raise BadRequest("the image has no pixels")
+        return self.tensor(image.convert("RGB")), (height, width)
+
+    def tensor(self, image: Image.Image) -> torch.Tensor:
+        h, w = self.size
+        if image.size != (w, h):
+            image = image.resize((w, h), Image.Resampling.BILINEAR)
+        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return x.sub_(mean).div_(std)
+
+
+def decode_base64(text: object) -> bytes:
+    if not isinstance(text, str) or not text:
+        raise BadRequest("'image' must be a non-empty base64 string")
+    if text.startswith("data:"):  # a data URL: data:image/png;base64,....
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (ValueError, TypeError) as e:
+        raise BadRequest(f"'image' is not valid base64 ({e})") from e
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """Per-request options.
+
+    Attributes:
+        score_threshold: Detections below it are dropped (on top of the head's own `score_thresh`).
+        max_detections: At most this many detections per task (the best ones).
+        mask_format: Segmentation masks as "png" (base64 PNG of class ids, the default) or "list" (nested lists).
+        logits: Include classification logits.
+        timeout_s: Seconds the request may wait in all (queue + forward); None: the server's default.
+    """
+
+    score_threshold: float = 0.0
+    max_detections: int | None = None
+    mask_format: str = "png"
+    logits: bool = False
+    timeout_s: float | None = None
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any]) -> PredictOptions:
+        """From request fields (JSON values or form strings); raises `BadRequest` naming the bad field."""
+        values: dict[str, Any] = {}
+        for key, kind in (("score_threshold", float), ("max_detections", int), ("timeout_s", float)):
+            value = raw.get(key)
+            if value is None or value == "":
+                continue
+            if isinstance(value, bool):
+                raise BadRequest(f"{key!r} must be a number, got {value!r}")
+            try:
+                number = kind(value)
+            except (TypeError, ValueError) as e:
+                raise BadRequest(f"{key!r} must be a number, got {value!r}") from e
+            if kind is float and not np.isfinite(number):
+                raise BadRequest(f"{key!r} must be finite, got {value!r}")
+            values[key] = number
+        if not 0.0 <= values.get("score_threshold", 0.0) <= 1.0:
+            raise BadRequest(f"'score_threshold' must be in [0, 1], got {values['score_threshold']}")
+        if values.get("max_detections", 0) < 0 or values.get("max_detections", 0) > 10_000:
+            raise BadRequest(f"'max_detections' must be in [0, 10000], got {values['max_detections']}")
+        if "timeout_s" in values and not 0 < values["timeout_s"] <= 3600:
+            raise BadRequest(f"'timeout_s' must be in (0, 3600], got {values['timeout_s']}")
+        mask_format = raw.get("mask_format") or "png"
+        if mask_format not in ("png", "list"):
+            raise BadRequest(f"'mask_format' must be 'png' or 'list', got {mask_format!r}")
+        logits = raw.get("logits")
+        if logits is None:
+            logits = False
+        if isinstance(logits, str):
+            if logits.lower() not in ("true", "false", "1", "0", ""):
+                raise BadRequest(f"'logits' must be true or false, got {logits!r}")
+            logits = logits.lower() in ("true", "1")
+        if not isinstance(logits, bool):
+            raise BadRequest(f"'logits' must be true or false, got {logits!r}")
+        return cls(mask_format=mask_format, logits=logits, **values)
+
+
+def parse_tasks(raw: object) -> list[str]:
+    """`tasks` from JSON (a list or a comma-separated string) or a form (repeated fields or comma-separated)."""
+    if isinstance(raw, str):
+        names = [t.strip() for t in raw.split(",")]
+    elif isinstance(raw, Sequence) and all(isinstance(t, str) for t in raw):
+        names = [t.strip() for part in raw for t in part.split(",")]
+    else:
+        raise BadRequest(f"'tasks' must be a list of task names or a comma-separated string, got {raw!r}")
+    names = list(dict.fromkeys(t for t in names if t))
+    if not names:
+        raise BadRequest("'tasks' must name at least one task")
+    return names
+
+
+def to_json(
+    head: str,
+    result: dict[str, Any],
+    input_size: tuple[int, int],
+    original: tuple[int, int],
+    options: PredictOptions,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """One task's result for one image as JSON, in the pixels of the image the client sent."""
+    if head == "classification":
+        label = int(result["label"])
+        out: dict[str, Any] = {"label": label, "score": float(result["score"])}
+        if class_names:
+            out["class_name"] = class_names[label]
+        if options.logits:
+            out["logits"] = [float(v) for v in result["logits"].float().tolist()]
+        return out
+    if head == "detection":
+        scores = result["scores"].float()
+        keep = (scores >= options.score_threshold).nonzero().flatten()
+        if options.max_detections is not None:
+            keep = keep[: options.max_detections]  # scores are sorted best first
+        sy, sx = original[0] / input_size[0], original[1] / input_size[1]
+        boxes = result["boxes"].float()[keep] * torch.tensor([sx, sy, sx, sy])
+        labels = [int(v) for v in result["labels"][keep].tolist()]
+        out = {
+            "boxes": [[round(float(v), 3) for v in box] for box in boxes.tolist()],
+            "scores": [float(v) for v in scores[keep].tolist()],
+            "labels": labels,
+        }
+        if class_names:
+            out["class_names"] = [class_names[v] for v in labels]
+        return out
+    if head == "segmentation":
+        mask = result["mask"]
+        if tuple(mask.shape) != tuple(original):
+            mask = F.interpolate(mask[None, None].float(), size=original, mode="nearest")[0, 0].long()
+        out = {"size": [int(mask.shape[0]), int(mask.shape[1])]}
+        if options.mask_format == "list":
+            out["mask"] = mask.tolist()
+        else:
+            out["mask_png"] = encode_mask_png(mask)
+        if class_names:
+            out["class_names"] = list(class_names)
+        return out
+    raise ValueError(f"no JSON form for head {head!r}")
+
+
+def encode_mask_png(mask: torch.Tensor) -> str:
+    """(H, W) class ids -> base64 PNG (8-bit grey for ids < 256, else 16-bit)."""
+    array = mask.cpu().numpy()
+    mode_dtype = np.uint8 if array.max(initial=0) < 256 else np.uint16
+    buffer = io.BytesIO()
+    Image.fromarray(array.astype(mode_dtype)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_mask_png(text: str) -> np.ndarray:
+    """Inverse of `encode_mask_png`: (H, W) int64 class ids."""
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text)))).astype(np.int64)

@@ -1,0 +1,109 @@
+"""Start a server: backends from a run directory, uvicorn with a graceful, bounded shutdown.
+
+`mtpeft serve DIR` serves a run directory (`mtpeft train` output: `config.yaml`, `tasks/<name>/`, and for the
+ONNX backend `model.onnx` + `model.json`). The torch backend builds the backbone from the run config and serves
+every task folder under `DIR/tasks` (the adapter directory: admin loads may name folders inside it only).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from .app import MAX_BODY_BYTES, create_app
+from .backends import OnnxBackend, TorchBackend
+from .engine import Engine, EngineConfig
+from .images import Preprocess
+from .store import AdapterStore
+
+log = logging.getLogger("multitask_peft.serving")
+
+
+def torch_backend(run_dir: str | Path, max_resident: int | None = None, device: str | None = None) -> TorchBackend:
+    """The run's backbone with the tasks under `run_dir/tasks` (the first `max_resident` of them loaded)."""
+    from multitask_peft.run import RUN_MEAN_STD, build_backbone, load_run_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"{run_dir} is not a run directory (no config.yaml); train one with `mtpeft train CONFIG`")
+    config = load_run_config(run_dir / "config.yaml")
+    model = build_backbone(config)
+    tasks_dir = run_dir / "tasks"
+    tasks_dir.mkdir(exist_ok=True)
+    store = AdapterStore(model, tasks_dir, max_resident)
+    store.scan()
+    store.load_initial()
+    sizes = [spec.data_spec.image_size for spec in config.task_specs.values()]
+    side = max(sizes) if sizes else model.backbone.image_size[0]
+    mean, std = RUN_MEAN_STD
+    return TorchBackend(model, store, Preprocess((side, side), mean, std), device)
+
+
+def onnx_backend(run_dir: str | Path) -> OnnxBackend:
+    """The run's exported graph (`model.onnx`), or the `.onnx` file given."""
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / "model.onnx"
+    if not path.is_file():
+        raise ValueError(f"no ONNX graph at {path}; export one with `mtpeft export RUN_DIR {path}`")
+    return OnnxBackend(path)
+
+
+class _Server:
+    """uvicorn's server, told about shutdown first: on SIGTERM / SIGINT the engine refuses new requests (503)
+    while uvicorn stops accepting connections and waits (bounded) for the requests in flight."""
+
+    def __init__(self, app: Any, engine: Engine, host: str, port: int, drain_s: float, log_level: str) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_s, lifespan="on"
+        )
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+                if sig in (signal.SIGTERM, signal.SIGINT) and not engine.closing:
+                    log.info("shutting down: draining requests in flight (at most %.0f s)", drain_s)
+                engine.closing = True
+                engine.ready = False
+                super().handle_exit(sig, frame)
+
+        self.server = Server(config)
+
+    def run(self) -> None:
+        self.server.run()
+
+
+def serve(
+    directory: str | Path,
+    backend: str = "torch",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 32,
+    max_wait_ms: float = 5.0,
+    max_queue: int = 256,
+    max_resident: int | None = None,
+    timeout_s: float = 30.0,
+    drain_timeout_s: float = 30.0,
+    admin_token: str | None = None,
+    device: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    log_level: str = "info",
+) -> None:
+    """Serve a run directory over HTTP until SIGTERM / SIGINT (then drain, bounded by `drain_timeout_s`)."""
+    if backend == "torch":
+        runner: Any = torch_backend(directory, max_resident, device)
+    elif backend == "onnx":
+        if max_resident is not None:
+            raise ValueError("--max-resident applies to the torch backend (the ONNX graph holds its tasks)")
+        runner = onnx_backend(directory)
+    else:
+        raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+    config = EngineConfig(max_batch, max_wait_ms, max_queue, timeout_s, drain_timeout_s)
+    engine = Engine(runner, config)
+    app = create_app(engine, admin_token=admin_token, max_body_bytes=max_body_bytes)
+    log.info("serving %s with the %s backend on http://%s:%d", directory, backend, host, port)
+    _Server(app, engine, host, port, drain_timeout_s, log_level).run()
