@@ -63,6 +63,31 @@ def _export(args: argparse.Namespace) -> None:
     print(f"sidecar: {path.with_suffix('.json')}")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import logging
+    import os
+
+    try:
+        from .serving import serve
+    except ImportError as e:
+        raise ValueError(f"serving needs the `serve` extra: pip install 'multitask-peft[serve]' ({e})") from e
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(
+        args.dir,
+        backend=args.backend,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_resident=args.max_resident,
+        timeout_s=args.timeout,
+        drain_timeout_s=args.drain_timeout,
+        admin_token=args.admin_token or os.environ.get("MTPEFT_ADMIN_TOKEN") or None,
+        device=args.device,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mtpeft", description="Parameter-efficient multi-task vision.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +127,20 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("--no-optimize", action="store_true", help="skip the exporter's graph optimiser (faster)")
     export.add_argument("--no-check", action="store_true", help="skip onnx.checker and the parity run")
     export.set_defaults(fn=_export)
+    srv = sub.add_parser("serve", help="serve a run's tasks over HTTP (batched across requests)")
+    srv.add_argument("dir", help="run directory (config.yaml + tasks/; model.onnx for --backend onnx)")
+    srv.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-batch", type=int, default=32, help="most images per forward pass")
+    srv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    srv.add_argument("--max-queue", type=int, default=256, help="most images waiting (429 past it)")
+    srv.add_argument("--max-resident", type=int, help="most tasks in the model at once (LRU; torch backend)")
+    srv.add_argument("--timeout", type=float, default=30.0, help="default request timeout in seconds (504)")
+    srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
+    srv.add_argument("--admin-token", help="enables POST/DELETE /v1/tasks (or set MTPEFT_ADMIN_TOKEN)")
+    srv.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    srv.set_defaults(fn=_serve)
     args, rest = parser.parse_known_args(argv)
     if args.command == "data":
         from .tasks.data.cli import main as data_main

@@ -266,7 +266,7 @@ class MultiTaskModel(nn.Module):
                 outputs = head.postprocess(head(features.select(index)), (images.shape[-2], images.shape[-1]))
                 for k, out in zip(index, outputs, strict=True):
                     results[rows[k][0]][name] = out
-            return results
+            return [{name: results[i][name] for name in names} for i, names in enumerate(per_image)]
         finally:
             self.train(was_training)
 

@@ -56,6 +56,47 @@ def test_shared_prefix_equals_unshared_and_runs_prefix_once() -> None:
             assert [r["label"] for r in out[name]] == routed.argmax(-1).tolist()
 
 
+def test_predict_each_gives_every_image_its_own_tasks() -> None:
+    """Per-image task lists in one forward equal `predict` of each image alone (every prefix kind included)."""
+    model, size = _prefix_model()
+    x = _images(4, size, seed=3)
+    wanted = [["late", "vpt"], ["full"], ["mid", "final", "probe", "late"], ["probe"]]
+    out = model.predict_each(x, wanted)
+    assert [list(o) for o in out] == wanted
+    for i, names in enumerate(wanted):
+        alone = model.predict(x[i : i + 1], names)
+        for name in names:
+            torch.testing.assert_close(out[i][name]["logits"], alone[name][0]["logits"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one list of task names per image"):
+        model.predict_each(x, [["late"]])
+    with pytest.raises(ValueError, match="unknown task"):
+        model.predict_each(x, [["late"], [], ["nope"], []])
+
+
+def test_read_then_attach_task(tmp_path) -> None:  # noqa: ANN001
+    """read_task builds and validates without touching the model; attach_task makes it live; replace=True builds a
+    second version next to the live one."""
+    model, size = make_model("vit")
+    model.add_task("a", _cls(), [mtp.peft.LoRA(r=2)])
+    randomize(model.task("a"))
+    model.save_task("a", tmp_path / "a")
+    x = _images(2, size)
+    expected = model.predict(x, "a")["a"]
+    version = model.version
+    with pytest.raises(ValueError, match="already exists"):
+        model.read_task(tmp_path / "a")
+    again = model.read_task(tmp_path / "a", replace=True)
+    assert model.version == version and again.slot == -1 and model.tasks == ["a"]
+    model.remove_task("a")
+    assert model.attach_task(again) is again and model.version == version + 2
+    got = model.predict(x, "a")["a"]
+    torch.testing.assert_close(got[0]["logits"], expected[0]["logits"])
+    with pytest.raises(ValueError, match="already exists"):
+        model.attach_task(again)
+    with pytest.raises(TypeError, match="build_task / read_task"):
+        model.attach_task("a")
+
+
 def test_shared_prefix_cnn() -> None:
     model, size = make_model("cnn")
     model.add_task("late", _cls(), [mtp.peft.LoRA(r=2, targets=r"blocks\.4\.0\.conv_pw")])

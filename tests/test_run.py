@@ -76,6 +76,52 @@ def test_train_eval_tasks_commands(tmp_path: Path, capsys: pytest.CaptureFixture
     main(["export", str(run), str(tmp_path / "garment.onnx"), "--tasks", "garment", "--merge", "--no-optimize"])
     meta = json.loads((tmp_path / "garment.json").read_text())
     assert meta["form"] == "merged" and list(meta["tasks"]) == ["garment"]
+    _check_serve(run)
+
+
+def _check_serve(run: Path) -> None:
+    """`mtpeft serve RUN` with either backend: the same answers for all three tasks on a real photo."""
+    pytest.importorskip("fastapi")
+    import io
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    from multitask_peft import serving
+
+    buffer = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()).save(buffer, format="JPEG")
+    outs = {}
+    for backend in ("torch", "onnx"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = [sys.executable, "-m", "multitask_peft.cli", "serve", str(run), "--backend", backend]
+        proc = subprocess.Popen([*command, "--port", str(port)], stderr=subprocess.DEVNULL)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 90
+            while not serving.Client(url).ready():
+                assert proc.poll() is None and time.monotonic() < deadline, f"mtpeft serve --backend {backend} failed"
+                time.sleep(0.1)
+            with serving.Client(url) as client:
+                assert {t["name"] for t in client.tasks()} == {"garment", "boxes", "masks"}
+                outs[backend] = client.predict(buffer.getvalue(), ["garment", "boxes", "masks"], logits=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    torch_out, onnx_out = outs["torch"]["results"], outs["onnx"]["results"]
+    assert outs["torch"]["image_size"] == [512, 512]
+    assert np.allclose(torch_out["garment"]["logits"], onnx_out["garment"]["logits"], atol=1e-4)
+    assert torch_out["boxes"]["labels"] == onnx_out["boxes"]["labels"]
+    assert np.allclose(torch_out["boxes"]["boxes"], onnx_out["boxes"]["boxes"], atol=1e-2)
+    masks = [serving.decode_mask_png(o["masks"]["mask_png"]) for o in (torch_out, onnx_out)]
+    assert masks[0].shape == (512, 512) and (masks[0] == masks[1]).mean() >= 0.999
 
 
 def test_config_errors(tmp_path: Path) -> None:

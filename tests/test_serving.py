@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
-import json
 import shutil
 import socket
 import threading
@@ -22,10 +20,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from PIL import Image  # noqa: E402
+
 import multitask_peft as mtp  # noqa: E402
 from conftest import make_model, randomize  # noqa: E402
 from multitask_peft import serving  # noqa: E402
-from PIL import Image  # noqa: E402
 
 SIZE = 64
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -112,7 +111,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[mtp.MultiTaskMo
 @pytest.fixture(scope="module")
 def live(reference: tuple) -> Iterator[LiveServer]:
     _, root = reference
-    with LiveServer(_engine(root, max_batch=16, max_wait_ms=20)) as server:
+    with LiveServer(_engine(root, max_batch=16, max_wait_ms=20), max_body_bytes=2**20) as server:
         yield server
 
 
@@ -219,3 +218,343 @@ def test_tasks_health_and_oip(live: LiveServer) -> None:
     metrics = client.get("/metrics").text
     for name in ("mtp_queue_depth", "mtp_batch_size_bucket", "mtp_task_latency_seconds_bucket", "mtp_http_errors"):
         assert name in metrics
+
+
+def _post(url: str, **kwargs: Any) -> httpx.Response:
+    return httpx.post(f"{url}/v1/predict", timeout=30, **kwargs)
+
+
+def _truncated_png() -> bytes:
+    return _png(seed=3)[:200]
+
+
+def _bomb_png() -> bytes:
+    """A tiny PNG whose header claims 100000 x 100000 pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "status"),
+    [
+        ("not an image", 400),
+        ("truncated", 400),
+        ("bomb", 400),
+        ("empty image", 400),
+        ("bad json", 400),
+        ("bad base64", 400),
+        ("json list", 422),
+        ("json without image", 422),
+        ("json unknown field", 422),
+        ("form without image", 422),
+        ("tasks not a list", 400),
+        ("empty tasks", 400),
+        ("unknown task", 404),
+        ("bad option", 400),
+        ("bad mask format", 400),
+        ("text body", 415),
+        ("no content type", 415),
+        ("too large", 413),
+        ("too large streamed", 413),
+    ],
+)
+def test_bad_input(live: LiveServer, case: str, status: int) -> None:
+    png = base64.b64encode(_png(seed=1)).decode()
+    files = {"image": ("x.png", _png(seed=1), "image/png")}
+    requests = {
+        "not an image": {"files": {"image": ("x", b"hello world", "image/png")}, "data": {"tasks": "cls"}},
+        "truncated": {"files": {"image": ("x", _truncated_png(), "image/png")}, "data": {"tasks": "cls"}},
+        "bomb": {"files": {"image": ("x", _bomb_png(), "image/png")}, "data": {"tasks": "cls"}},
+        "empty image": {"files": {"image": ("x", b"", "image/png")}, "data": {"tasks": "cls"}},
+        "bad json": {"content": b'{"image": ', "headers": {"content-type": "application/json"}},
+        "bad base64": {"json": {"image": "%%%", "tasks": ["cls"]}},
+        "json list": {"json": [1, 2]},
+        "json without image": {"json": {"tasks": ["cls"]}},
+        "json unknown field": {"json": {"image": png, "tasks": ["cls"], "colour": 1}},
+        "form without image": {"data": {"tasks": "cls"}, "files": {"other": ("x", b"1", "text/plain")}},
+        "tasks not a list": {"json": {"image": png, "tasks": 5}},
+        "empty tasks": {"json": {"image": png, "tasks": []}},
+        "unknown task": {"files": files, "data": {"tasks": "cls,nope"}},
+        "bad option": {"files": files, "data": {"tasks": "cls", "score_threshold": "high"}},
+        "bad mask format": {"json": {"image": png, "tasks": ["masks"], "mask_format": "gif"}},
+        "text body": {"content": b"cls", "headers": {"content-type": "text/plain"}},
+        "no content type": {"content": b"cls"},
+        "too large": {"content": b"0" * (2**20 + 1), "headers": {"content-type": "application/json"}},
+        "too large streamed": {
+            "content": iter([b"0" * 2**19] * 3),  # chunked: no Content-Length
+            "headers": {"content-type": "application/json"},
+        },
+    }
+    before = _errors(live.url, status)
+    response = _post(live.url, **requests[case])
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == status and response.json()["error"]["message"]
+    assert _errors(live.url, status) == before + 1
+
+
+def _errors(url: str, status: int) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(f'mtp_http_errors_total{{code="{status}"}}'):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_admin_auth_and_paths(live: LiveServer, reference: tuple) -> None:
+    _, root = reference
+    url = f"{live.url}/v1/tasks"
+    body = {"path": "cls", "name": "cls2"}
+    assert httpx.post(url, json=body).status_code == 401
+    assert httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert httpx.delete(f"{url}/cls").status_code == 401
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    outside = root.parent / "outside"
+    if not outside.exists():
+        shutil.copytree(root / "cls", outside)
+        (root / "link").symlink_to(outside, target_is_directory=True)
+    for path in ("../outside", str(outside), "/etc", str(root.parent), "link", "cls/../../outside", ""):
+        response = httpx.post(url, json={"path": path}, headers=admin)
+        assert response.status_code == 400, (path, response.text)
+    (root / "junk").mkdir(exist_ok=True)
+    (root / "junk" / "adapter_config.json").write_text("{not json")
+    (root / "junk" / "adapter_model.safetensors").write_bytes(b"x")
+    assert httpx.post(url, json={"path": "junk"}, headers=admin).status_code == 400
+    assert httpx.post(url, json={"path": "cls", "name": "Bad Name"}, headers=admin).status_code == 400
+    assert httpx.delete(f"{url}/nope", headers=admin).status_code == 404
+    assert httpx.post(url, content=b"x", headers={**admin, "content-type": "text/plain"}).status_code == 415
+    shutil.rmtree(root / "junk")
+    (root / "link").unlink()
+    with serving.Client(live.url, admin_token=TOKEN) as client:  # load a copy under another name, then drop it
+        info = client.load_task("cls", name="cls2")
+        assert info["name"] == "cls2" and info["resident"] and len(info["digest"]) == 64
+        out = client.predict(_png(seed=5), ["cls", "cls2"], logits=True)["results"]
+        assert out["cls"]["logits"] == pytest.approx(out["cls2"]["logits"], abs=1e-5)
+        client.unload_task("cls2")
+        assert "cls2" not in {t["name"] for t in client.tasks()}
+        with pytest.raises(serving.ServerError) as err:
+            client.predict(_png(seed=5), ["cls2"])
+        assert err.value.status == 404
+
+
+def test_admin_disabled_without_token(reference: tuple) -> None:
+    _, root = reference
+    with LiveServer(_engine(root), admin_token=None) as server:
+        response = httpx.post(f"{server.url}/v1/tasks", json={"path": "cls"}, headers={"Authorization": "Bearer x"})
+        assert response.status_code == 403 and "disabled" in response.json()["error"]["message"]
+
+
+def test_hot_load_and_unload_under_load(reference: tuple, tmp_path: Path) -> None:
+    """A load generator keeps predicting while tasks are replaced, added and removed: no failed or wrong answers."""
+    model, root = reference
+    shutil.copytree(root, tmp_path / "tasks")
+    root = tmp_path / "tasks"
+    other, _ = make_model("vit")  # a second version of `cls`: other weights, same shape
+    other.add_task("cls", head=mtp.tasks.Classification(num_classes=4), peft=[mtp.peft.LoRA(r=4)])
+    randomize(other.task("cls"), seed=42)
+    other.save_task("cls", root / "cls_v2")
+    png = _png(seed=9)
+    image = _tensor(png)[None]
+    expected = {
+        1: model.predict(image, "cls")["cls"][0]["logits"],
+        2: other.predict(image, "cls")["cls"][0]["logits"],
+    }
+    masks = model.predict(image, "masks")["masks"][0]
+    failures: list[str] = []
+    seen: set[int] = set()
+    stop = threading.Event()
+
+    def generate() -> None:
+        with serving.Client(server.url) as client:
+            while not stop.is_set():
+                try:
+                    out = client.predict(png, ["cls", "masks"], logits=True)
+                except Exception as e:  # noqa: BLE001
+                    failures.append(repr(e))
+                    continue
+                version = out["versions"]["cls"]
+                seen.add(version)
+                got = torch.tensor(out["results"]["cls"]["logits"])
+                if not torch.allclose(got, expected[version].float(), atol=1e-4):
+                    failures.append(f"cls v{version} logits {got} != {expected[version]}")
+                if (
+                    serving.decode_mask_png(out["results"]["masks"]["mask_png"]) != masks["mask"].numpy()
+                ).mean() > 1e-3:
+                    failures.append("masks differ")
+
+    with LiveServer(_engine(root, max_batch=8, max_wait_ms=2)) as server:
+        threads = [threading.Thread(target=generate) for _ in range(3)]
+        for t in threads:
+            t.start()
+        with serving.Client(server.url, admin_token=TOKEN) as admin:
+            time.sleep(0.3)
+            assert admin.load_task("cls_v2", name="cls")["version"] == 2
+            time.sleep(0.3)
+            admin.load_task("boxes", name="extra")
+            time.sleep(0.2)
+            admin.unload_task("extra")
+            admin.unload_task("boxes")
+            time.sleep(0.3)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert not failures, failures[:5]
+        assert seen == {1, 2}
+        assert {t["name"] for t in serving.Client(server.url).tasks()} == {"cls", "masks", "cls_v2"}
+
+
+def test_lru_eviction_and_reload(reference: tuple) -> None:
+    model, root = reference
+    engine = _engine(root, max_resident=2, max_wait_ms=1)
+    with LiveServer(engine) as server, serving.Client(server.url) as client:
+        png = _png(seed=11)
+        expected = model.predict(_tensor(png)[None], ["cls", "boxes", "masks"])
+        for tasks in (["cls"], ["boxes"], ["masks"], ["cls"], ["masks", "boxes"], ["cls", "masks"]):
+            out = client.predict(png, tasks, logits=True)["results"]
+            for task in tasks:
+                _assert_matches(out[task], expected[task][0], HEADS[task])
+            resident = {t["name"] for t in client.tasks() if t["resident"]}
+            assert set(tasks) <= resident and len(resident) <= 2
+        with pytest.raises(serving.ServerError) as err:
+            client.predict(png, ["cls", "boxes", "masks"])  # more tasks than may sit in the model
+        assert err.value.status == 400
+        metrics = client.metrics()
+        assert _metric(metrics, "mtp_task_evictions_total") >= 3
+        assert _metric(metrics, "mtp_tasks_resident") == 2
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no metric {name}")
+
+
+class _SlowBackend:
+    """Delegates to a backend, `delay` seconds per batch (to fill the queue or time requests out)."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self.inner, self.delay = inner, delay
+        self.name, self.store, self.preprocess = inner.name, inner.store, inner.preprocess
+
+    def run(self, images: torch.Tensor, tasks: list[list[str]]) -> Any:
+        time.sleep(self.delay)
+        if any("boom" in t for names in tasks for t in names):
+            raise RuntimeError("boom")
+        return self.inner.run(images, tasks)
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()
+
+
+def test_overload_timeout_and_shutdown(reference: tuple) -> None:
+    _, root = reference
+    engine = _engine(root, max_batch=1, max_queue=2, max_wait_ms=0)
+    engine.backend = _SlowBackend(engine.backend, 0.3)
+    with LiveServer(engine) as server:
+        png = _png(seed=2)
+        statuses: list[int] = []
+        headers: list[httpx.Headers] = []
+
+        def call() -> None:
+            files = {"image": ("x.png", png, "image/png")}
+            response = _post(server.url, files=files, data={"tasks": "cls"})
+            statuses.append(response.status_code)
+            headers.append(response.headers)
+
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert statuses.count(200) >= 2 and statuses.count(429) >= 1 and set(statuses) <= {200, 429}, statuses
+        assert all(int(h["retry-after"]) >= 1 for h, s in zip(headers, statuses, strict=True) if s == 429)
+        response = _post(
+            server.url, files={"image": ("x", png, "image/png")}, data={"tasks": "cls", "timeout_s": "0.1"}
+        )
+        assert response.status_code == 504
+        engine.closing = True
+        try:
+            response = _post(server.url, files={"image": ("x", png, "image/png")}, data={"tasks": "cls"})
+            assert response.status_code == 503 and "retry-after" in response.headers
+            assert httpx.get(f"{server.url}/health/ready").status_code == 503
+        finally:
+            engine.closing = False
+
+
+def test_failing_batch_fails_only_its_request(reference: tuple, tmp_path: Path) -> None:
+    model, root = reference
+    shutil.copytree(root / "cls", tmp_path / "boom")
+    shutil.copytree(root / "cls", tmp_path / "cls")
+    engine = _engine(tmp_path, max_batch=8, max_wait_ms=100)
+    engine.backend = _SlowBackend(engine.backend, 0.0)
+    with LiveServer(engine) as server:
+        statuses: dict[str, int] = {}
+
+        def call(task: str) -> None:
+            files = {"image": ("x.png", _png(seed=3), "image/png")}
+            statuses[task] = _post(server.url, files=files, data={"tasks": task}).status_code
+
+        threads = [threading.Thread(target=call, args=(t,)) for t in ("cls", "boom")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert statuses == {"cls": 200, "boom": 500}
+        assert serving.Client(server.url).predict(_png(seed=4), "cls")["results"]["cls"]["label"] in range(4)
+
+
+_SERVER_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from test_serving import _SlowBackend, _engine
+from multitask_peft import serving
+from multitask_peft.serving.server import _Server
+from pathlib import Path
+engine = _engine(Path(sys.argv[2]), max_batch=1, max_wait_ms=0, drain_timeout_s=20)
+engine.backend = _SlowBackend(engine.backend, 0.4)
+app = serving.create_app(engine)
+_Server(app, engine, "127.0.0.1", int(sys.argv[3]), drain_s=20, log_level="warning").run()
+"""
+
+
+def test_sigterm_drains_requests_in_flight(reference: tuple) -> None:
+    """SIGTERM while requests are queued: each of them is answered, then the process exits."""
+    import signal
+    import subprocess
+    import sys
+
+    _, root = reference
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER_SCRIPT, str(Path(__file__).parent), str(root), str(port)])
+    try:
+        deadline = time.monotonic() + 60
+        while not serving.Client(url).ready():
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        statuses: list[int] = []
+
+        def call() -> None:
+            files = {"image": ("x.png", _png(seed=6), "image/png")}
+            statuses.append(_post(url, files=files, data={"tasks": "cls"}).status_code)
+
+        threads = [threading.Thread(target=call) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)  # all four accepted; about one has run
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(timeout=30)
+        assert statuses == [200] * 4
+        # uvicorn re-raises the signal once drained, so supervisors see how the process ended
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
