@@ -12,7 +12,7 @@ Needs the `serve` extra (fastapi, uvicorn, python-multipart, prometheus-client, 
 from .app import create_app
 from .backends import OnnxBackend, TorchBackend
 from .client import Client, ServerError
-from .engine import Engine, EngineConfig
+from .engine import Engine, EngineConfig, Worker
 from .errors import ServingError
 from .images import PredictOptions, Preprocess, decode_mask_png
 from .server import onnx_backend, serve, torch_backend
@@ -29,6 +29,7 @@ __all__ = [
     "ServerError",
     "ServingError",
     "TorchBackend",
+    "Worker",
     "create_app",
     "decode_mask_png",
     "onnx_backend",

@@ -19,6 +19,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -47,6 +48,8 @@ log = logging.getLogger("multitask_peft.serving")
 
 #: Largest request body accepted, in bytes (413 past it).
 MAX_BODY_BYTES = 20 * 2**20
+#: Largest image whose mask may be asked for as nested JSON lists (`mask_format="list"`).
+MAX_LIST_MASK_PIXELS = 4_000_000
 OPTION_FIELDS = ("score_threshold", "max_detections", "mask_format", "logits", "timeout_s")
 ROUTES = {"/v1/predict", "/v1/tasks", "/health/live", "/health/ready", "/metrics", "/v2", "/v2/health/live",
           "/v2/health/ready"}  # fmt: skip
@@ -134,9 +137,10 @@ class _Guard:
             too_big = length is not None and int(length) > self.max_body
         except ValueError:
             too_big = False  # the server rejects a bad Content-Length itself
-        if too_big:
-            await _send_error(counting_send, PayloadTooLarge(f"request body over {self.max_body} bytes"))
-        else:
+        try:
+            if too_big:
+                await _send_error(counting_send, PayloadTooLarge(f"request body over {self.max_body} bytes"))
+                return
             received = 0
 
             async def limited_receive() -> dict:
@@ -152,10 +156,11 @@ class _Guard:
                 await self.app(scope, limited_receive, counting_send)
             except PayloadTooLarge as e:  # raised while the app read the body (a streamed body)
                 await _send_error(counting_send, e)
-        code = status["code"]
-        metrics.requests.labels(route, str(code)).inc()
-        if code >= 400:
-            metrics.errors.labels(str(code)).inc()
+        finally:  # also when the app re-raised after answering 500
+            code = status["code"]
+            metrics.requests.labels(route, str(code)).inc()
+            if code >= 400:
+                metrics.errors.labels(str(code)).inc()
 
 
 async def _send_error(send: Any, error: ServingError) -> None:
@@ -223,10 +228,11 @@ def create_app(engine: Engine, admin_token: str | None = None, max_body_bytes: i
             raise Forbidden("wrong admin token")
 
     # --- predict -------------------------------------------------------------------------------------------
+    decoding = asyncio.Semaphore(max(2, 2 * (os.cpu_count() or 1)))  # bounds decoded images held at once
+
     @app.post("/v1/predict", openapi_extra={"requestBody": _PREDICT_BODY}, summary="Run tasks on one image")
     async def predict(request: Request) -> dict[str, Any]:
-        if engine.closing:
-            raise ShuttingDown()
+        engine.check_capacity()  # 503 / 429 before reading and decoding the body
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "multipart/form-data":
             data, raw_tasks, fields = await _read_form(request)
@@ -238,10 +244,14 @@ def create_app(engine: Engine, admin_token: str | None = None, max_body_bytes: i
             )
         tasks = parse_tasks(raw_tasks)
         options = PredictOptions.parse(fields)
-        image, original = await asyncio.to_thread(engine.preprocess.decode, data)
-        results = await engine.predict(image, original, tasks, options)
-        served = engine.served_tasks()
-        versions = {t: served[t]["version"] for t in tasks if t in served}
+        async with decoding:
+            image, original = await asyncio.to_thread(engine.preprocess.decode, data)
+        if options.mask_format == "list" and original[0] * original[1] > MAX_LIST_MASK_PIXELS:
+            raise BadRequest(
+                f"mask_format 'list' is limited to {MAX_LIST_MASK_PIXELS} pixels (image {original[1]}x{original[0]}); "
+                "use the default 'png'"
+            )
+        results, versions = await engine.predict(image, original, tasks, options)
         return {"results": results, "image_size": list(original), "versions": versions}
 
     # --- tasks ---------------------------------------------------------------------------------------------
@@ -316,9 +326,10 @@ def create_app(engine: Engine, admin_token: str | None = None, max_body_bytes: i
         }
 
     @app.get("/v2/models/{name}/ready", summary="OIP v2 model (task) ready")
-    async def v2_model_ready(name: str) -> dict[str, Any]:
+    async def v2_model_ready(name: str) -> Response:
         task_info(name)
-        return {"name": name, "ready": engine.ready and not engine.closing}
+        ok = engine.ready and not engine.closing
+        return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:
@@ -331,8 +342,8 @@ async def _json_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"the body is not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, over-long integers, deep nesting
+        raise BadRequest(f"the body is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
     if not isinstance(body, dict):
         raise Unprocessable(f"the JSON body must be an object, got {type(body).__name__}")
     return body

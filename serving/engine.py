@@ -7,6 +7,15 @@ the tasks it asked for, in one forward pass (shared backbone prefix, segmented a
 split back per request. Forward passes and changes to the model (adapter store) run on that one worker thread,
 one at a time, so the event loop stays free to accept and answer requests meanwhile.
 
+Every torch op of the server runs on that worker thread, model building included where the server builds the
+model (`Worker.call`): PyTorch's OpenMP runtime keeps one thread team per thread that ran parallel ops, and with
+two teams on a small machine libgomp throttles its spin-waiting, which made ViT-S forward passes 30-70 % slower
+on 2 cores. Request threads decode images with PIL and numpy only.
+
+Batches are as large as the traffic allows without idling: after the requests already waiting, the batcher waits
+(at most `max_wait_ms`) only while the batch is smaller than the number of requests seen in flight at once during
+the previous forward pass (the clients likely to come back right away); a lone client never waits.
+
 A batch that fails is retried request by request, so one bad request fails alone. A request that waits past its
 timeout is answered 504 and skipped if its batch has not started. `stop()` stops taking requests (503) and drains
 the queue, bounded by `drain_timeout_s`.
@@ -20,7 +29,7 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,41 +70,77 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be a finite number >= 0, got {value!r}")
 
 
+class Worker:
+    """The one thread of a server that runs torch: forward passes, task loads and (ideally) building the model.
+
+    Example:
+        worker = Worker()
+        backend = worker.call(torch_backend, "runs/demo")   # the model is built on the worker thread
+        engine = Engine(backend, worker=worker)
+    """
+
+    def __init__(self) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtp-worker")
+
+    def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run `fn` on the worker thread and wait for it (outside the event loop)."""
+        return self.executor.submit(fn, *args, **kwargs).result()
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        """Run `fn(*args)` on the worker thread from the event loop (after the work in progress, if any)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def shutdown(self, wait: bool = True) -> None:
+        self.executor.shutdown(wait=wait)
+
+
 @dataclass(eq=False)
 class _Request:
     image: torch.Tensor  # (3, H, W) normalised
     original: tuple[int, int]  # (height, width) of the image the client sent
     tasks: list[str]
-    heads: dict[str, tuple[str, list[str] | None]]  # task -> (head type, class names)
     options: PredictOptions
-    future: asyncio.Future
+    future: asyncio.Future  # -> (results per task, version per task)
     arrived: float
     deadline: float
-    entries: list[Any] = field(default_factory=list)  # store entries held while pending
 
 
 class Engine:
     """Serves predict requests with a backend (`TorchBackend` or `OnnxBackend`).
 
     Use it from a running event loop: `await engine.start()`, `await engine.predict(...)`, `await engine.stop()`.
+
+    Args:
+        backend: Runs batches (`run(images, tasks)`), knows the input size and normalisation (`preprocess`).
+        config: Batching and queueing.
+        metrics: Where to count (default: a fresh registry).
+        worker: The thread that runs torch (default: a new one); pass the one the model was built on.
     """
 
-    def __init__(self, backend: Any, config: EngineConfig | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        backend: Any,
+        config: EngineConfig | None = None,
+        metrics: Metrics | None = None,
+        worker: Worker | None = None,
+    ) -> None:
         self.backend = backend
         self.config = config or EngineConfig()
         self.metrics = metrics or Metrics()
         self.store = getattr(backend, "store", None)
         self.preprocess = backend.preprocess
+        self.worker = worker or Worker()
         self.closing = False
         self.ready = False
+        self.batches = 0
         self._queue: asyncio.Queue[_Request | None] | None = None
         self._carry: collections.deque[_Request] = collections.deque()  # taken but left for the next batch
-        self._queued_images = 0
-        self._running = 0  # images in the batch being run
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtp-worker")
+        self._queued = 0  # images waiting
+        self._pending = 0  # requests accepted and not answered
+        self._peak = 1  # most requests pending at once during the last forward pass
+        self._current: list[_Request] = []  # the batch being run
         self._loop_task: asyncio.Task | None = None
         self._throughput = 0.0  # images/s, exponential moving average (for Retry-After)
-        self.batches = 0
         if self.store is not None:
             self.store.run_in_worker = self.run_in_worker
             self.store.on_load = self._count_load
@@ -110,25 +155,24 @@ class Engine:
         self.ready = True
 
     async def stop(self) -> None:
-        """Refuse new requests, let queued ones finish (at most `drain_timeout_s`), then stop the worker."""
+        """Refuse new requests, let accepted ones finish (at most `drain_timeout_s`), then stop the batcher.
+        Requests still unanswered then get 503."""
         self.closing = True
         self.ready = False
-        if self._queue is None:
-            self._worker.shutdown(wait=False)
-            return
-        deadline = time.monotonic() + self.config.drain_timeout_s
-        while (self._queued_images or self._running or self._carry) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        await self._queue.put(None)
-        if self._loop_task is not None:
-            try:
-                await asyncio.wait_for(self._loop_task, max(0.1, deadline - time.monotonic()))
-            except TimeoutError:
-                self._loop_task.cancel()
-        for req in [*self._carry, *self._drain_queue()]:
-            if not req.future.done():
-                req.future.set_exception(ShuttingDown("the server stopped before this request ran"))
-        self._worker.shutdown(wait=True)
+        if self._queue is not None:
+            deadline = time.monotonic() + self.config.drain_timeout_s
+            while (self._queued or self._current or self._carry) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            self._queue.put_nowait(None)
+            if self._loop_task is not None:
+                try:
+                    await asyncio.wait_for(self._loop_task, max(0.1, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    self._loop_task.cancel()
+            for req in [*self._current, *self._carry, *self._drain_queue()]:
+                if not req.future.done():
+                    req.future.set_exception(ShuttingDown("the server stopped before this request was answered"))
+        self.worker.shutdown(wait=False)  # a forward pass still running ends on its own; nobody waits for it
 
     def _drain_queue(self) -> list[_Request]:
         items = []
@@ -140,7 +184,7 @@ class Engine:
 
     async def run_in_worker(self, fn: Any, *args: Any) -> Any:
         """Run `fn(*args)` on the worker thread (after the forward pass in progress, if any)."""
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        return await self.worker.run(fn, *args)
 
     # --- requests ------------------------------------------------------------------------------------------
     def served_tasks(self) -> dict[str, dict[str, Any]]:
@@ -148,55 +192,61 @@ class Engine:
             return {n: e.info() for n, e in self.store.entries.items() if not e.unloading}
         return {n: {"name": n, "head": h, "class_names": c, "version": 1} for n, (h, c) in self.backend.tasks.items()}
 
-    async def predict(
-        self, image: torch.Tensor, original: tuple[int, int], tasks: list[str], options: PredictOptions
-    ) -> dict[str, dict[str, Any]]:
-        """Results of `tasks` for one preprocessed image, as JSON-ready dicts per task."""
+    def check_capacity(self) -> None:
+        """Raise 503 / 429 now if a request would be refused anyway (before its body is read and decoded)."""
         if self.closing or self._queue is None:
             raise ShuttingDown()
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        if self._queued >= self.config.max_queue:
+            wait = self._queued / self._throughput if self._throughput > 0 else 1.0
+            raise QueueFull(f"the queue is full ({self._queued} images waiting)", math.ceil(wait))
+
+    async def predict(
+        self, image: torch.Tensor, original: tuple[int, int], tasks: list[str], options: PredictOptions
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+        """Results of `tasks` for one preprocessed image: (JSON-ready dict per task, task version per task)."""
+        self.check_capacity()
+        assert self._queue is not None
         if self.store is not None:
-            entries = self.store.acquire(tasks)
-            heads = {e.name: (e.head, e.class_names) for e in entries}
+            self.store.acquire(tasks)
         else:
             unknown = [t for t in tasks if t not in self.backend.tasks]
             if unknown:
                 raise NotFound(f"unknown task(s) {unknown}; served tasks: {list(self.backend.tasks)}")
-            entries, heads = [], {t: self.backend.tasks[t] for t in tasks}
-        if self._queued_images >= self.config.max_queue:
-            if self.store is not None:
-                self.store.release(entries)
-            wait = self._queued_images / self._throughput if self._throughput > 0 else 1.0
-            raise QueueFull(f"the queue is full ({self._queued_images} images waiting)", math.ceil(wait))
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         timeout = options.timeout_s if options.timeout_s is not None else self.config.timeout_s
-        request = _Request(image, original, tasks, heads, options, loop.create_future(), now, now + timeout, entries)
-        self._queued_images += 1
-        self.metrics.queue_depth.set(self._queued_images)
+        request = _Request(image, original, tasks, options, loop.create_future(), now, now + timeout)
+        self._queued += 1
+        self._pending += 1
+        self._peak = max(self._peak, self._pending)
+        self.metrics.queue_depth.set(self._queued)
         self._queue.put_nowait(request)
         try:
             return await asyncio.wait_for(asyncio.shield(request.future), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             request.future.cancel()
             raise RequestTimeout(f"no result within {timeout:g} s (queue + forward)") from None
         except asyncio.CancelledError:  # the client went away: skip the request if its batch has not started
             request.future.cancel()
             raise
         finally:
+            self._pending -= 1
             if self.store is not None:
-                self.store.release(entries)
+                self.store.release(tasks)
             elapsed = loop.time() - now
             for task in tasks:
                 self.metrics.task_latency.labels(task).observe(elapsed)
 
     # --- batching ------------------------------------------------------------------------------------------
     async def _next_batch(self) -> list[_Request] | None:
-        """Requests for one forward pass (None: stop). Waits for the first, then up to `max_wait_ms` for more."""
+        """Requests for one forward pass (None: stop): the first to come, those already waiting, then more for at
+        most `max_wait_ms` while fewer than the requests seen in flight at once during the last forward pass."""
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         first = self._carry.popleft() if self._carry else await self._queue.get()
         if first is None:
             return None
+        target = min(self.config.max_batch, self._peak)
         batch, names = [first], set(first.tasks)
         cap = self.store.max_resident if self.store is not None else None
         deadline = loop.time() + self.config.max_wait_ms / 1000
@@ -209,11 +259,11 @@ class Engine:
                     item = self._queue.get_nowait()
                 except asyncio.QueueEmpty:
                     remaining = deadline - loop.time()
-                    if remaining <= 0:
+                    if remaining <= 0 or len(batch) >= target:
                         break
                     try:
                         item = await asyncio.wait_for(self._queue.get(), remaining)
-                    except TimeoutError:
+                    except asyncio.TimeoutError:
                         break
             if item is None:
                 stop = True
@@ -229,31 +279,34 @@ class Engine:
 
     async def _batcher(self) -> None:
         while True:
-            batch = await self._next_batch()
-            if batch is None:
-                return
-            self._queued_images -= len(batch)
-            self.metrics.queue_depth.set(self._queued_images)
-            now = asyncio.get_running_loop().time()
-            live = []
-            for req in batch:
-                if req.future.done():  # timed out or the client went away
-                    continue
-                if now > req.deadline:
-                    req.future.set_exception(RequestTimeout("timed out in the queue"))
-                    continue
-                live.append(req)
-            if live:
-                self._running = len(live)
-                try:
+            try:
+                batch = await self._next_batch()
+                if batch is None:
+                    return
+                self._queued -= len(batch)
+                self.metrics.queue_depth.set(self._queued)
+                now = asyncio.get_running_loop().time()
+                live = []
+                for req in batch:
+                    if req.future.done():  # timed out or the client went away
+                        continue
+                    if now > req.deadline:
+                        req.future.set_exception(RequestTimeout("timed out in the queue"))
+                        continue
+                    live.append(req)
+                if live:
+                    self._current = live
+                    self._peak = self._pending
                     await self._run(live)
-                except Exception:  # never let the batcher die
-                    log.exception("batch of %d failed outside the forward pass", len(live))
-                    for req in live:
-                        if not req.future.done():
-                            req.future.set_exception(ServingError("internal error while running the batch"))
-                finally:
-                    self._running = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the batcher die
+                log.exception("batch failed outside the forward pass")
+                for req in self._current:
+                    if not req.future.done():
+                        req.future.set_exception(ServingError("internal error while running the batch"))
+            finally:
+                self._current = []
 
     async def _run(self, batch: list[_Request]) -> None:
         start = time.perf_counter()
@@ -281,30 +334,32 @@ class Engine:
             if not req.future.done():
                 req.future.set_result(result)
 
-    async def _forward(self, batch: list[_Request]) -> list[dict[str, dict[str, Any]]]:
-        images = torch.stack([r.image for r in batch])
-        tasks = [r.tasks for r in batch]
-        size = self.preprocess.size
+    async def _forward(self, batch: list[_Request]) -> list[tuple[dict[str, dict[str, Any]], dict[str, int]]]:
         if self.store is None:
-            return await self.run_in_worker(self._run_backend, images, tasks, batch, size)
+            heads = {name: (head, names, 1) for name, (head, names) in self.backend.tasks.items()}
+            return await self.run_in_worker(self._run_backend, batch, heads)
         async with self.store.lock:
-            await self.store.make_resident(t for names in tasks for t in names)
+            await self.store.make_resident(t for r in batch for t in r.tasks)
             self.metrics.tasks_resident.set(self.store.resident_count())
-            return await self.run_in_worker(self._run_backend, images, tasks, batch, size)
+            # what the batch runs on: read under the lock, so a result is formatted by the head that made it
+            entries = self.store.entries
+            heads = {t: (entries[t].head, entries[t].class_names, entries[t].version) for r in batch for t in r.tasks}
+            return await self.run_in_worker(self._run_backend, batch, heads)
 
     def _run_backend(
-        self, images: torch.Tensor, tasks: list[list[str]], batch: list[_Request], size: tuple[int, int]
-    ) -> list[dict[str, dict[str, Any]]]:
-        """On the worker: the forward pass and the JSON form of every result."""
-        raw = self.backend.run(images, tasks)
+        self, batch: list[_Request], heads: dict[str, tuple[str, list[str] | None, int]]
+    ) -> list[tuple[dict[str, dict[str, Any]], dict[str, int]]]:
+        """On the worker (every torch op of the server runs on this one thread): the forward pass and the JSON
+        form of every result."""
+        images = torch.stack([r.image for r in batch])
+        size = self.preprocess.size
+        raw = self.backend.run(images, [r.tasks for r in batch])
         out = []
         for req, per_image in zip(batch, raw, strict=True):
-            out.append(
-                {
-                    t: to_json(req.heads[t][0], per_image[t], size, req.original, req.options, req.heads[t][1])
-                    for t in req.tasks
-                }
-            )
+            results = {
+                t: to_json(heads[t][0], per_image[t], size, req.original, req.options, heads[t][1]) for t in req.tasks
+            }
+            out.append((results, {t: heads[t][2] for t in req.tasks}))
         return out
 
     def _count_load(self) -> None:

@@ -12,12 +12,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import BadRequest
 
 #: Largest decoded image accepted, in pixels (a decompression-bomb guard: 40 MP, e.g. 8000 x 5000).
 MAX_PIXELS = 40_000_000
+#: Image formats accepted (PIL names); others (EPS, which would run Ghostscript, ...) are refused.
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 @dataclass(frozen=True)
@@ -39,29 +41,35 @@ class Preprocess:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))  # reads the header only
+                image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
                 width, height = image.size
                 if width * height > self.max_pixels:
                     raise BadRequest(f"image of {width}x{height} pixels is over the limit of {self.max_pixels} pixels")
                 image.load()
+                image = ImageOps.exif_transpose(image).convert("RGB")  # phone photos: upright, as they are shown
+                width, height = image.size
         except BadRequest:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise BadRequest(f"image rejected as a decompression bomb ({e})") from e
         except Exception as e:  # PIL raises many types for bad files (OSError, SyntaxError, ValueError, ...)
-            raise BadRequest(f"cannot decode the image: {type(e).__name__}: {e}") from e
+            raise BadRequest(f"cannot decode the image ({'/'.join(FORMATS)} accepted): {type(e).__name__}: {e}") from e
         if width == 0 or height == 0:
             raise BadRequest("the image has no pixels")
-        return self.tensor(image.convert("RGB")), (height, width)
+        return self.tensor(image), (height, width)
 
     def tensor(self, image: Image.Image) -> torch.Tensor:
+        # numpy, not torch: this runs on request threads, and torch ops there would start OpenMP thread teams
+        # that compete with the forward pass on the worker thread (all torch compute stays on that one thread)
         h, w = self.size
         if image.size != (w, h):
             image = image.resize((w, h), Image.Resampling.BILINEAR)
-        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return x.sub_(mean).div_(std)
+        x = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)  # (3, H, W)
+        scale = np.float32(1 / 255) / np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
+        shift = np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1) / np.asarray(
+            self.std, dtype=np.float32
+        ).reshape(3, 1, 1)
+        return torch.from_numpy(np.ascontiguousarray(x * scale - shift))
 
 
 def decode_base64(text: object) -> bytes:
@@ -69,6 +77,7 @@ def decode_base64(text: object) -> bytes:
         raise BadRequest("'image' must be a non-empty base64 string")
     if text.startswith("data:"):  # a data URL: data:image/png;base64,....
         text = text.partition(",")[2]
+    text = "".join(text.split())  # line-wrapped base64 (as `base64` writes it)
     try:
         return base64.b64decode(text, validate=True)
     except (ValueError, TypeError) as e:
@@ -105,7 +114,7 @@ class PredictOptions:
                 raise BadRequest(f"{key!r} must be a number, got {value!r}")
             try:
                 number = kind(value)
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, OverflowError) as e:
                 raise BadRequest(f"{key!r} must be a number, got {value!r}") from e
             if kind is float and not np.isfinite(number):
                 raise BadRequest(f"{key!r} must be finite, got {value!r}")

@@ -15,7 +15,7 @@ from typing import Any
 
 from .app import MAX_BODY_BYTES, create_app
 from .backends import OnnxBackend, TorchBackend
-from .engine import Engine, EngineConfig
+from .engine import Engine, EngineConfig, Worker
 from .images import Preprocess
 from .store import AdapterStore
 
@@ -35,7 +35,6 @@ def torch_backend(run_dir: str | Path, max_resident: int | None = None, device: 
     tasks_dir.mkdir(exist_ok=True)
     store = AdapterStore(model, tasks_dir, max_resident)
     store.scan()
-    store.load_initial()
     sizes = [spec.data_spec.image_size for spec in config.task_specs.values()]
     side = max(sizes) if sizes else model.backbone.image_size[0]
     mean, std = RUN_MEAN_STD
@@ -94,8 +93,9 @@ def serve(
     log_level: str = "info",
 ) -> None:
     """Serve a run directory over HTTP until SIGTERM / SIGINT (then drain, bounded by `drain_timeout_s`)."""
+    worker = Worker()  # the model is built on the thread that will run it (see `engine`)
     if backend == "torch":
-        runner: Any = torch_backend(directory, max_resident, device)
+        runner: Any = worker.call(torch_backend, directory, max_resident, device)
     elif backend == "onnx":
         if max_resident is not None:
             raise ValueError("--max-resident applies to the torch backend (the ONNX graph holds its tasks)")
@@ -103,7 +103,7 @@ def serve(
     else:
         raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
     config = EngineConfig(max_batch, max_wait_ms, max_queue, timeout_s, drain_timeout_s)
-    engine = Engine(runner, config)
+    engine = Engine(runner, config, worker=worker)
     app = create_app(engine, admin_token=admin_token, max_body_bytes=max_body_bytes)
     log.info("serving %s with the %s backend on http://%s:%d", directory, backend, host, port)
     _Server(app, engine, host, port, drain_timeout_s, log_level).run()

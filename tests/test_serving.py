@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 import socket
 import threading
@@ -85,7 +86,6 @@ def _engine(root: Path, max_resident: int | None = None, **config: Any) -> servi
     model, _ = make_model("vit")  # same seed: the backbone the tasks were saved for
     store = serving.AdapterStore(model, root, max_resident)
     store.scan()
-    store.load_initial()
     backend = serving.TorchBackend(model, store, serving.Preprocess((SIZE, SIZE), MEAN, STD), device="cpu")
     return serving.Engine(backend, serving.EngineConfig(**config))
 
@@ -558,3 +558,74 @@ def test_sigterm_drains_requests_in_flight(reference: tuple) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_replace_with_new_classes_then_unload_under_load(reference: tuple, tmp_path: Path) -> None:
+    """A replacement with other class names: every answer is formatted by the version that computed it (names and
+    version agree), and unloading the replaced task afterwards drains and succeeds."""
+    _, root = reference
+    shutil.copytree(root, tmp_path / "tasks")
+    root = tmp_path / "tasks"
+    other, _ = make_model("vit")
+    other.add_task("cls", head=mtp.tasks.Classification(num_classes=4, class_names=("w", "x", "y", "z")),
+                   peft=[mtp.peft.LoRA(r=4)])  # fmt: skip
+    randomize(other.task("cls"), seed=7)
+    other.save_task("cls", root / "cls_v2")
+    names = {1: "abcd", 2: "wxyz"}
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def generate() -> None:
+        with serving.Client(server.url) as client:
+            while not stop.is_set():
+                try:
+                    out = client.predict(_png(seed=1), ["cls"])
+                except serving.ServerError as e:
+                    if e.status != 404:  # 404 once the task is gone
+                        failures.append(repr(e))
+                    continue
+                result, version = out["results"]["cls"], out["versions"]["cls"]
+                if result["class_name"] != names[version][result["label"]]:
+                    failures.append(f"v{version} answered with class name {result['class_name']}")
+
+    with LiveServer(_engine(root, max_batch=4, max_wait_ms=2)) as server:
+        threads = [threading.Thread(target=generate) for _ in range(3)]
+        for t in threads:
+            t.start()
+        with serving.Client(server.url, admin_token=TOKEN) as admin:
+            time.sleep(0.2)
+            admin.load_task("cls_v2", name="cls")
+            time.sleep(0.2)
+            admin.unload_task("cls")
+            time.sleep(0.1)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert not failures, failures[:5]
+        assert "cls" not in {t["name"] for t in serving.Client(server.url).tasks()}
+        assert server.engine.store.pending("cls") == 0
+
+
+def test_bad_task_folder_is_skipped_at_start(reference: tuple, tmp_path: Path) -> None:
+    _, root = reference
+    shutil.copytree(root / "cls", tmp_path / "good")
+    shutil.copytree(root / "cls", tmp_path / "broken")
+    (tmp_path / "broken" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    shutil.copytree(root / "cls", tmp_path / "badhead")
+    config = json.loads((tmp_path / "badhead" / "adapter_config.json").read_text())
+    config["head"] = 5
+    (tmp_path / "badhead" / "adapter_config.json").write_text(json.dumps(config))
+    engine = _engine(tmp_path)
+    assert list(engine.store.entries) == ["good"]
+
+
+def test_server_errors_are_counted(reference: tuple, tmp_path: Path) -> None:
+    """A request that fails inside the server is a 500 and shows in mtp_http_errors."""
+    _, root = reference
+    shutil.copytree(root / "cls", tmp_path / "boom")
+    engine = _engine(tmp_path)
+    engine.backend = _SlowBackend(engine.backend, 0.0)
+    with LiveServer(engine) as server:
+        response = _post(server.url, files={"image": ("x", _png(seed=1), "image/png")}, data={"tasks": "boom"})
+        assert response.status_code == 500 and "forward pass failed" in response.json()["error"]["message"]
+        assert _errors(server.url, 500) == 1
