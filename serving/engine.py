@@ -1,20 +1,22 @@
 """The engine: a bounded request queue, a batcher, and one worker thread that runs the backend.
 
 Requests (one image, its tasks, its options) wait in an asyncio queue bounded in images (`max_queue`; a full queue
-is refused at once with a retry hint). The batcher takes the first waiting request, then whatever else arrives
-within `max_wait_ms`, up to `max_batch` images, and hands the batch to the worker thread: every image runs only
-the tasks it asked for, in one forward pass (shared backbone prefix, segmented adapters), and the results are
-split back per request. Forward passes and changes to the model (adapter store) run on that one worker thread,
-one at a time, so the event loop stays free to accept and answer requests meanwhile.
+is refused at once with a retry hint). The batcher groups them (up to `max_batch` images, see below) and hands
+each batch to the worker thread: every image runs only the tasks it asked for, in one forward pass (shared
+backbone prefix, segmented adapters), and the results are split back per request. Forward passes and changes to
+the model (adapter store) run on that one worker thread, one at a time, so the event loop stays free to accept
+and answer requests meanwhile.
 
 Every torch op of the server runs on that worker thread, model building included where the server builds the
 model (`Worker.call`): PyTorch's OpenMP runtime keeps one thread team per thread that ran parallel ops, and with
 two teams on a small machine libgomp throttles its spin-waiting, which made ViT-S forward passes 30-70 % slower
 on 2 cores. Request threads decode images with PIL and numpy only.
 
-Batches are as large as the traffic allows without idling: after the requests already waiting, the batcher waits
-(at most `max_wait_ms`) only while the batch is smaller than the number of requests seen in flight at once during
-the previous forward pass (the clients likely to come back right away); a lone client never waits.
+The next batch forms while the current one runs: it takes every request that arrives until the worker is free
+(up to `max_batch` images) and starts at once, so the worker does not idle while clients are busy. On an idle
+worker the batcher waits (at most `max_wait_ms`) only while the batch is smaller than the number of requests seen
+in flight at once during the previous forward pass (clients likely to come back right away): a lone client never
+waits.
 
 A batch that fails is retried request by request, so one bad request fails alone. A request that waits past its
 timeout is answered 504 and skipped if its batch has not started. `stop()` stops taking requests (503) and drains
@@ -139,6 +141,7 @@ class Engine:
         self._pending = 0  # requests accepted and not answered
         self._peak = 1  # most requests pending at once during the last forward pass
         self._current: list[_Request] = []  # the batch being run
+        self._forming: list[_Request] = []  # the batch being formed
         self._loop_task: asyncio.Task | None = None
         self._throughput = 0.0  # images/s, exponential moving average (for Retry-After)
         if self.store is not None:
@@ -169,7 +172,7 @@ class Engine:
                     await asyncio.wait_for(self._loop_task, max(0.1, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
                     self._loop_task.cancel()
-            for req in [*self._current, *self._carry, *self._drain_queue()]:
+            for req in [*self._current, *self._forming, *self._carry, *self._drain_queue()]:
                 if not req.future.done():
                     req.future.set_exception(ShuttingDown("the server stopped before this request was answered"))
         self.worker.shutdown(wait=False)  # a forward pass still running ends on its own; nobody waits for it
@@ -238,9 +241,13 @@ class Engine:
                 self.metrics.task_latency.labels(task).observe(elapsed)
 
     # --- batching ------------------------------------------------------------------------------------------
-    async def _next_batch(self) -> list[_Request] | None:
-        """Requests for one forward pass (None: stop): the first to come, those already waiting, then more for at
-        most `max_wait_ms` while fewer than the requests seen in flight at once during the last forward pass."""
+    async def _next_batch(self, running: asyncio.Future | None) -> list[_Request] | None:
+        """Requests for the next forward pass (None: stop).
+
+        The first request to come, then every request already waiting; while the previous batch still runs
+        (`running`), everything that arrives until it ends; on an idle worker, more for at most `max_wait_ms`
+        while fewer than the requests seen in flight at once during the last forward pass.
+        """
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         first = self._carry.popleft() if self._carry else await self._queue.get()
@@ -248,39 +255,49 @@ class Engine:
             return None
         target = min(self.config.max_batch, self._peak)
         batch, names = [first], set(first.tasks)
+        self._forming = batch
         cap = self.store.max_resident if self.store is not None else None
         deadline = loop.time() + self.config.max_wait_ms / 1000
-        stop = False
+        item: _Request | None
         while len(batch) < self.config.max_batch:
             if self._carry:
                 item = self._carry.popleft()
+            elif not self._queue.empty():
+                item = self._queue.get_nowait()
+            elif running is not None and not running.done():  # the worker is busy: collect until it is free
+                getter = asyncio.ensure_future(self._queue.get())
+                await asyncio.wait({getter, running}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()  # the item, if one arrives now, stays in the queue
+                    break
+                item = getter.result()
             else:
+                remaining = deadline - loop.time()
+                if running is not None or remaining <= 0 or len(batch) >= target:
+                    break  # (a worker that just finished a batch starts the next one at once)
                 try:
-                    item = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0 or len(batch) >= target:
-                        break
-                    try:
-                        item = await asyncio.wait_for(self._queue.get(), remaining)
-                    except asyncio.TimeoutError:
-                        break
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
             if item is None:
-                stop = True
+                self._queue.put_nowait(None)  # stop after this batch
                 break
             if cap is not None and len(names | set(item.tasks)) > cap:
                 self._carry.appendleft(item)  # its tasks would not fit in the model next to this batch's
                 break
             batch.append(item)
             names |= set(item.tasks)
-        if stop:
-            self._queue.put_nowait(None)
         return batch
 
     async def _batcher(self) -> None:
-        while True:
-            try:
-                batch = await self._next_batch()
+        """Forms the next batch while the current one runs; one forward pass at a time."""
+        running: asyncio.Task | None = None
+        try:
+            while True:
+                batch = await self._next_batch(running)
+                if running is not None:
+                    await running
+                    running = None
                 if batch is None:
                     return
                 self._queued -= len(batch)
@@ -294,18 +311,27 @@ class Engine:
                         req.future.set_exception(RequestTimeout("timed out in the queue"))
                         continue
                     live.append(req)
+                self._forming = []
                 if live:
                     self._current = live
                     self._peak = self._pending
-                    await self._run(live)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # never let the batcher die
-                log.exception("batch failed outside the forward pass")
-                for req in self._current:
-                    if not req.future.done():
-                        req.future.set_exception(ServingError("internal error while running the batch"))
-            finally:
+                    running = asyncio.create_task(self._run_guarded(live))
+        finally:
+            if running is not None:
+                running.cancel()
+
+    async def _run_guarded(self, batch: list[_Request]) -> None:
+        try:
+            await self._run(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # never let the batcher die
+            log.exception("batch failed outside the forward pass")
+            for req in batch:
+                if not req.future.done():
+                    req.future.set_exception(ServingError("internal error while running the batch"))
+        finally:
+            if self._current is batch:
                 self._current = []
 
     async def _run(self, batch: list[_Request]) -> None:

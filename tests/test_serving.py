@@ -629,3 +629,36 @@ def test_server_errors_are_counted(reference: tuple, tmp_path: Path) -> None:
         response = _post(server.url, files={"image": ("x", _png(seed=1), "image/png")}, data={"tasks": "boom"})
         assert response.status_code == 500 and "forward pass failed" in response.json()["error"]["message"]
         assert _errors(server.url, 500) == 1
+
+
+def test_onnx_backend_batches_mixed_requests(reference: tuple, tmp_path: Path) -> None:
+    """The ONNX backend: concurrent requests for different tasks share forward passes; each gets its own tasks'
+    results, equal to model.predict; its tasks are fixed (admin changes answer 409)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model, _ = reference
+    path = mtp.export_onnx(model, tmp_path / "model.onnx", image_size=SIZE, mean=MEAN, std=STD, optimize=False)
+    engine = serving.Engine(serving.OnnxBackend(path), serving.EngineConfig(max_batch=8, max_wait_ms=50))
+    with LiveServer(engine) as server:
+        pngs = [_png(seed=200 + i) for i in range(6)]
+        wanted = [["cls"], ["masks", "boxes"], ["boxes"], ["cls", "masks"], ["masks"], ["cls", "boxes", "masks"]]
+        results: list[Any] = [None] * len(pngs)
+
+        def call(i: int) -> None:
+            with serving.Client(server.url) as client:
+                results[i] = client.predict(pngs[i], wanted[i], logits=True)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(pngs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert engine.batches < len(pngs)
+        for i, out in enumerate(results):
+            assert list(out["results"]) == wanted[i]
+            expected = model.predict(_tensor(pngs[i])[None], wanted[i])
+            for task in wanted[i]:
+                _assert_matches(out["results"][task], expected[task][0], HEADS[task])
+        admin = {"Authorization": f"Bearer {TOKEN}"}
+        assert httpx.post(f"{server.url}/v1/tasks", json={"path": "cls"}, headers=admin).status_code == 409
+        assert httpx.get(f"{server.url}/v1/tasks").json()["backend"] == "onnx"
