@@ -14,12 +14,10 @@ no admin token). Client mistakes are 4xx with `{"error": {"code", "message"}}`; 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import json
 import logging
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -48,8 +46,6 @@ log = logging.getLogger("multitask_peft.serving")
 
 #: Largest request body accepted, in bytes (413 past it).
 MAX_BODY_BYTES = 20 * 2**20
-#: Largest image whose mask may be asked for as nested JSON lists (`mask_format="list"`).
-MAX_LIST_MASK_PIXELS = 4_000_000
 OPTION_FIELDS = ("score_threshold", "max_detections", "mask_format", "logits", "timeout_s")
 ROUTES = {"/v1/predict", "/v1/tasks", "/health/live", "/health/ready", "/metrics", "/v2", "/v2/health/live",
           "/v2/health/ready"}  # fmt: skip
@@ -228,8 +224,6 @@ def create_app(engine: Engine, admin_token: str | None = None, max_body_bytes: i
             raise Forbidden("wrong admin token")
 
     # --- predict -------------------------------------------------------------------------------------------
-    decoding = asyncio.Semaphore(max(2, 2 * (os.cpu_count() or 1)))  # bounds decoded images held at once
-
     @app.post("/v1/predict", openapi_extra={"requestBody": _PREDICT_BODY}, summary="Run tasks on one image")
     async def predict(request: Request) -> dict[str, Any]:
         engine.check_capacity()  # 503 / 429 before reading and decoding the body
@@ -244,14 +238,7 @@ def create_app(engine: Engine, admin_token: str | None = None, max_body_bytes: i
             )
         tasks = parse_tasks(raw_tasks)
         options = PredictOptions.parse(fields)
-        async with decoding:
-            image, original = await asyncio.to_thread(engine.preprocess.decode, data)
-        if options.mask_format == "list" and original[0] * original[1] > MAX_LIST_MASK_PIXELS:
-            raise BadRequest(
-                f"mask_format 'list' is limited to {MAX_LIST_MASK_PIXELS} pixels (image {original[1]}x{original[0]}); "
-                "use the default 'png'"
-            )
-        results, versions = await engine.predict(image, original, tasks, options)
+        results, versions, original = await engine.predict(data, tasks, options)
         return {"results": results, "image_size": list(original), "versions": versions}
 
     # --- tasks ---------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ and answer requests meanwhile.
 Every torch op of the server runs on that worker thread, model building included where the server builds the
 model (`Worker.call`): PyTorch's OpenMP runtime keeps one thread team per thread that ran parallel ops, and with
 two teams on a small machine libgomp throttles its spin-waiting, which made ViT-S forward passes 30-70 % slower
-on 2 cores. Request threads decode images with PIL and numpy only.
+on 2 cores. Images are decoded there too, just before their forward pass (request handlers only check the
+header): decoding on request threads while a forward pass ran cost the torch backend 15-20 % of its throughput on
+2 cores, as each preempted OpenMP thread stalls the others at the next barrier.
 
 The next batch forms while the current one runs: it takes every request that arrives until the worker is free
 (up to `max_batch` images) and starts at once, so the worker does not idle while clients are busy. On an idle
@@ -36,8 +38,8 @@ from typing import Any
 
 import torch
 
-from .errors import NotFound, QueueFull, RequestTimeout, ServingError, ShuttingDown
-from .images import PredictOptions, to_json
+from .errors import BadRequest, NotFound, QueueFull, RequestTimeout, ServingError, ShuttingDown
+from .images import MAX_LIST_MASK_PIXELS, PredictOptions, to_json
 from .metrics import Metrics
 
 log = logging.getLogger("multitask_peft.serving")
@@ -98,8 +100,7 @@ class Worker:
 
 @dataclass(eq=False)
 class _Request:
-    image: torch.Tensor  # (3, H, W) normalised
-    original: tuple[int, int]  # (height, width) of the image the client sent
+    data: bytes  # the image file (its header checked); decoded on the worker, just before its forward pass
     tasks: list[str]
     options: PredictOptions
     future: asyncio.Future  # -> (results per task, version per task)
@@ -204,9 +205,11 @@ class Engine:
             raise QueueFull(f"the queue is full ({self._queued} images waiting)", math.ceil(wait))
 
     async def predict(
-        self, image: torch.Tensor, original: tuple[int, int], tasks: list[str], options: PredictOptions
-    ) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
-        """Results of `tasks` for one preprocessed image: (JSON-ready dict per task, task version per task)."""
+        self, data: bytes, tasks: list[str], options: PredictOptions
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, int], tuple[int, int]]:
+        """Results of `tasks` for one image file: (JSON-ready dict per task, task version per task, the image's
+        (height, width)). The header is checked here (400 at once); the image is decoded on the worker."""
+        self.preprocess.check(data)
         self.check_capacity()
         assert self._queue is not None
         if self.store is not None:
@@ -218,7 +221,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         now = loop.time()
         timeout = options.timeout_s if options.timeout_s is not None else self.config.timeout_s
-        request = _Request(image, original, tasks, options, loop.create_future(), now, now + timeout)
+        request = _Request(data, tasks, options, loop.create_future(), now, now + timeout)
         self._queued += 1
         self._pending += 1
         self._peak = max(self._peak, self._pending)
@@ -357,10 +360,14 @@ class Engine:
         rate = len(batch) / max(seconds, 1e-6)
         self._throughput = rate if self._throughput == 0 else 0.8 * self._throughput + 0.2 * rate
         for req, result in zip(batch, results, strict=True):
-            if not req.future.done():
+            if req.future.done():
+                continue
+            if isinstance(result, BaseException):
+                req.future.set_exception(result)
+            else:
                 req.future.set_result(result)
 
-    async def _forward(self, batch: list[_Request]) -> list[tuple[dict[str, dict[str, Any]], dict[str, int]]]:
+    async def _forward(self, batch: list[_Request]) -> list[Any]:
         if self.store is None:
             heads = {name: (head, names, 1) for name, (head, names) in self.backend.tasks.items()}
             return await self.run_in_worker(self._run_backend, batch, heads)
@@ -372,20 +379,35 @@ class Engine:
             heads = {t: (entries[t].head, entries[t].class_names, entries[t].version) for r in batch for t in r.tasks}
             return await self.run_in_worker(self._run_backend, batch, heads)
 
-    def _run_backend(
-        self, batch: list[_Request], heads: dict[str, tuple[str, list[str] | None, int]]
-    ) -> list[tuple[dict[str, dict[str, Any]], dict[str, int]]]:
-        """On the worker (every torch op of the server runs on this one thread): the forward pass and the JSON
-        form of every result."""
-        images = torch.stack([r.image for r in batch])
+    def _run_backend(self, batch: list[_Request], heads: dict[str, tuple[str, list[str] | None, int]]) -> list[Any]:
+        """On the worker (every torch op of the server runs on this one thread): decoding, the forward pass and the
+        JSON form of every result; per request its (results, versions, image size), or the error of its image."""
+        # decoding here, not on request threads, keeps it from competing with the forward pass for the cores
+        decoded: list[tuple[torch.Tensor, tuple[int, int]] | BadRequest] = []
+        for req in batch:
+            try:
+                image, original = self.preprocess.decode(req.data)
+                if req.options.mask_format == "list" and original[0] * original[1] > MAX_LIST_MASK_PIXELS:
+                    raise BadRequest(
+                        f"mask_format 'list' is limited to {MAX_LIST_MASK_PIXELS} pixels (image "
+                        f"{original[1]}x{original[0]}); use the default 'png'"
+                    )
+                decoded.append((image, original))
+            except BadRequest as e:  # a truncated or corrupt image: that request alone fails
+                decoded.append(e)
+        good = [k for k, d in enumerate(decoded) if not isinstance(d, BadRequest)]
+        out: list[Any] = list(decoded)
+        if not good:
+            return out
+        images = torch.stack([decoded[k][0] for k in good])
         size = self.preprocess.size
-        raw = self.backend.run(images, [r.tasks for r in batch])
-        out = []
-        for req, per_image in zip(batch, raw, strict=True):
+        raw = self.backend.run(images, [batch[k].tasks for k in good])
+        for k, per_image in zip(good, raw, strict=True):
+            req, original = batch[k], decoded[k][1]
             results = {
-                t: to_json(heads[t][0], per_image[t], size, req.original, req.options, heads[t][1]) for t in req.tasks
+                t: to_json(heads[t][0], per_image[t], size, original, req.options, heads[t][1]) for t in req.tasks
             }
-            out.append((results, {t: heads[t][2] for t in req.tasks}))
+            out[k] = (results, {t: heads[t][2] for t in req.tasks}, original)
         return out
 
     def _count_load(self) -> None:

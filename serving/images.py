@@ -18,6 +18,8 @@ from .errors import BadRequest
 
 #: Largest decoded image accepted, in pixels (a decompression-bomb guard: 40 MP, e.g. 8000 x 5000).
 MAX_PIXELS = 40_000_000
+#: Largest image whose mask may be asked for as nested JSON lists (`mask_format="list"`).
+MAX_LIST_MASK_PIXELS = 4_000_000
 #: Image formats accepted (PIL names); others (EPS, which would run Ghostscript, ...) are refused.
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 
@@ -30,6 +32,21 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     max_pixels: int = MAX_PIXELS
+
+    def check(self, data: bytes) -> None:
+        """Cheap checks from the header alone (a known format, within `max_pixels`); `decode` does the rest."""
+        if not data:
+            raise BadRequest("the image is empty")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                width, height = Image.open(io.BytesIO(data), formats=FORMATS).size
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise BadRequest(f"image rejected as a decompression bomb ({e})") from e
+        except Exception as e:  # PIL raises many types for bad files (OSError, SyntaxError, ValueError, ...)
+            raise BadRequest(f"cannot decode the image ({'/'.join(FORMATS)} accepted): {type(e).__name__}: {e}") from e
+        if width * height > self.max_pixels:
+            raise BadRequest(f"image of {width}x{height} pixels is over the limit of {self.max_pixels} pixels")
 
     def decode(self, data: bytes) -> tuple[torch.Tensor, tuple[int, int]]:
         """Image file bytes -> ((3, H, W) normalised float tensor at `size`, original (height, width)).
