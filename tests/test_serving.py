@@ -32,6 +32,19 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 TOKEN = "s3cret"
 
 
+def _start(target: Any, args: list[tuple] | None = None, count: int = 1) -> list[threading.Thread]:
+    """Started threads running `target`, one per entry of `args` (else `count` without arguments)."""
+    threads = [threading.Thread(target=target, args=a) for a in (args if args is not None else [()] * count)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def _join(threads: list[threading.Thread], timeout: float | None = None) -> None:
+    for t in threads:
+        t.join(timeout)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -174,11 +187,8 @@ def test_concurrent_clients_are_batched(live: LiveServer, reference: tuple) -> N
         with serving.Client(live.url) as client:
             results[i] = client.predict(pngs[i], tasks[i % 3], logits=True)
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(pngs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    threads = _start(call, [(i,) for i in range(len(pngs))])
+    _join(threads)
     batches = live.engine.batches - before
     assert batches < len(pngs)  # some requests shared a forward pass
     text = serving.Client(live.url).metrics()
@@ -389,9 +399,7 @@ def test_hot_load_and_unload_under_load(reference: tuple, tmp_path: Path) -> Non
                     failures.append("masks differ")
 
     with LiveServer(_engine(root, max_batch=8, max_wait_ms=2)) as server:
-        threads = [threading.Thread(target=generate) for _ in range(3)]
-        for t in threads:
-            t.start()
+        threads = _start(generate, count=3)
         with serving.Client(server.url, admin_token=TOKEN) as admin:
             time.sleep(0.3)
             assert admin.load_task("cls_v2", name="cls")["version"] == 2
@@ -402,8 +410,7 @@ def test_hot_load_and_unload_under_load(reference: tuple, tmp_path: Path) -> Non
             admin.unload_task("boxes")
             time.sleep(0.3)
         stop.set()
-        for t in threads:
-            t.join()
+        _join(threads)
         assert not failures, failures[:5]
         assert seen == {1, 2}
         assert {t["name"] for t in serving.Client(server.url).tasks()} == {"cls", "masks", "cls_v2"}
@@ -468,11 +475,8 @@ def test_overload_timeout_and_shutdown(reference: tuple) -> None:
             statuses.append(response.status_code)
             headers.append(response.headers)
 
-        threads = [threading.Thread(target=call) for _ in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        threads = _start(call, count=8)
+        _join(threads)
         assert statuses.count(200) >= 2 and statuses.count(429) >= 1 and set(statuses) <= {200, 429}, statuses
         assert all(int(h["retry-after"]) >= 1 for h, s in zip(headers, statuses, strict=True) if s == 429)
         response = _post(
@@ -501,11 +505,8 @@ def test_failing_batch_fails_only_its_request(reference: tuple, tmp_path: Path) 
             files = {"image": ("x.png", _png(seed=3), "image/png")}
             statuses[task] = _post(server.url, files=files, data={"tasks": task}).status_code
 
-        threads = [threading.Thread(target=call, args=(t,)) for t in ("cls", "boom")]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        threads = _start(call, [(t,) for t in ("cls", "boom")])
+        _join(threads)
         assert statuses == {"cls": 200, "boom": 500}
         assert serving.Client(server.url).predict(_png(seed=4), "cls")["results"]["cls"]["label"] in range(4)
 
@@ -545,13 +546,10 @@ def test_sigterm_drains_requests_in_flight(reference: tuple) -> None:
             files = {"image": ("x.png", _png(seed=6), "image/png")}
             statuses.append(_post(url, files=files, data={"tasks": "cls"}).status_code)
 
-        threads = [threading.Thread(target=call) for _ in range(4)]
-        for t in threads:
-            t.start()
+        threads = _start(call, count=4)
         time.sleep(0.3)  # all four accepted; about one has run
         proc.send_signal(signal.SIGTERM)
-        for t in threads:
-            t.join(timeout=30)
+        _join(threads, timeout=30)
         assert statuses == [200] * 4
         # uvicorn re-raises the signal once drained, so supervisors see how the process ended
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
@@ -589,9 +587,7 @@ def test_replace_with_new_classes_then_unload_under_load(reference: tuple, tmp_p
                     failures.append(f"v{version} answered with class name {result['class_name']}")
 
     with LiveServer(_engine(root, max_batch=4, max_wait_ms=2)) as server:
-        threads = [threading.Thread(target=generate) for _ in range(3)]
-        for t in threads:
-            t.start()
+        threads = _start(generate, count=3)
         with serving.Client(server.url, admin_token=TOKEN) as admin:
             time.sleep(0.2)
             admin.load_task("cls_v2", name="cls")
@@ -599,8 +595,7 @@ def test_replace_with_new_classes_then_unload_under_load(reference: tuple, tmp_p
             admin.unload_task("cls")
             time.sleep(0.1)
         stop.set()
-        for t in threads:
-            t.join()
+        _join(threads)
         assert not failures, failures[:5]
         assert "cls" not in {t["name"] for t in serving.Client(server.url).tasks()}
         assert server.engine.store.pending("cls") == 0
@@ -648,11 +643,8 @@ def test_onnx_backend_batches_mixed_requests(reference: tuple, tmp_path: Path) -
             with serving.Client(server.url) as client:
                 results[i] = client.predict(pngs[i], wanted[i], logits=True)
 
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(pngs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        threads = _start(call, [(i,) for i in range(len(pngs))])
+        _join(threads)
         assert engine.batches < len(pngs)
         for i, out in enumerate(results):
             assert list(out["results"]) == wanted[i]
