@@ -102,7 +102,9 @@ def serve(
         runner = onnx_backend(directory)
     else:
         raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
-    config = EngineConfig(max_batch, max_wait_ms, max_queue, timeout_s, drain_timeout_s)
+    # uvicorn waits (at most drain_timeout_s) for the requests in flight, which are every request the engine holds;
+    # the engine's own drain after it is then a formality, so the two waits do not add up
+    config = EngineConfig(max_batch, max_wait_ms, max_queue, timeout_s, drain_timeout_s=min(drain_timeout_s, 1.0))
     engine = Engine(runner, config, worker=worker)
     app = create_app(engine, admin_token=admin_token, max_body_bytes=max_body_bytes)
     log.info("serving %s with the %s backend on http://%s:%d", directory, backend, host, port)
