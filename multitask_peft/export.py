@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -423,15 +423,8 @@ def _int8_drift(graph: MultiTaskGraph, path: Path, dynamic_batch: bool) -> dict[
     Floats: max |int8 - fp32| over max(1, max |fp32|); masks and integer outputs: fraction of equal entries.
     Detection boxes and scores are left out (the kept set may differ; counts and labels show it).
     """
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     drift: dict[str, float] = {}
-    for n in (1, 3) if dynamic_batch else (1,):
-        images = _example_images(n, graph.image_size)
-        got = session.run(graph.output_names, {"images": images.numpy()})
-        with torch.no_grad():
-            expected = graph(images.to(_device(graph.model)))
+    for _, got, expected in _example_runs(graph, path, dynamic_batch):
         for name, a, b in zip(graph.output_names, got, expected, strict=True):
             a, b = torch.from_numpy(a), b.detach().cpu()
             if a.shape != b.shape:
@@ -513,8 +506,11 @@ def _sidecar(
     }
 
 
-def _parity(graph: MultiTaskGraph, path: Path, atol: float, dynamic_batch: bool) -> None:
-    """ORT vs PyTorch on random images (two batch sizes when the batch is dynamic)."""
+def _example_runs(
+    graph: MultiTaskGraph, path: Path, dynamic_batch: bool
+) -> Iterator[tuple[int, list[Any], tuple[torch.Tensor, ...]]]:
+    """(batch size, ORT outputs, PyTorch outputs) on random example images: batches of 1 and 3 when the batch
+    is dynamic, else 1."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -523,6 +519,12 @@ def _parity(graph: MultiTaskGraph, path: Path, atol: float, dynamic_batch: bool)
         got = session.run(graph.output_names, {"images": images.numpy()})
         with torch.no_grad():
             expected = graph(images.to(_device(graph.model)))
+        yield n, got, expected
+
+
+def _parity(graph: MultiTaskGraph, path: Path, atol: float, dynamic_batch: bool) -> None:
+    """ORT vs PyTorch on the example images."""
+    for n, got, expected in _example_runs(graph, path, dynamic_batch):
         _compare(graph.output_names, got, expected, atol, f"batch {n}")
 
 
