@@ -482,6 +482,7 @@ def _sidecar(
         fields = [o.split(".", 1)[1] for o in graph.output_names if o.split(".", 1)[0] == prefix]
         tasks[name] = {
             "head": model.task(name).head_config.head_type,
+            "output": model.task(name).head_config.output_kind,
             "head_config": model.task(name).head_config.to_dict(),
             "outputs": {field: f"{prefix}.{field}" for field in fields},
             "peft": [c.to_dict() for c in model.task(name).peft_configs],

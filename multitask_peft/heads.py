@@ -25,6 +25,8 @@ def register_head(name: str) -> Callable[[type[HeadConfig]], type[HeadConfig]]:
 
     def decorator(cls: type[HeadConfig]) -> type[HeadConfig]:
         cls.head_type = name
+        if "output_kind" not in cls.__dict__:
+            cls.output_kind = name
         return HEADS.register(name)(cls)
 
     return decorator
@@ -50,6 +52,10 @@ class HeadConfig(ConfigBase):
     """Base of head configs; `build` makes the trainable head (and its neck)."""
 
     head_type: ClassVar[str] = ""
+    # What the head's results look like, whatever module makes them: "classification", "detection",
+    # "segmentation" or "embedding". Metrics, the server's JSON and the ONNX decoders go by it, so a head that
+    # wraps another library's module (mmdet, mmseg) but returns our result dicts is served like ours.
+    output_kind: ClassVar[str] = ""
 
     def build(self, info: FeatureInfo) -> Head:
         raise NotImplementedError

@@ -338,16 +338,27 @@ class MultiTaskModel(nn.Module):
 
         save_task(self, name, path)
 
-    def load_task(self, path: str | os.PathLike, name: str | None = None) -> Task:
-        """Load a saved task (optionally under another name); the model is unchanged if anything is wrong."""
-        return self.attach_task(self.read_task(path, name))
+    def load_task(self, path: str | os.PathLike, name: str | None = None, head: HeadConfig | None = None) -> Task:
+        """Load a saved task (optionally under another name); the model is unchanged if anything is wrong.
 
-    def read_task(self, path: str | os.PathLike, name: str | None = None, replace: bool = False) -> Task:
+        With `head`, only the saved PEFT modules are loaded and the task gets that new head (e.g. a PEFT backbone
+        trained in MMDetection, saved with an `Embedding` head, gets a classification head here).
+        """
+        return self.attach_task(self.read_task(path, name, head=head))
+
+    def read_task(
+        self,
+        path: str | os.PathLike,
+        name: str | None = None,
+        replace: bool = False,
+        head: HeadConfig | None = None,
+    ) -> Task:
         """A saved task built, validated (backbone fingerprint, tensor names and shapes, finite values) and loaded,
-        but not attached (`attach_task`); the model is not changed. `replace`: see `build_task`."""
+        but not attached (`attach_task`); the model is not changed. `replace`, `head`: see `build_task`,
+        `load_task`."""
         from .task_io import read_task
 
-        return read_task(self, path, name, replace)
+        return read_task(self, path, name, replace, head)
 
 
 def _check_no_conflicts(methods: list[MethodModule]) -> None:

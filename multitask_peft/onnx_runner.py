@@ -31,11 +31,21 @@ def _segmentation(out: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
     return [{"mask": out["mask"][i]} for i in range(len(out["mask"]))]
 
 
+def _embedding(out: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    return [{"embedding": out["embedding"][i]} for i in range(len(out["embedding"]))]
+
+
 DECODERS: dict[str, Callable[[dict[str, torch.Tensor]], list[dict[str, Any]]]] = {
     "classification": _classification,
     "detection": _detection,
     "segmentation": _segmentation,
+    "embedding": _embedding,
 }
+
+
+def output_kind(spec: dict[str, Any]) -> str:
+    """The result form of a sidecar task entry (`HeadConfig.output_kind`; older sidecars: the head type)."""
+    return spec.get("output", spec["head"])
 
 
 def default_providers() -> list[str]:
@@ -131,5 +141,5 @@ class OnnxRunner:
             raw = shared if shared is not None else self.run(images, task=name)
             spec = self.meta["tasks"][name]
             fields = {field: torch.from_numpy(raw[output]) for field, output in spec["outputs"].items()}
-            out[name] = DECODERS[spec["head"]](fields)
+            out[name] = DECODERS[output_kind(spec)](fields)
         return out

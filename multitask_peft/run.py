@@ -297,7 +297,7 @@ def evaluate_run(model: Any, config: RunConfig, out: Path) -> dict[str, Any]:
         start = time.perf_counter()
         metrics = evaluate(model, name, task.data_spec.dataset(task.data_spec.eval_split, train=False))
         head_type = task.head_config.head_type
-        primary = PRIMARY_METRIC[head_type]
+        primary = PRIMARY_METRIC[task.head_config.output_kind]
         params = model.num_parameters(name)
         value = max(0.0, float(metrics[primary]))
         rows[name] = {

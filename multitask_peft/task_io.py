@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .heads import HEADS
+from .heads import HEADS, HeadConfig
 from .peft import METHODS
 
 if TYPE_CHECKING:
@@ -80,8 +80,18 @@ def read_task_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def read_task(model: MultiTaskModel, path: str | os.PathLike, name: str | None = None, replace: bool = False) -> Task:
-    """Build, validate and load a saved task for `model` without attaching it (`model.attach_task`)."""
+def read_task(
+    model: MultiTaskModel,
+    path: str | os.PathLike,
+    name: str | None = None,
+    replace: bool = False,
+    head: HeadConfig | None = None,
+) -> Task:
+    """Build, validate and load a saved task for `model` without attaching it (`model.attach_task`).
+
+    With `head`, the task gets that (freshly initialised) head instead of the saved one: only the saved PEFT
+    modules are loaded.
+    """
     config = read_task_config(path)
     backbone = config["backbone"]
     saved_for = backbone.get("fingerprint") if isinstance(backbone, dict) else backbone
@@ -90,8 +100,10 @@ def read_task(model: MultiTaskModel, path: str | os.PathLike, name: str | None =
             f"{path}: task was saved for backbone {saved_for!r}, this model's backbone is "
             f"{model.backbone.fingerprint!r}; load it into a model built from the same weights"
         )
-    head_cfg = dict(config["head"])
-    head = HEADS.get(head_cfg.pop("type", None)).from_dict(head_cfg)
+    new_head = head is not None
+    if not new_head:
+        head_cfg = dict(config["head"])
+        head = HEADS.get(head_cfg.pop("type", None)).from_dict(head_cfg)
     if not isinstance(config["peft"], list):
         raise ValueError(f"{path}: 'peft' must be a list of method entries")
     peft = []
@@ -110,6 +122,9 @@ def read_task(model: MultiTaskModel, path: str | os.PathLike, name: str | None =
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{weights}: not a valid safetensors file ({e})") from e
     expected = task.state_dict()
+    if new_head:  # the saved head's tensors are not this task's
+        expected = {k: v for k, v in expected.items() if not k.startswith("head.")}
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [
@@ -125,5 +140,5 @@ def read_task(model: MultiTaskModel, path: str | os.PathLike, name: str | None =
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"{weights}: non-finite values in {bad[:5]}")
-    task.load_state_dict(state, strict=True)
+    task.load_state_dict(state, strict=not new_head)
     return task

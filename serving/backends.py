@@ -56,7 +56,7 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, session_options: Any = None) -> None:
-        from multitask_peft.onnx_runner import DECODERS, OnnxRunner
+        from multitask_peft.onnx_runner import DECODERS, OnnxRunner, output_kind
 
         self.runner = OnnxRunner(path, providers, session_options)
         if self.runner.meta.get("adapters"):
@@ -65,7 +65,7 @@ class OnnxBackend:
         inp = self.runner.meta["input"]
         self.preprocess = Preprocess(tuple(inp["size"]), tuple(inp["mean"]), tuple(inp["std"]))
         self.tasks = {
-            name: (spec["head"], spec["head_config"].get("class_names"))
+            name: (output_kind(spec), spec["head_config"].get("class_names"))
             for name, spec in self.runner.meta["tasks"].items()
         }
 
@@ -76,7 +76,7 @@ class OnnxBackend:
         for name in wanted:
             spec = self.runner.meta["tasks"][name]
             fields = {field: torch.from_numpy(raw[output]) for field, output in spec["outputs"].items()}
-            decoded[name] = self._decoders[spec["head"]](fields)
+            decoded[name] = self._decoders[self.tasks[name][0]](fields)
         return [{t: decoded[t][i] for t in names} for i, names in enumerate(tasks)]
 
     def describe(self) -> dict[str, Any]:

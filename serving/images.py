@@ -216,6 +216,8 @@ def to_json(
         if class_names:
             out["class_names"] = list(class_names)
         return out
+    if head == "embedding":
+        return {"embedding": [float(v) for v in result["embedding"].float().tolist()]}
     raise ValueError(f"no JSON form for head {head!r}")
 
 

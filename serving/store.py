@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from multitask_peft.config import check_task_name
+from multitask_peft.heads import HEADS
 from multitask_peft.task_io import CONFIG_NAME, WEIGHTS_NAME, read_task_config
 
 from .errors import BadRequest, Conflict, NotFound
@@ -41,7 +42,7 @@ class TaskEntry:
 
     name: str
     path: Path
-    head: str
+    head: str  # the form of its results (HeadConfig.output_kind): what the JSON looks like
     class_names: list[str] | None
     version: int = 1
     digest: str = ""
@@ -61,13 +62,14 @@ class TaskEntry:
 
 
 def _head_of(config: dict[str, Any]) -> tuple[str, list[str] | None]:
+    """(the form of the task's results, `HeadConfig.output_kind`; its class names) from a task config."""
     head = config.get("head")
     if not isinstance(head, dict) or not isinstance(head.get("type"), str):
         raise ValueError("'head' must be an object with a 'type' string")
     names = head.get("class_names")
     if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
         raise ValueError("'head.class_names' must be a list of strings")
-    return head["type"], list(names) if names else None
+    return HEADS.get(head["type"]).output_kind, list(names) if names else None
 
 
 def _digest(path: Path) -> str:

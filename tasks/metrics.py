@@ -236,11 +236,11 @@ METRICS.register("segmentation")(
 
 
 def metric_for(head_config: HeadConfig) -> TaskMetric:
-    """A fresh metric for a task's head config, picked by its registered head type."""
-    head_type = getattr(head_config, "head_type", "")
-    if head_type not in METRICS:
+    """A fresh metric for a task's head config, picked by the form of its results (`output_kind`)."""
+    kind = getattr(head_config, "output_kind", "")
+    if kind not in METRICS:
         raise ValueError(
-            f"no metric for head type {head_type!r} (head config {type(head_config).__name__}); "
-            f"metrics exist for head types: {', '.join(METRICS.names())}"
+            f"no metric for {kind!r} results (head config {type(head_config).__name__}); "
+            f"metrics exist for: {', '.join(METRICS.names())}"
         )
-    return METRICS.get(head_type)(head_config)
+    return METRICS.get(kind)(head_config)

@@ -229,3 +229,17 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     assert len(grads[0]) == len(grads[1]) > 0
     for a, b in zip(grads[0], grads[1]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_model_apply_reaches_every_adapter() -> None:
+    """`nn.Module.apply(fn)` (weight-init utilities, OpenMMLab's runner) walks into the adapters: none may shadow
+    `apply` with another signature."""
+    model, _ = make_model("vit")
+    for method in ("lora", "houlsby", "ssf"):
+        model.add_task(method, mtp.tasks.Classification(num_classes=2), example_config(method, "vit"))
+    from multitask_peft.peft.layer import LayerAdapter
+
+    seen: set[int] = set()
+    model.apply(lambda m: seen.add(id(m)))
+    adapters = {id(m) for m in model.modules() if isinstance(m, LayerAdapter)}
+    assert adapters and adapters <= seen

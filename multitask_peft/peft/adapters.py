@@ -70,7 +70,7 @@ class Bottleneck(LayerAdapter):
         h = ACTIVATIONS[self.act](F.conv2d(z, down[:, :, None, None], down_b))  # (n, dim, H, W)
         return F.conv2d(h, up[:, :, None, None], up_b) * self.scale  # (n, C, H, W)
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    def adapt(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         return y + self.bottleneck(y if self.sequential else x)
 
     @classmethod

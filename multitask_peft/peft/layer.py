@@ -5,7 +5,7 @@ slot's contiguous segment of rows. Adapter classes run in a fixed phase order (`
 norm-affine overrides, DoRA rescaling, parallel low-rank / bottleneck deltas, bias and scale-shift, sequential
 bottleneck adapters. A task may combine methods on one module; they compose in that order.
 
-Two forms of every adapter: `apply` (one segment, out of place: the spec, and what autograd sees when training on
+Two forms of every adapter: `adapt` (one segment, out of place: the spec, and what autograd sees when training on
 the torch path; the wrapper joins the segments with one `cat`) and `apply_segments` (the batched form over every
 segment of the batch, through the ops of `multitask_peft.kernels`: in place on the frozen output without autograd,
 out of place and differentiable when training with the Triton kernels).
@@ -43,7 +43,7 @@ class LayerAdapter(nn.Module):
     def compose(cls, adapters: list[LayerAdapter], x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """Apply several adapters of one batch key (one slot, one segment) in order, out of place."""
         for adapter in adapters:
-            y = adapter.apply(x, y, base)
+            y = adapter.adapt(x, y, base)
         return y
 
     @classmethod
@@ -64,7 +64,7 @@ class LayerAdapter(nn.Module):
         }
         return write_segments(y, outputs)
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    def adapt(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """Output of the adapted module on rows of this task, given the frozen output `y` of those rows."""
         raise NotImplementedError
 

@@ -138,7 +138,7 @@ class LoRALinear(LayerAdapter):
             y2 = kernels.lora(y2, xs, segments) if torch.is_grad_enabled() else kernels.lora_(y2, xs, segments)
         return y2.view(y.shape)
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    def adapt(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         xs = F.dropout(x, self.dropout, training=True) if self.dropout and self.training else x
         for a, b, col in self.factors():
             delta = (xs @ a.t()) @ b.t() * self.scale  # (..., out_slice)
@@ -198,7 +198,7 @@ class LoRAConv2d(LayerAdapter):
             return F.conv2d(h, self.lora_b[:, :, None, None]) * self.scale
         return conv_like(base, x, (self.lora_b @ self.lora_a).view_as(base.weight) * self.scale)
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    def adapt(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         return y + self.delta(x, base)
 
     def fold(self, module: nn.Module) -> None:
@@ -240,7 +240,7 @@ class DoRAAdapter(LayerAdapter):
         delta = (self.lowrank.lora_b @ self.lowrank.lora_a).view_as(base.weight)
         return base.weight + self.lowrank.scale * delta
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    def adapt(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         ratio = self.dora_magnitude / self.updated_weight(base).flatten(1).norm(dim=1)  # (out,)
         dim = 1 if isinstance(base, nn.Conv2d) else -1
         bias = per_channel(base.bias, dim, y.ndim) if base.bias is not None else 0.0

@@ -84,7 +84,7 @@ class OutputScaleShift(LayerAdapter):
         y2 = kernels.scale_shift(y2, segments) if torch.is_grad_enabled() else kernels.scale_shift_(y2, segments)
         return y2.view(y.shape)
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    def adapt(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         scale, shift = self.scale_shift()
         dim = channel_dim(base)
         if scale is not None:

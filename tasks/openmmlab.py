@@ -1,0 +1,287 @@
+"""MMDetection dense heads and MMSegmentation decode heads as heads of our tasks.
+
+`MMDetHead(head=dict(type="RetinaHead", ...))` and `MMSegHead(head=dict(type="UPerHead", ...))` take the head
+part of an OpenMMLab config as it is written there, build it with that library's registry, and put it behind our
+head interface: our neck (a simple feature pyramid for plain ViTs, an FPN over the stages of CNNs) turns the
+task's backbone features into the pyramid the OpenMMLab head expects, the head's own `loss_by_feat` gives the loss
+and its own `predict_by_feat` (mmdet: decoding, score threshold, NMS) the results, returned in our result dicts
+({"boxes", "scores", "labels"} and {"mask"}), so evaluation, serving and ONNX export (segmentation) treat them
+like our own heads.
+
+The configs are registered head types, so tasks using them save and load like any other; building one needs the
+OpenMMLab extra (`scripts/install_openmmlab.sh`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from multitask_peft.config import check_class_names, check_positive_int
+from multitask_peft.executor import Features
+from multitask_peft.heads import FeatureInfo, Head, HeadConfig, register_head
+
+from .detection import Target, _check_targets
+from .necks import build_neck
+from .segmentation import _check_strides
+from .segmentation import _check_targets as _check_mask_targets
+
+
+def _check_strides_tuple(owner: str, strides: object) -> tuple[int, ...]:
+    if isinstance(strides, list):
+        strides = tuple(strides)
+    if (
+        not isinstance(strides, tuple)
+        or not strides
+        or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 or s & (s - 1) for s in strides)
+        or list(strides) != sorted(set(strides))
+    ):
+        raise ValueError(
+            f"{owner}: `strides` should be a non-empty tuple of strictly increasing powers of two, e.g. "
+            f"(8, 16, 32, 64, 128), but the value passed is {strides!r}"
+        )
+    return strides
+
+
+def _check_head_dict(owner: str, head: object, example: str) -> dict[str, Any]:
+    if not isinstance(head, Mapping) or not isinstance(head.get("type"), str):
+        raise ValueError(f"{owner}: `head` should be an OpenMMLab head config such as {example}, got {head!r}")
+    return dict(head)
+
+
+def _num_classes(owner: str, head: dict[str, Any]) -> int:
+    value = head.get("num_classes")
+    check_positive_int(owner, "head.num_classes", value)
+    return value
+
+
+def _config_dict(value: object, owner: str, field: str) -> dict[str, Any] | None:
+    if value is not None and not isinstance(value, Mapping):
+        raise ValueError(f"{owner}: `{field}` should be a dict (an OpenMMLab config) or None, got {value!r}")
+    return None if value is None else dict(value)
+
+
+def _build(registry_module: str, cfg: dict[str, Any]) -> torch.nn.Module:
+    """Build an OpenMMLab module from a config dict with mmdet's or mmseg's MODELS registry."""
+    from multitask_peft.integrations import require_openmmlab
+
+    require_openmmlab()
+    import importlib
+
+    import logging
+
+    from mmengine.config import ConfigDict
+    from mmengine.logging import MMLogger
+
+    importlib.import_module(f"{registry_module}.models")  # fills the registry
+    registry = importlib.import_module(f"{registry_module}.registry").MODELS
+    module = registry.build(ConfigDict(copy.deepcopy(cfg)))  # nested dicts as ConfigDicts (attribute access)
+    if hasattr(module, "init_weights"):  # OpenMMLab modules initialise from their init_cfg only when asked
+        logger = MMLogger.get_current_instance()
+        level = logger.level
+        logger.setLevel(logging.WARNING)  # it logs every initialised tensor
+        try:
+            module.init_weights()
+        finally:
+            logger.setLevel(level)
+    return module
+
+
+@register_head("mmdet")
+@dataclasses.dataclass
+class MMDetHead(HeadConfig):
+    """An MMDetection dense head (RetinaHead, FCOSHead, ATSSHead, GFLHead, ...) as a detection head.
+
+    Args:
+        head: The head's config as in an mmdet config's `model.bbox_head`, e.g. `dict(type="RetinaHead",
+            num_classes=3, in_channels=256, anchor_generator=..., bbox_coder=..., loss_cls=..., loss_bbox=...)`.
+            `in_channels` and `feat_channels` default to `channels`.
+        train_cfg: The detector's `model.train_cfg` (assigner, sampler, ...), given to the head as mmdet does.
+        test_cfg: The detector's `model.test_cfg` (nms_pre, score_thr, nms, max_per_img).
+        channels: Width of our neck's pyramid (the head's input).
+        strides: Pyramid strides; they must equal the head's prior (anchor / point) strides.
+        class_names: Optional names of the classes, saved with the task.
+    """
+
+    output_kind: ClassVar[str] = "detection"
+
+    head: dict[str, Any] = dataclasses.field(default_factory=dict)
+    train_cfg: dict[str, Any] | None = None
+    test_cfg: dict[str, Any] | None = None
+    channels: int = 256
+    strides: tuple[int, ...] = (8, 16, 32, 64, 128)
+    class_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self.head = _check_head_dict("MMDetHead", self.head, 'dict(type="RetinaHead", num_classes=3, ...)')
+        self.train_cfg = _config_dict(self.train_cfg, "MMDetHead", "train_cfg")
+        self.test_cfg = _config_dict(self.test_cfg, "MMDetHead", "test_cfg")
+        check_positive_int("MMDetHead", "channels", self.channels)
+        self.strides = _check_strides_tuple("MMDetHead", self.strides)
+        self.class_names = check_class_names("MMDetHead", self.class_names, _num_classes("MMDetHead", self.head))
+
+    @property
+    def num_classes(self) -> int:
+        return self.head["num_classes"]
+
+    def build(self, info: FeatureInfo) -> MMDetDenseHead:
+        _check_strides(self.strides, info)
+        return MMDetDenseHead(self, info)
+
+
+class MMDetDenseHead(Head):
+    """Our neck + an mmdet dense head; outputs {"feats": the head's forward outputs, "batch_input_shape"}."""
+
+    def __init__(self, config: MMDetHead, info: FeatureInfo) -> None:
+        super().__init__()
+        self.config = config
+        self.neck = build_neck(info, config.channels, config.strides)
+        cfg = dict(config.head)
+        cfg.setdefault("in_channels", config.channels)
+        if "feat_channels" not in cfg and cfg["type"] not in ("SSDHead",):
+            cfg["feat_channels"] = config.channels
+        cfg.update(train_cfg=config.train_cfg, test_cfg=config.test_cfg)
+        self.head = _build("mmdet", cfg)
+        self.reduction = info.levels[0][1]
+        priors = getattr(self.head, "prior_generator", None)
+        strides = [tuple(s) if isinstance(s, (tuple, list)) else (s, s) for s in getattr(priors, "strides", [])]
+        if priors is not None and strides != [(s, s) for s in config.strides]:
+            raise ValueError(
+                f"MMDetHead: the head's prior strides {[s[0] for s in strides]} differ from `strides` "
+                f"{list(config.strides)}; make them equal (anchor_generator.strides / strides of the head)"
+            )
+
+    def forward(self, features: Features) -> dict[str, Any]:
+        pyramid = self.neck(features.maps)  # per level (N, channels, H_l, W_l)
+        first = features.maps[0]
+        size = (first.shape[-2] * self.reduction, first.shape[-1] * self.reduction)
+        return {"feats": tuple(self.head(tuple(pyramid))), "batch_input_shape": size}
+
+    def losses(self, outputs: Mapping[str, Any], targets: Sequence[Target]) -> dict[str, torch.Tensor]:
+        """The head's `loss_by_feat` terms (lists of per-level terms summed), crowd boxes left out."""
+        from mmengine.structures import InstanceData
+
+        feats = outputs["feats"]
+        n = feats[0][0].shape[0]
+        checked = _check_targets(targets, n, self.config.num_classes, feats[0][0].device)
+        gts = [InstanceData(bboxes=t["boxes"], labels=t["labels"]) for t in checked]
+        metas = [_img_meta(outputs["batch_input_shape"]) for _ in range(n)]
+        terms = self.head.loss_by_feat(*feats, gts, metas)
+        return {k: sum(v) if isinstance(v, (list, tuple)) else v for k, v in terms.items() if "loss" in k}
+
+    def loss(self, outputs: Mapping[str, Any], targets: Sequence[Target]) -> torch.Tensor:
+        return sum(self.losses(outputs, targets).values())
+
+    def postprocess(self, outputs: Mapping[str, Any], image_size: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
+        """The head's `predict_by_feat` (its test_cfg: score threshold, NMS, max_per_img), boxes in input pixels."""
+        feats = outputs["feats"]
+        n = feats[0][0].shape[0]
+        metas = [_img_meta(image_size) for _ in range(n)]
+        results = self.head.predict_by_feat(*feats, batch_img_metas=metas, rescale=False)
+        return [{"boxes": r.bboxes.float(), "scores": r.scores.float(), "labels": r.labels.long()} for r in results]
+
+
+def _img_meta(size: tuple[int, int]) -> dict[str, Any]:
+    h, w = int(size[0]), int(size[1])
+    return {"img_shape": (h, w), "pad_shape": (h, w), "batch_input_shape": (h, w), "scale_factor": (1.0, 1.0)}
+
+
+@register_head("mmseg")
+@dataclasses.dataclass
+class MMSegHead(HeadConfig):
+    """An MMSegmentation decode head (UPerHead, FCNHead, PSPHead, SegformerHead, ...) as a segmentation head.
+
+    Args:
+        head: The head's config as in an mmseg config's `model.decode_head`, e.g. `dict(type="UPerHead",
+            num_classes=11, channels=128, loss_decode=dict(type="CrossEntropyLoss", loss_weight=1.0))`.
+            `in_channels` and `in_index` default to every level of our pyramid (a single-input head such as
+            FCNHead gets the finest level); `ignore_index` defaults to 255.
+        channels: Width of our neck's pyramid (the head's input).
+        strides: Pyramid strides (the finest sets the resolution of the head's logits).
+        class_names: Optional names of the classes, saved with the task.
+    """
+
+    output_kind: ClassVar[str] = "segmentation"
+
+    head: dict[str, Any] = dataclasses.field(default_factory=dict)
+    channels: int = 64
+    strides: tuple[int, ...] = (4, 8, 16, 32)
+    class_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self.head = _check_head_dict("MMSegHead", self.head, 'dict(type="UPerHead", num_classes=11, channels=128)')
+        check_positive_int("MMSegHead", "channels", self.channels)
+        self.strides = _check_strides_tuple("MMSegHead", self.strides)
+        num_classes = _num_classes("MMSegHead", self.head)
+        ignore = self.head.get("ignore_index", 255)
+        if isinstance(ignore, bool) or not isinstance(ignore, int) or 0 <= ignore < num_classes:
+            raise ValueError(
+                f"MMSegHead: `head.ignore_index` should be an integer outside the class ids [0, {num_classes}) "
+                f"but the value passed is {ignore!r}"
+            )
+        self.class_names = check_class_names("MMSegHead", self.class_names, num_classes)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head["num_classes"]
+
+    @property
+    def ignore_index(self) -> int:
+        return self.head.get("ignore_index", 255)
+
+    def build(self, info: FeatureInfo) -> MMSegDecodeHead:
+        _check_strides(self.strides, info)
+        return MMSegDecodeHead(self, info)
+
+
+class MMSegDecodeHead(Head):
+    """Our neck + an mmseg decode head; outputs the head's (N, num_classes, H / s0, W / s0) logits."""
+
+    def __init__(self, config: MMSegHead, info: FeatureInfo) -> None:
+        super().__init__()
+        self.config = config
+        self.neck = build_neck(info, config.channels, config.strides)
+        levels = len(config.strides)
+        cfg = dict(config.head)
+        multi = cfg["type"] not in ("FCNHead", "ASPPHead", "DepthwiseSeparableASPPHead", "PSPHead", "DAHead")
+        cfg.setdefault("in_channels", [config.channels] * levels if multi else config.channels)
+        cfg.setdefault("in_index", list(range(levels)) if multi else 0)
+        if multi and "input_transform" not in cfg and cfg["type"] not in ("UPerHead", "SegformerHead", "FPNHead"):
+            cfg["input_transform"] = "multiple_select"
+        self.head = _build("mmseg", cfg)
+        self.stride = config.strides[0]
+
+    def forward(self, features: Features) -> torch.Tensor:
+        pyramid = self.neck(features.maps)
+        return self.head(list(pyramid))  # (N, C, H / s0, W / s0)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The head's `loss_by_feat` terms (its `loss_decode`; the `acc_seg` it also reports is left out)."""
+        from mmengine.structures import PixelData
+        from mmseg.structures import SegDataSample
+
+        _check_mask_targets(outputs, targets, self.config)
+        samples = []
+        for target in targets:
+            sample = SegDataSample()
+            sample.gt_sem_seg = PixelData(data=target[None].long())
+            samples.append(sample)
+        terms = self.head.loss_by_feat(outputs, samples)
+        return sum(v for k, v in terms.items() if "loss" in k)
+
+    def postprocess(self, outputs: torch.Tensor, image_size: tuple[int, int]) -> list[dict[str, Any]]:
+        masks = self.export_outputs(outputs, image_size)["mask"]
+        return [{"mask": masks[i]} for i in range(masks.shape[0])]
+
+    def export_outputs(self, outputs: torch.Tensor, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        size = (int(image_size[0]), int(image_size[1]))
+        align = bool(getattr(self.head, "align_corners", False))
+        logits = F.interpolate(outputs.float(), size=size, mode="bilinear", align_corners=align)
+        if logits.shape[1] == 1:  # a binary head with a sigmoid loss (out_channels=1)
+            return {"mask": (logits[:, 0].sigmoid() > getattr(self.head, "threshold", 0.5)).long()}
+        return {"mask": logits.argmax(dim=1)}  # (N, H, W) int64
