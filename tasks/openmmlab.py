@@ -103,7 +103,7 @@ class MMDetHead(HeadConfig):
     Args:
         head: The head's config as in an mmdet config's `model.bbox_head`, e.g. `dict(type="RetinaHead",
             num_classes=3, in_channels=256, anchor_generator=..., bbox_coder=..., loss_cls=..., loss_bbox=...)`.
-            `in_channels` and `feat_channels` default to `channels`.
+            `in_channels` defaults to `channels`.
         train_cfg: The detector's `model.train_cfg` (assigner, sampler, ...), given to the head as mmdet does.
         test_cfg: The detector's `model.test_cfg` (nms_pre, score_thr, nms, max_per_img).
         channels: Width of our neck's pyramid (the head's input).
@@ -146,8 +146,6 @@ class MMDetDenseHead(Head):
         self.neck = build_neck(info, config.channels, config.strides)
         cfg = dict(config.head)
         cfg.setdefault("in_channels", config.channels)
-        if "feat_channels" not in cfg and cfg["type"] not in ("SSDHead",):
-            cfg["feat_channels"] = config.channels
         cfg.update(train_cfg=config.train_cfg, test_cfg=config.test_cfg)
         self.head = _build("mmdet", cfg)
         self.reduction = info.levels[0][1]
@@ -202,8 +200,9 @@ class MMSegHead(HeadConfig):
     Args:
         head: The head's config as in an mmseg config's `model.decode_head`, e.g. `dict(type="UPerHead",
             num_classes=11, channels=128, loss_decode=dict(type="CrossEntropyLoss", loss_weight=1.0))`.
-            `in_channels` and `in_index` default to every level of our pyramid (a single-input head such as
-            FCNHead gets the finest level); `ignore_index` defaults to 255.
+            `in_channels` and `in_index` default to every level of our pyramid for heads that take several
+            (UPerHead, FPNHead, SegformerHead, or an `input_transform`), else to the finest level (FCNHead,
+            PSPHead, ...); `ignore_index` defaults to 255.
         channels: Width of our neck's pyramid (the head's input).
         strides: Pyramid strides (the finest sets the resolution of the head's logits).
         class_names: Optional names of the classes, saved with the task.
@@ -242,6 +241,11 @@ class MMSegHead(HeadConfig):
         return MMSegDecodeHead(self, info)
 
 
+# Decode heads that take every pyramid level by design; others take one map (the finest) unless their config sets
+# `input_transform` ("resize_concat" / "multiple_select") as mmseg's own configs do.
+MULTI_INPUT_HEADS = ("UPerHead", "FPNHead", "SegformerHead")
+
+
 class MMSegDecodeHead(Head):
     """Our neck + an mmseg decode head; outputs the head's (N, num_classes, H / s0, W / s0) logits."""
 
@@ -251,11 +255,9 @@ class MMSegDecodeHead(Head):
         self.neck = build_neck(info, config.channels, config.strides)
         levels = len(config.strides)
         cfg = dict(config.head)
-        multi = cfg["type"] not in ("FCNHead", "ASPPHead", "DepthwiseSeparableASPPHead", "PSPHead", "DAHead")
+        multi = cfg["type"] in MULTI_INPUT_HEADS or cfg.get("input_transform") in ("resize_concat", "multiple_select")
         cfg.setdefault("in_channels", [config.channels] * levels if multi else config.channels)
         cfg.setdefault("in_index", list(range(levels)) if multi else 0)
-        if multi and "input_transform" not in cfg and cfg["type"] not in ("UPerHead", "SegformerHead", "FPNHead"):
-            cfg["input_transform"] = "multiple_select"
         self.head = _build("mmseg", cfg)
         self.stride = config.strides[0]
 

@@ -192,14 +192,19 @@ def test_segmentation_bad_input() -> None:
 # --- metric_for / evaluate -----------------------------------------------------------------------------------------
 
 
-def test_metric_for_picks_by_head_type() -> None:
+def test_metric_for_picks_by_output_kind() -> None:
     assert isinstance(metric_for(mtp.tasks.Classification(num_classes=4)), ClassificationMetric)
+    # a head wrapping another library's module is measured by the form of its results, not its type name
+    assert isinstance(metric_for(mtp.tasks.MMSegHead(head=dict(type="FCNHead", num_classes=3))), SegmentationMetric)
+    assert isinstance(metric_for(mtp.tasks.MMDetHead(head=dict(type="RetinaHead", num_classes=3))), DetectionMetric)
 
     class Odd(mtp.tasks.HeadConfig):
-        head_type = "odd"
+        output_kind = "odd"
 
-    with pytest.raises(ValueError, match="no metric for head type 'odd'"):
+    with pytest.raises(ValueError, match="no metric for 'odd' results"):
         metric_for(Odd())
+    with pytest.raises(ValueError, match="no metric for 'embedding' results"):
+        metric_for(mtp.tasks.Embedding())
 
 
 def test_collate_pairs() -> None:

@@ -38,6 +38,7 @@ RETINA = dict(
     type="RetinaHead",
     num_classes=3,
     stacked_convs=1,
+    feat_channels=16,
     anchor_generator=dict(
         type="AnchorGenerator", octave_base_scale=4, scales_per_octave=2, ratios=[0.5, 1.0, 2.0], strides=[8, 16, 32]
     ),
@@ -165,8 +166,10 @@ def test_heads_build_on_both_backbones(kind: str) -> None:
     strides = (4, 8, 16, 32) if kind == "vit" else tuple(r for _, r in model.feature_info.levels if r >= 4)
     model.add_task("seg", seg_head(strides=strides), mtp.peft.LoRA(r=2))
     model.add_task("det", det_head(), mtp.peft.LoRA(r=2))
-    out = model.predict(torch.randn(2, 3, size, size), ["seg", "det"])
-    assert out["seg"][0]["mask"].shape == (size, size)
+    fcn = dict(type="FCNHead", num_classes=4, channels=16, num_convs=1)  # one input: the finest level
+    model.add_task("fcn", seg_head(head=fcn, strides=strides), mtp.peft.LoRA(r=2))
+    out = model.predict(torch.randn(2, 3, size, size), ["seg", "det", "fcn"])
+    assert out["seg"][0]["mask"].shape == out["fcn"][1]["mask"].shape == (size, size)
     assert out["det"][0]["boxes"].shape[1] == 4
     with pytest.raises(ValueError, match="prior strides"):
         model.add_task("bad", det_head(strides=(8, 16, 32, 64)))
