@@ -110,7 +110,8 @@ fi
 "$PYTHON" -m pip install -q --no-deps "${PACKAGES[@]}"
 
 # The check multitask_peft.integrations.openmmlab makes on import, plus the model zoos themselves.
-"$PYTHON" - "$cache" <<'EOF' || die "the installed OpenMMLab packages do not work (see above)"
+"$PYTHON" - "$cache" <<'EOF' || die "the installed OpenMMLab packages do not work (see above); if the cached wheel is \
+the cause, remove $cache and run this script again to rebuild it"
 import sys
 from multitask_peft.integrations.openmmlab import require_openmmlab
 require_openmmlab()

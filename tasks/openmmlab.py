@@ -14,9 +14,10 @@ OpenMMLab extra (`scripts/install_openmmlab.sh`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -26,7 +27,7 @@ from multitask_peft.config import check_class_names, check_positive_int
 from multitask_peft.executor import Features
 from multitask_peft.heads import FeatureInfo, Head, HeadConfig, register_head
 
-from .detection import Target, _check_targets
+from .detection import Target, _check_targets, nms_keep
 from .necks import build_neck
 from .segmentation import _check_strides
 from .segmentation import _check_targets as _check_mask_targets
@@ -185,6 +186,74 @@ class MMDetDenseHead(Head):
         metas = [_img_meta(image_size) for _ in range(n)]
         results = self.head.predict_by_feat(*feats, batch_img_metas=metas, rescale=False)
         return [{"boxes": r.bboxes.float(), "scores": r.scores.float(), "labels": r.labels.long()} for r in results]
+
+    def export_outputs(self, outputs: Mapping[str, Any], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """`postprocess` for a whole batch with fixed shapes (traceable; NMS exports as ONNX NonMaxSuppression).
+
+        Mirrors mmdet's `BaseDenseHead._predict_by_feat_single` for heads with a prior generator and a box coder
+        (RetinaHead, FCOSHead, ATSSHead, ...): per level the best `nms_pre` (prior, class) scores above `score_thr`,
+        boxes decoded and clipped, scores times the sigmoid score factors (centerness) if the head has them, boxes
+        not wider and taller than `min_bbox_size` dropped, class-wise NMS, the best `max_per_img`. Padded like
+        `Detection`'s: {"boxes" (N, K, 4), "scores" (N, K), "labels" (N, K) (-1 where padded), "num_detections"}.
+        """
+        head, cfg = self.head, self.head.test_cfg
+        if not hasattr(head, "prior_generator") or not hasattr(head, "bbox_coder"):
+            raise NotImplementedError(f"{type(head).__name__} has no ONNX export form (no prior generator / box coder)")
+        if getattr(head.loss_cls, "custom_cls_channels", False) or cfg.get("nms", {}).get("type", "nms") != "nms":
+            raise NotImplementedError(f"{type(head).__name__}: custom class channels / soft NMS do not export")
+        feats = outputs["feats"]
+        cls_scores, bbox_preds = feats[0], feats[1]
+        factors = feats[2] if len(feats) > 2 else [None] * len(cls_scores)
+        n = cls_scores[0].shape[0]
+        priors = head.prior_generator.grid_priors(
+            [c.shape[-2:] for c in cls_scores], dtype=torch.float32, device=cls_scores[0].device
+        )
+        nms_pre, score_thr = cfg.get("nms_pre", -1), cfg.get("score_thr", 0.0)
+        min_size = cfg.get("min_bbox_size", -1)
+        size = (int(image_size[0]), int(image_size[1]))
+        all_boxes, all_scores, all_labels = [], [], []
+        for cls, box, factor, level_priors in zip(cls_scores, bbox_preds, factors, priors):
+            logits = cls.float().permute(0, 2, 3, 1).reshape(n, -1, head.cls_out_channels)
+            scores = logits.sigmoid() if head.use_sigmoid_cls else logits.softmax(-1)[..., :-1]  # (N, A, C)
+            num_classes = scores.shape[-1]
+            flat = scores.flatten(1)  # (N, A * C), prior-major as in mmdet's filter_scores_and_topk
+            k = flat.shape[1] if nms_pre <= 0 else min(nms_pre, flat.shape[1])
+            top, index = flat.topk(k, dim=1)  # (N, k)
+            prior_index = torch.div(index, num_classes, rounding_mode="floor")
+            deltas = box.float().permute(0, 2, 3, 1).reshape(n, -1, head.bbox_coder.encode_size)
+            deltas = deltas.gather(1, prior_index[..., None].expand(-1, -1, deltas.shape[-1]))
+            chosen = level_priors[prior_index.flatten()]  # (N * k, prior dims)
+            with _mmdet_eager_decode():
+                boxes = head.bbox_coder.decode(chosen, deltas.flatten(0, 1), max_shape=size).view(n, k, 4)
+            valid = top > score_thr
+            if factor is not None:
+                centerness = factor.float().permute(0, 2, 3, 1).reshape(n, -1).sigmoid().gather(1, prior_index)
+                top = top * centerness
+            if min_size >= 0:
+                valid &= ((boxes[..., 2] - boxes[..., 0]) > min_size) & ((boxes[..., 3] - boxes[..., 1]) > min_size)
+            all_boxes.append(boxes)
+            all_scores.append(torch.where(valid, top, torch.zeros_like(top)))  # 0: never kept (min_score 0)
+            all_labels.append(index % num_classes)
+        boxes, scores, labels = torch.cat(all_boxes, 1), torch.cat(all_scores, 1), torch.cat(all_labels, 1)
+        kept = nms_keep(boxes, scores, labels, float(cfg.nms.iou_threshold), 0.0, num_classes)
+        ranked = torch.where(kept & (scores > 0), scores, torch.full_like(scores, -1.0))
+        top, order = ranked.topk(min(cfg.get("max_per_img", 100), ranked.shape[1]), dim=1)  # (N, K)
+        valid = top >= 0
+        boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4)) * valid[..., None]
+        labels = torch.where(valid, labels.gather(1, order), torch.full_like(order, -1))
+        return {"boxes": boxes, "scores": top.clamp(min=0.0), "labels": labels, "num_detections": valid.sum(1)}
+
+
+@contextlib.contextmanager
+def _mmdet_eager_decode() -> Iterator[None]:
+    """mmdet's box coders switch to mmdet 2.x ONNX code (`mmdet.core.export`, gone in 3.x) while
+    `torch.onnx.is_in_onnx_export()`; their eager decode traces fine, so they see False while decoding."""
+    is_exporting = torch.onnx.is_in_onnx_export
+    torch.onnx.is_in_onnx_export = lambda: False
+    try:
+        yield
+    finally:
+        torch.onnx.is_in_onnx_export = is_exporting
 
 
 def _img_meta(size: tuple[int, int]) -> dict[str, Any]:

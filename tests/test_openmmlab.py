@@ -263,8 +263,37 @@ def test_trainer_evaluate_export_and_save(mm_model: mtp.MultiTaskModel, tmp_path
     runner = mtp.OnnxRunner(path)
     out = runner.predict(images[:2].numpy(), tasks=["seg"])
     assert (torch.as_tensor(out["seg"][0]["mask"]) == ref["seg"][0]["mask"]).float().mean() > 0.99
-    with pytest.raises(ValueError, match="no ONNX form"):  # mmdet's post-processing is not traced
-        mtp.export_onnx(model, tmp_path / "det.onnx", tasks=["det"], image_size=SIZE)
+    path = mtp.export_onnx(model, tmp_path / "det.onnx", tasks=["det"], image_size=SIZE)
+    out = mtp.OnnxRunner(path).predict(images[:2].numpy(), tasks=["det"])["det"]
+    for got, expected in zip(out, ref["det"], strict=True):
+        assert len(got["scores"]) == len(expected["scores"]) > 0
+        assert np.allclose(np.asarray(got["boxes"]), expected["boxes"].numpy(), atol=1e-3)
+        assert np.array_equal(np.asarray(got["labels"]), expected["labels"].numpy())
+
+
+@needs_openmmlab
+@pytest.mark.parametrize("head", ["RetinaHead", "FCOSHead"])
+def test_mmdet_export_form_equals_predict_by_feat(head: str) -> None:
+    """The traceable post-processing that ONNX export uses gives mmdet's own detections (FCOS: with centerness)."""
+    fcos = dict(type="FCOSHead", num_classes=3, stacked_convs=1, feat_channels=16, strides=[8, 16, 32],
+                regress_ranges=((-1, 16), (16, 32), (32, 1e8)), norm_cfg=dict(type="GN", num_groups=4))  # fmt: skip
+    config = det_head() if head == "RetinaHead" else det_head(head=fcos, train_cfg=None)
+    model, _ = make_model("cnn")
+    model.add_task("det", config, mtp.peft.LoRA(r=2))
+    randomize(model.task("det"), std=0.05)
+    model.eval()
+    with torch.no_grad():
+        outputs = model(torch.randn(3, 3, SIZE, SIZE), [model.slot("det")] * 3)["det"][1]
+        task_head = model.task("det").head
+        expected = task_head.postprocess(outputs, (SIZE, SIZE))
+        got = task_head.export_outputs(outputs, (SIZE, SIZE))
+    assert sum(len(e["scores"]) for e in expected) > 0
+    for i, e in enumerate(expected):
+        n = int(got["num_detections"][i])
+        assert n == len(e["scores"])
+        torch.testing.assert_close(got["scores"][i, :n], e["scores"], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got["boxes"][i, :n], e["boxes"], atol=1e-3, rtol=1e-4)
+        assert torch.equal(got["labels"][i, :n], e["labels"])
 
 
 @needs_openmmlab
