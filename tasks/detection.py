@@ -265,10 +265,25 @@ def export_detections(
         all_scores.append(scores)
         all_labels.append(candidates % num_classes)
     boxes, scores, labels = torch.cat(all_boxes, 1), torch.cat(all_scores, 1), torch.cat(all_labels, 1)
-    n, k = scores.shape
-    kept = nms_keep(boxes, scores, labels, config.nms_thresh, config.score_thresh, num_classes)
-    ranked = torch.where(kept & (scores > config.score_thresh), scores, torch.full_like(scores, -1.0))
-    top, order = ranked.topk(min(config.detections_per_img, k), dim=1)  # (N, K)
+    return best_detections(
+        boxes, scores, labels, config.nms_thresh, config.score_thresh, num_classes, config.detections_per_img
+    )
+
+
+def best_detections(
+    boxes: torch.Tensor,  # (N, k, 4)
+    scores: torch.Tensor,  # (N, k)
+    labels: torch.Tensor,  # (N, k) int64
+    iou: float,
+    min_score: float,
+    num_classes: int,
+    max_detections: int,
+) -> dict[str, torch.Tensor]:
+    """Class-wise NMS of fixed-size candidates (scores above `min_score` only), then the best `max_detections` per
+    image, padded: the fixed-shape detections of the export forms (see `export_detections`)."""
+    kept = nms_keep(boxes, scores, labels, iou, min_score, num_classes)
+    ranked = torch.where(kept & (scores > min_score), scores, torch.full_like(scores, -1.0))
+    top, order = ranked.topk(min(max_detections, scores.shape[1]), dim=1)  # (N, K)
     valid = top >= 0
     boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4)) * valid[..., None]
     labels = torch.where(valid, labels.gather(1, order), torch.full_like(order, -1))

@@ -27,7 +27,7 @@ from multitask_peft.config import check_class_names, check_positive_int
 from multitask_peft.executor import Features
 from multitask_peft.heads import FeatureInfo, Head, HeadConfig, register_head
 
-from .detection import Target, _check_targets, nms_keep
+from .detection import Target, _check_targets, best_detections
 from .necks import build_neck
 from .segmentation import _check_strides
 from .segmentation import _check_targets as _check_mask_targets
@@ -235,13 +235,8 @@ class MMDetDenseHead(Head):
             all_scores.append(torch.where(valid, top, torch.zeros_like(top)))  # 0: never kept (min_score 0)
             all_labels.append(index % num_classes)
         boxes, scores, labels = torch.cat(all_boxes, 1), torch.cat(all_scores, 1), torch.cat(all_labels, 1)
-        kept = nms_keep(boxes, scores, labels, float(cfg.nms.iou_threshold), 0.0, num_classes)
-        ranked = torch.where(kept & (scores > 0), scores, torch.full_like(scores, -1.0))
-        top, order = ranked.topk(min(cfg.get("max_per_img", 100), ranked.shape[1]), dim=1)  # (N, K)
-        valid = top >= 0
-        boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4)) * valid[..., None]
-        labels = torch.where(valid, labels.gather(1, order), torch.full_like(order, -1))
-        return {"boxes": boxes, "scores": top.clamp(min=0.0), "labels": labels, "num_detections": valid.sum(1)}
+        iou, max_per_img = float(cfg.nms.iou_threshold), cfg.get("max_per_img", 100)
+        return best_detections(boxes, scores, labels, iou, 0.0, num_classes, max_per_img)
 
 
 @contextlib.contextmanager
