@@ -41,6 +41,16 @@ build_wheel() {
   local work
   work=$(mktemp -d)
   trap 'rm -rf "$work"' RETURN
+  if ! command -v c++ >/dev/null; then  # a C++ compiler (Debian: g++), installed when we are root
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      say "no C++ compiler: installing g++"
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++
+    else
+      die "building mmcv's ops needs a C++ compiler (e.g. sudo apt-get install g++)"
+    fi
+  fi
+  "$PYTHON" -c 'import os, sysconfig; assert os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' \
+    || die "building mmcv's ops needs the Python headers (Debian: sudo apt-get install python3-dev)"
   "$PYTHON" -m pip install -q ninja "setuptools>=64" wheel packaging
   local sdist="$work/mmcv-$MMCV_VERSION.tar.gz"
   if [ -n "${MTPEFT_MMCV_SDIST:-}" ]; then
