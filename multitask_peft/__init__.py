@@ -3,9 +3,8 @@
 __version__ = "0.1.0"
 
 from . import peft, tasks  # noqa: E402  (tasks registers the heads)
-from .executor import Features  # noqa: E402
 from .export import export_onnx  # noqa: E402
-from .heads import FeatureInfo, HeadConfig  # noqa: E402
+from .heads import FeatureInfo, Features, HeadConfig  # noqa: E402
 from .model import MultiTaskModel, Task  # noqa: E402
 from .onnx_runner import OnnxRunner  # noqa: E402
 from .ppt import ppt  # noqa: E402

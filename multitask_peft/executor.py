@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .backbone import BackboneHost
+from .heads import Features
 from .layouts import PartFn
 from .peft.base import PromptTokens
 from .routing import PLAIN_SLOT, Routing
@@ -34,26 +35,6 @@ class SlotPlan:
     first_position: int  # first backbone position the task changes (layout.num_positions: none)
     prompts: PromptTokens | None = None
     backbone: nn.Module | None = None  # a private backbone (full fine-tuning)
-
-
-@dataclass
-class Features:
-    """Backbone outputs for a batch of rows.
-
-    Attributes:
-        maps: One (R, C_l, H_l, W_l) map per feature level of the layout, shallow to deep.
-        pooled: (R, D) the backbone's own pooled features (class token, average pool, ...).
-    """
-
-    maps: list[torch.Tensor]
-    pooled: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.pooled.shape[0]
-
-    def select(self, index: torch.Tensor | Sequence[int]) -> Features:
-        index = torch.as_tensor(index, dtype=torch.long, device=self.pooled.device)
-        return Features([m.index_select(0, index) for m in self.maps], self.pooled.index_select(0, index))
 
 
 @dataclass

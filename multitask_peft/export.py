@@ -23,8 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .executor import Features
-from .heads import Head
+from .heads import Features, Head
 from .routing import PLAIN_SLOT, StackedRouting
 
 SIDECAR_FORMAT = "multitask-peft-onnx"

@@ -6,7 +6,7 @@ Concrete heads live in `multitask_peft.tasks`; the model core only knows this in
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -14,10 +14,29 @@ import torch
 from torch import nn
 
 from .config import ConfigBase
-from .executor import Features
 from .registry import Registry
 
 HEADS: Registry[type[HeadConfig]] = Registry("head")
+
+
+@dataclass
+class Features:
+    """Backbone outputs for a batch of rows.
+
+    Attributes:
+        maps: One (R, C_l, H_l, W_l) map per feature level of the layout, shallow to deep.
+        pooled: (R, D) the backbone's own pooled features (class token, average pool, ...).
+    """
+
+    maps: list[torch.Tensor]
+    pooled: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.pooled.shape[0]
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> Features:
+        index = torch.as_tensor(index, dtype=torch.long, device=self.pooled.device)
+        return Features([m.index_select(0, index) for m in self.maps], self.pooled.index_select(0, index))
 
 
 def register_head(name: str) -> Callable[[type[HeadConfig]], type[HeadConfig]]:

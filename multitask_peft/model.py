@@ -13,8 +13,8 @@ from torch import nn
 from . import kernels
 from .backbone import BackboneHost, create_timm_backbone
 from .config import check_task_name
-from .executor import Features, SlotPlan, run_backbone
-from .heads import FeatureInfo, HeadConfig
+from .executor import SlotPlan, run_backbone
+from .heads import FeatureInfo, Features, HeadConfig
 from .peft.base import MethodModule, PeftConfig
 from .routing import PLAIN_SLOT
 

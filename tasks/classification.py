@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from multitask_peft.config import check_class_names, check_positive_int
-from multitask_peft.executor import Features
-from multitask_peft.heads import FeatureInfo, Head, HeadConfig, register_head
+from multitask_peft.heads import FeatureInfo, Features, Head, HeadConfig, register_head
 
 
 @register_head("classification")

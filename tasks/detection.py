@@ -27,8 +27,7 @@ from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, 
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from multitask_peft.config import check_class_names, check_positive_float, check_positive_int
-from multitask_peft.executor import Features
-from multitask_peft.heads import FeatureInfo, Head, HeadConfig, register_head
+from multitask_peft.heads import FeatureInfo, Features, Head, HeadConfig, register_head
 
 from .necks import build_neck
 

@@ -14,8 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from multitask_peft.executor import Features
-from multitask_peft.heads import FeatureInfo, Head, HeadConfig, register_head
+from multitask_peft.heads import FeatureInfo, Features, Head, HeadConfig, register_head
 
 
 @register_head("embedding")

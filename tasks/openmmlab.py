@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from multitask_peft.config import check_class_names, check_positive_int
-from multitask_peft.executor import Features
-from multitask_peft.heads import FeatureInfo, Head, HeadConfig, register_head
+from multitask_peft.heads import FeatureInfo, Features, Head, HeadConfig, register_head
 
 from .detection import Target, _check_targets, best_detections
 from .necks import build_neck

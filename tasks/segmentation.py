@@ -20,8 +20,7 @@ from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
 from multitask_peft.config import check_class_names, check_positive_int
-from multitask_peft.executor import Features
-from multitask_peft.heads import FeatureInfo, Head, HeadConfig, register_head
+from multitask_peft.heads import FeatureInfo, Features, Head, HeadConfig, register_head
 
 from .necks import build_neck
 
