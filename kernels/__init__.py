@@ -18,23 +18,22 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Sequence
-from types import ModuleType
 
 import torch
 
 from . import reference, segmented
-from .packing import clear_cache
+from .packing import PackCache
 from .segmented import ACTIVATIONS, BottleneckSegment, LoRASegment, ScaleShiftSegment
 
 __all__ = [
     "ACTIVATIONS",
     "BottleneckSegment",
     "LoRASegment",
+    "PackCache",
     "ScaleShiftSegment",
     "backend",
     "bottleneck",
     "bottleneck_",
-    "clear_cache",
     "lora",
     "lora_",
     "scale_shift",
@@ -75,40 +74,53 @@ def batched_training(tensor: torch.Tensor) -> bool:
     return backend(tensor) == "triton"
 
 
-def _impl(tensor: torch.Tensor) -> ModuleType:
-    name = backend(tensor)
+def _call(op: str, y: torch.Tensor, *args: object, cache: PackCache | None) -> torch.Tensor:
+    """`op` of the implementation chosen for `y`; only the Triton path packs weights (and so uses `cache`)."""
+    name = backend(y)
     if name == "triton":
         from . import triton_ops
 
-        return triton_ops
-    return reference if name == "reference" else segmented
+        return getattr(triton_ops, op)(y, *args, cache=cache)
+    return getattr(reference if name == "reference" else segmented, op)(y, *args)
 
 
-def lora_(y: torch.Tensor, x: torch.Tensor, segments: Sequence[LoRASegment]) -> torch.Tensor:
-    """In place, for each segment s: `y[s rows, s.col : s.col + out] += s.scale * (x[s rows] @ A.T) @ B.T`."""
-    return _impl(y).lora_(y, x, segments)
+def lora_(
+    y: torch.Tensor, x: torch.Tensor, segments: Sequence[LoRASegment], cache: PackCache | None = None
+) -> torch.Tensor:
+    """In place, for each segment s: `y[s rows, s.col : s.col + out] += s.scale * (x[s rows] @ A.T) @ B.T`.
+
+    `cache` keeps the stacked weights of the Triton path between calls (the caller owns it; None: no reuse)."""
+    return _call("lora_", y, x, segments, cache=cache)
 
 
-def lora(y: torch.Tensor, x: torch.Tensor, segments: Sequence[LoRASegment]) -> torch.Tensor:
+def lora(
+    y: torch.Tensor, x: torch.Tensor, segments: Sequence[LoRASegment], cache: PackCache | None = None
+) -> torch.Tensor:
     """Differentiable `lora_`, out of place."""
-    return _impl(y).lora(y, x, segments)
+    return _call("lora", y, x, segments, cache=cache)
 
 
-def scale_shift_(y: torch.Tensor, segments: Sequence[ScaleShiftSegment]) -> torch.Tensor:
+def scale_shift_(
+    y: torch.Tensor, segments: Sequence[ScaleShiftSegment], cache: PackCache | None = None
+) -> torch.Tensor:
     """In place, per segment: `y[s rows] = y[s rows] * scale + shift` over channels (dim 1 of a 2-D or 3-D y)."""
-    return _impl(y).scale_shift_(y, segments)
+    return _call("scale_shift_", y, segments, cache=cache)
 
 
-def scale_shift(y: torch.Tensor, segments: Sequence[ScaleShiftSegment]) -> torch.Tensor:
+def scale_shift(y: torch.Tensor, segments: Sequence[ScaleShiftSegment], cache: PackCache | None = None) -> torch.Tensor:
     """Differentiable `scale_shift_`, out of place."""
-    return _impl(y).scale_shift(y, segments)
+    return _call("scale_shift", y, segments, cache=cache)
 
 
-def bottleneck_(y: torch.Tensor, z: torch.Tensor, segments: Sequence[BottleneckSegment]) -> torch.Tensor:
+def bottleneck_(
+    y: torch.Tensor, z: torch.Tensor, segments: Sequence[BottleneckSegment], cache: PackCache | None = None
+) -> torch.Tensor:
     """In place, per segment: `y[s rows] += scale * (act(z @ down.T + db) @ up.T + ub)` (z may be y)."""
-    return _impl(y).bottleneck_(y, z, segments)
+    return _call("bottleneck_", y, z, segments, cache=cache)
 
 
-def bottleneck(y: torch.Tensor, z: torch.Tensor, segments: Sequence[BottleneckSegment]) -> torch.Tensor:
+def bottleneck(
+    y: torch.Tensor, z: torch.Tensor, segments: Sequence[BottleneckSegment], cache: PackCache | None = None
+) -> torch.Tensor:
     """Differentiable `bottleneck_`, out of place."""
-    return _impl(y).bottleneck(y, z, segments)
+    return _call("bottleneck", y, z, segments, cache=cache)

@@ -5,8 +5,8 @@ factors of one adapter on a fused qkv projection). Ranks and slice counts are ze
 launch, so padded terms add exact zeros. Segments that cannot share a launch (different output widths, or two
 updates of the same rows and columns) go to separate launches, applied in the given order.
 
-Without autograd, stacked weights and tiles are cached (keyed on the tensors' identity and version, so an
-in-place update of a weight invalidates its entry), which makes repeated batches launch-only.
+Without autograd, stacked weights and tiles are cached in the caller's `PackCache` (keyed on the tensors' identity
+and version, so an in-place update of a weight invalidates its entry), which makes repeated batches launch-only.
 """
 
 from __future__ import annotations
@@ -58,43 +58,58 @@ class ScaleShiftPack:
     shift: torch.Tensor | None  # (W, C)
 
 
-_cache: OrderedDict[Hashable, tuple[tuple[torch.Tensor, ...], object, int]] = OrderedDict()
-_cache_bytes = 0
+class PackCache:
+    """Stacked operands kept for reuse while the weights they were built from are unchanged.
+
+    Owned by whoever owns the weights (each multi-adapter layer of a model has one and clears it when tasks attach
+    or detach), so no model can drop or see another's packs. Entries are keyed on a launch's layout and the
+    storage, layout and version of its weights; the least recently used are dropped past `max_bytes`.
+    """
+
+    def __init__(self, max_bytes: int = CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Hashable, tuple[tuple[torch.Tensor, ...], object, int]] = OrderedDict()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable, tensors: tuple[torch.Tensor, ...], build: Callable[[], object]) -> object:
+        """`build()`, memoised on `key` + the storage, layout and version of `tensors` when autograd does not
+        record them. An entry holds the tensors' storage, so their addresses cannot be reused while it is cached;
+        moving a module (`.to(dtype / device)`) gives its parameters new addresses, an in-place update a new
+        version. (Writes through `.data` bump no version: `clear()` after them.) Entries are built outside
+        inference mode, so that a pack made under `torch.inference_mode()` can later be saved for a backward pass."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return build()
+        full = (key, tuple((t.data_ptr(), t._version, t.shape, t.stride(), t.dtype, t.device) for t in tensors))
+        hit = self._entries.get(full)
+        if hit is not None:
+            self._entries.move_to_end(full)
+            return hit[1]
+        with torch.inference_mode(False):
+            value = build()
+        parts = vars(value).values() if not isinstance(value, torch.Tensor) else (value,)
+        size = sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
+        self._entries[full] = (tuple(t.detach() for t in tensors), value, size)
+        self._bytes += size
+        while self._bytes > self.max_bytes and len(self._entries) > 1:
+            self._bytes -= self._entries.popitem(last=False)[1][2]
+        return value
+
+    def clear(self) -> None:
+        """Drop every entry (its weights changed, or it should free their memory now)."""
+        self._entries.clear()
+        self._bytes = 0
 
 
-def _cached(key: Hashable, tensors: tuple[torch.Tensor, ...], build: Callable[[], object]) -> object:
-    """`build()`, memoised on `key` + the storage, layout and version of `tensors` when autograd does not record
-    them. An entry holds the tensors' storage, so their addresses cannot be reused while it is cached; moving a
-    module (`.to(dtype / device)`) gives its parameters new addresses, an in-place update a new version. (Writes
-    through `.data` bump no version: call `clear_cache()` after them.) Entries are built outside inference mode,
-    so that a pack made under `torch.inference_mode()` can later be saved for a backward pass."""
-    global _cache_bytes
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return build()
-    full = (key, tuple((t.data_ptr(), t._version, t.shape, t.stride(), t.dtype, t.device) for t in tensors))
-    hit = _cache.get(full)
-    if hit is not None:
-        _cache.move_to_end(full)
-        return hit[1]
-    with torch.inference_mode(False):
-        value = build()
-    parts = vars(value).values() if not isinstance(value, torch.Tensor) else (value,)
-    size = sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
-    _cache[full] = (tuple(t.detach() for t in tensors), value, size)
-    _cache_bytes += size
-    while _cache_bytes > CACHE_BYTES and len(_cache) > 1:
-        _cache_bytes -= _cache.popitem(last=False)[1][2]
-    return value
+def _cached(
+    cache: PackCache | None, key: Hashable, tensors: tuple[torch.Tensor, ...], build: Callable[[], object]
+) -> object:
+    return build() if cache is None else cache.get(key, tensors, build)
 
 
-def clear_cache() -> None:
-    """Drop every cached stack (e.g. after unloading tasks, to free their memory at once)."""
-    global _cache_bytes
-    _cache.clear()
-    _cache_bytes = 0
-
-
-def tiles_for(ranges: Sequence[tuple[int, int]], device: torch.device) -> torch.Tensor:
+def tiles_for(ranges: Sequence[tuple[int, int]], device: torch.device, cache: PackCache | None = None) -> torch.Tensor:
     """(T, 3) int32 tiles of disjoint row ranges: entry w = ranges[w], first row, end row (<= BLOCK_M rows)."""
 
     def build() -> torch.Tensor:
@@ -103,7 +118,7 @@ def tiles_for(ranges: Sequence[tuple[int, int]], device: torch.device) -> torch.
         ]
         return torch.tensor(tiles, dtype=torch.int32).view(-1, 3).to(device, non_blocking=True)
 
-    return _cached(("tiles", tuple(ranges), str(device)), (), build)  # type: ignore[return-value]
+    return _cached(cache, ("tiles", tuple(ranges), str(device)), (), build)  # type: ignore[return-value]
 
 
 def _cast(pack: LowRankPack | ScaleShiftPack, dtype: torch.dtype | None) -> LowRankPack | ScaleShiftPack:
@@ -136,7 +151,9 @@ def _check_disjoint(ranges: Sequence[tuple[int, int]]) -> None:
             raise ValueError(f"segments must cover disjoint row ranges; got {(a0, a1)} and {b0, _}")
 
 
-def pack_lora(segments: Sequence[LoRASegment], dtype: torch.dtype | None = None) -> list[LowRankPack]:
+def pack_lora(
+    segments: Sequence[LoRASegment], dtype: torch.dtype | None = None, cache: PackCache | None = None
+) -> list[LowRankPack]:
     """Group LoRA segments into launches: one entry per row range, its column slices side by side (weights cast
     to `dtype` if given)."""
     launches: list[dict[tuple[int, int], list[LoRASegment]]] = []
@@ -166,7 +183,7 @@ def pack_lora(segments: Sequence[LoRASegment], dtype: torch.dtype | None = None)
             tuple(len(e) for e in entries),
             dtype,
         )  # the stacked weights do not depend on the rows: reused across batch layouts
-        pack = _cached(key, tensors, lambda e=entries: _cast(_stack_lora(e), dtype))
+        pack = _cached(cache, key, tensors, lambda e=entries: _cast(_stack_lora(e), dtype))
         packs.append(dataclasses.replace(pack, ranges=ranges))
     return packs  # type: ignore[return-value]
 
@@ -199,7 +216,9 @@ def _stack_lora(entries: list[list[LoRASegment]]) -> LowRankPack:
     return LowRankPack((), down, up, cols.to(device), nslices.to(device), scale.to(device), None, None, "identity")
 
 
-def pack_bottleneck(segments: Sequence[BottleneckSegment], dtype: torch.dtype | None = None) -> list[LowRankPack]:
+def pack_bottleneck(
+    segments: Sequence[BottleneckSegment], dtype: torch.dtype | None = None, cache: PackCache | None = None
+) -> list[LowRankPack]:
     """One launch per group of disjoint segments with one activation (J = 1; adapter widths zero-padded)."""
     groups = _launch_groups([s for s in segments if s.end > s.start], lambda a, b: a.act == b.act)
     packs = []
@@ -208,7 +227,7 @@ def pack_bottleneck(segments: Sequence[BottleneckSegment], dtype: torch.dtype | 
         _check_disjoint(ranges)
         tensors = tuple(t for s in group for t in (s.down, s.down_bias, s.up, s.up_bias))
         key = ("bottleneck", group[0].act, tuple(s.scale for s in group), dtype)
-        pack = _cached(key, tensors, lambda g=group: _cast(_stack_bottleneck(g), dtype))
+        pack = _cached(cache, key, tensors, lambda g=group: _cast(_stack_bottleneck(g), dtype))
         packs.append(dataclasses.replace(pack, ranges=ranges))
     return packs  # type: ignore[return-value]
 
@@ -241,7 +260,9 @@ def _stack_bottleneck(group: list[BottleneckSegment]) -> LowRankPack:
     )
 
 
-def pack_scale_shift(segments: Sequence[ScaleShiftSegment], dtype: torch.dtype | None = None) -> list[ScaleShiftPack]:
+def pack_scale_shift(
+    segments: Sequence[ScaleShiftSegment], dtype: torch.dtype | None = None, cache: PackCache | None = None
+) -> list[ScaleShiftPack]:
     """One launch per group of disjoint segments (a missing scale is 1, a missing shift 0)."""
     live = [s for s in segments if s.end > s.start and (s.scale is not None or s.shift is not None)]
     groups = _launch_groups(live, lambda a, b: True)
@@ -251,7 +272,7 @@ def pack_scale_shift(segments: Sequence[ScaleShiftSegment], dtype: torch.dtype |
         _check_disjoint(ranges)
         tensors = tuple(t for s in group for t in (s.scale, s.shift) if t is not None)
         key = ("scale_shift", tuple((s.scale is None, s.shift is None) for s in group), dtype)
-        pack = _cached(key, tensors, lambda g=group: _cast(_stack_scale_shift(g), dtype))
+        pack = _cached(cache, key, tensors, lambda g=group: _cast(_stack_scale_shift(g), dtype))
         packs.append(dataclasses.replace(pack, ranges=ranges))
     return packs  # type: ignore[return-value]
 

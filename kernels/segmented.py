@@ -6,7 +6,7 @@ new tensor built from per-segment pieces joined by one `cat` (differentiable, ch
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -173,12 +173,18 @@ def _channels(v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return v[:, None] if y.ndim == 3 else v
 
 
-def join_rows(y: torch.Tensor, updates: dict[tuple[int, int], torch.Tensor]) -> torch.Tensor:
-    """`y` with rows `start:end` replaced by each update (disjoint ranges), built with one `cat`."""
+def join_rows(
+    y: torch.Tensor, updates: Mapping[tuple[int, int], torch.Tensor] | Sequence[tuple[tuple[int, int], torch.Tensor]]
+) -> torch.Tensor:
+    """`y` with rows `start:end` replaced by each update (disjoint ranges), built with one `cat`.
+
+    `updates` maps ranges to rows, or lists (range, rows) pairs already in row order (what a traced graph with
+    symbolic bounds passes: they are never compared).
+    """
     if not updates:
         return y
     pieces, pos = [], 0
-    for (start, end), rows in sorted(updates.items()):
+    for (start, end), rows in sorted(updates.items()) if isinstance(updates, Mapping) else updates:
         pieces += [y[pos:start], rows]
         pos = end
     pieces.append(y[pos:])

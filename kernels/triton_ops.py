@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from . import packing
-from .packing import LowRankPack, ScaleShiftPack
+from .packing import LowRankPack, PackCache, ScaleShiftPack
 from .segmented import ACTIVATIONS, BottleneckSegment, LoRASegment, ScaleShiftSegment
 
 # triton_kernels imports triton, which decides at import time whether to interpret (TRITON_INTERPRET=1)
@@ -282,9 +282,11 @@ def _segment_sum(v: torch.Tensor, row_entry: torch.Tensor, entries: int) -> torc
 FUSE_MIN_TILES = 128  # fused low-rank kernel once the grid has this many tiles (else shrink + expand: more programs)
 
 
-def _lowrank(y: torch.Tensor, x: torch.Tensor, packs: Sequence[LowRankPack], inplace: bool) -> torch.Tensor:
+def _lowrank(
+    y: torch.Tensor, x: torch.Tensor, packs: Sequence[LowRankPack], inplace: bool, cache: PackCache | None
+) -> torch.Tensor:
     for pack in packs:
-        tiles = packing.tiles_for(pack.ranges, y.device)
+        tiles = packing.tiles_for(pack.ranges, y.device, cache)
         args = (pack.down, pack.up, pack.down_bias, pack.up_bias)
         xc = x.to(y.dtype)
         if inplace:
@@ -295,25 +297,33 @@ def _lowrank(y: torch.Tensor, x: torch.Tensor, packs: Sequence[LowRankPack], inp
     return y
 
 
-def lora_(y: torch.Tensor, x: torch.Tensor, segments: Sequence[LoRASegment]) -> torch.Tensor:
-    return _lowrank(y, x, packing.pack_lora(segments, y.dtype), inplace=True)
+def lora_(
+    y: torch.Tensor, x: torch.Tensor, segments: Sequence[LoRASegment], cache: PackCache | None = None
+) -> torch.Tensor:
+    return _lowrank(y, x, packing.pack_lora(segments, y.dtype, cache), True, cache)
 
 
-def lora(y: torch.Tensor, x: torch.Tensor, segments: Sequence[LoRASegment]) -> torch.Tensor:
-    return _lowrank(y, x, packing.pack_lora(segments, y.dtype), inplace=False)
+def lora(
+    y: torch.Tensor, x: torch.Tensor, segments: Sequence[LoRASegment], cache: PackCache | None = None
+) -> torch.Tensor:
+    return _lowrank(y, x, packing.pack_lora(segments, y.dtype, cache), False, cache)
 
 
-def bottleneck_(y: torch.Tensor, z: torch.Tensor, segments: Sequence[BottleneckSegment]) -> torch.Tensor:
+def bottleneck_(
+    y: torch.Tensor, z: torch.Tensor, segments: Sequence[BottleneckSegment], cache: PackCache | None = None
+) -> torch.Tensor:
     sequential = _shares_storage(y, z)  # z is y: each launch reads the rows as the previous launches left them
-    for pack in packing.pack_bottleneck(segments, y.dtype):
-        _lowrank(y, y.clone() if sequential else z, [pack], inplace=True)  # (kernels must not read rows they write)
+    for pack in packing.pack_bottleneck(segments, y.dtype, cache):
+        _lowrank(y, y.clone() if sequential else z, [pack], True, cache)  # (kernels must not read rows they write)
     return y
 
 
-def bottleneck(y: torch.Tensor, z: torch.Tensor, segments: Sequence[BottleneckSegment]) -> torch.Tensor:
+def bottleneck(
+    y: torch.Tensor, z: torch.Tensor, segments: Sequence[BottleneckSegment], cache: PackCache | None = None
+) -> torch.Tensor:
     sequential = _shares_storage(y, z)
-    for pack in packing.pack_bottleneck(segments, y.dtype):
-        y = _lowrank(y, y if sequential else z, [pack], inplace=False)
+    for pack in packing.pack_bottleneck(segments, y.dtype, cache):
+        y = _lowrank(y, y if sequential else z, [pack], False, cache)
     return y
 
 
@@ -321,10 +331,12 @@ def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-def _scale_shift(y: torch.Tensor, packs: Sequence[ScaleShiftPack], inplace: bool) -> torch.Tensor:
+def _scale_shift(
+    y: torch.Tensor, packs: Sequence[ScaleShiftPack], inplace: bool, cache: PackCache | None
+) -> torch.Tensor:
     y3 = y if y.ndim == 3 else y.unsqueeze(-1)
     for pack in packs:
-        tiles = packing.tiles_for(pack.ranges, y3.device)
+        tiles = packing.tiles_for(pack.ranges, y3.device, cache)
         scale, shift = pack.scale, pack.shift
         if inplace:
             scale_shift_inplace_op(y3, scale, shift, tiles)
@@ -333,9 +345,11 @@ def _scale_shift(y: torch.Tensor, packs: Sequence[ScaleShiftPack], inplace: bool
     return y3.view(y.shape)
 
 
-def scale_shift_(y: torch.Tensor, segments: Sequence[ScaleShiftSegment]) -> torch.Tensor:
-    return _scale_shift(y, packing.pack_scale_shift(segments, y.dtype), inplace=True)
+def scale_shift_(
+    y: torch.Tensor, segments: Sequence[ScaleShiftSegment], cache: PackCache | None = None
+) -> torch.Tensor:
+    return _scale_shift(y, packing.pack_scale_shift(segments, y.dtype, cache), True, cache)
 
 
-def scale_shift(y: torch.Tensor, segments: Sequence[ScaleShiftSegment]) -> torch.Tensor:
-    return _scale_shift(y, packing.pack_scale_shift(segments, y.dtype), inplace=False)
+def scale_shift(y: torch.Tensor, segments: Sequence[ScaleShiftSegment], cache: PackCache | None = None) -> torch.Tensor:
+    return _scale_shift(y, packing.pack_scale_shift(segments, y.dtype, cache), False, cache)

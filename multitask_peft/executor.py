@@ -1,19 +1,28 @@
-"""Runs the backbone for a batch of (image, task slot) rows: sort by slot, share prefixes, fan out, collect features.
+"""The one backbone part loop, shared by eager inference, training and ONNX export.
 
-Rows of the live batch are kept in *streams*: the main stream runs the shared frozen backbone with its
-multi-adapter layers; rows whose tasks add prompt tokens run in a stream per prompt length (their sequences
-are longer), and rows of a full-fine-tune task run through that task's private backbone copy. Every stream is
-sorted by slot, so each adapted layer sees one contiguous segment per slot.
+`run_backbone(host, images, plan)` runs the backbone part by part (`layouts`) over *streams* of rows, each under its
+own routing: it asks the plan, before every part and before the pooling step, which streams exist now (rows branch
+off there), inserts / replaces / strips prompt tokens in prompt streams, runs the part (checkpointed if asked),
+collects the feature maps the layout offers, pools, and has the plan put the rows back in the requested order.
+What differs between the callers is only the plan:
 
-Shared prefix: a row (image i, slot s) is carried by the plain row (i, -1) until the first backbone part that
-s changes; there it branches off (a copy of the plain activation). The plain row is dropped once no requested
-row of that image still needs it. With `share_prefix=False` every row carries its own slot from the input on.
+- `RowPlan` (eager inference and training): rows are (image, slot) pairs with Python-int segments. The main stream
+  runs the shared frozen backbone with its multi-adapter layers; rows whose tasks add prompt tokens run in a stream
+  per prompt length (their sequences are longer); rows of a full-fine-tune task run through that task's private
+  backbone copy. Every stream is sorted by slot, so each adapted layer sees one contiguous segment per slot. Shared
+  prefix: a row (image i, slot s) is carried by the plain row (i, -1) until the first backbone part that s changes;
+  there it branches off (a copy of the plain activation). The plain row is dropped once no requested row of that
+  image still needs it. With `share_prefix=False` every row carries its own slot from the input on.
+- `StackedPlan` (ONNX export): every listed task runs on every image. One stream: the images as they come until
+  the first part any task changes, then the batch repeated task-major (N rows per task) under a `StackedRouting`
+  whose block sizes stay symbolic, so the traced graph keeps a dynamic batch dimension.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -23,7 +32,7 @@ from .backbone import BackboneHost
 from .heads import Features
 from .layouts import PartFn
 from .peft.base import PromptTokens
-from .routing import PLAIN_SLOT, Routing
+from .routing import PLAIN_SLOT, Routing, StackedRouting
 
 Row = tuple[int, int]  # (image index, slot)
 
@@ -38,12 +47,103 @@ class SlotPlan:
 
 
 @dataclass
-class _Stream:
+class Stream:
+    """Rows that run through one module together.
+
+    Attributes:
+        model: The backbone module the rows run through (the shared one, a private copy, or a merged copy).
+        rows: The plan's description of the rows (`RowPlan`: (image, slot) pairs in row order).
+        x: (R, ...) the rows' activation.
+        routing: The routing the stream's adapted layers read.
+        prompts: Prompt tokens per row in this stream (0: none); `prompt_slots` gives each segment's prompts.
+    """
+
     model: nn.Module
-    num_prompts: int = 0
-    rows: list[Row] = field(default_factory=list)
+    rows: Any
     x: torch.Tensor | None = None
-    routing: Routing | None = None
+    routing: Routing | StackedRouting | None = None
+    prompts: int = 0
+    prompt_slots: dict[int, PromptTokens] = field(default_factory=dict)
+
+
+class Plan(Protocol):
+    """How rows are laid out, where they branch off and how they come back together (see the module docstring)."""
+
+    def start(self, images: torch.Tensor) -> list[Stream]:
+        """The streams entering the first part."""
+
+    def branch(self, position: int, streams: list[Stream]) -> list[Stream]:
+        """The streams running position `position` (a part, or the pooling step at `len(parts)`)."""
+
+    def assemble(self, captures: list[tuple[Any, torch.Tensor]]) -> torch.Tensor:
+        """One tensor in the plan's output row order from the (stream rows, tensor) pairs captured at one point."""
+
+
+def run_backbone(host: BackboneHost, images: torch.Tensor, plan: Plan, checkpointing: bool = False) -> Features:
+    """Backbone features of the rows `plan` describes, in its output order.
+
+    Args:
+        host: The backbone host (its parts, levels, pooling and routing context).
+        images: (N, 3, H, W), normalised.
+        plan: `RowPlan` or `StackedPlan`.
+        checkpointing: With autograd on, recompute every part's activations in the backward pass.
+    """
+    checkpointing = checkpointing and torch.is_grad_enabled()
+    layout = host.layout
+    num_parts = len(layout.parts)
+    level_at = {lvl.position: k for k, lvl in enumerate(layout.levels)}
+    captures: list[list[tuple[Any, torch.Tensor]]] = [[] for _ in layout.levels]
+    streams = plan.start(images)
+    for p in range(num_parts):
+        streams = plan.branch(p, streams)
+        for stream in streams:
+            if stream.prompts:
+                stream.x = _prompt_step(stream, p, num_parts, layout.num_prefix_tokens)
+            args = (layout.parts[p].fn, stream.model, stream.x, stream.routing, host)
+            # (a checkpointed recomputation is routed too: `_run_part` enters the routing itself)
+            stream.x = checkpoint(_run_part, *args, use_reentrant=False) if checkpointing else _run_part(*args)
+            if p in level_at:
+                captures[level_at[p]].append((stream.rows, stream.x))
+    pooled = []
+    for stream in plan.branch(num_parts, streams):
+        with host.router.use(stream.routing):
+            pooled.append((stream.rows, layout.pool(stream.model, stream.x)))  # (R, D)
+    image_size = (images.shape[-2], images.shape[-1])
+    maps = [layout.to_map(plan.assemble(c), image_size) for c in captures]
+    return Features(maps, plan.assemble(pooled))
+
+
+def _run_part(
+    fn: PartFn, model: nn.Module, x: torch.Tensor, routing: Routing | StackedRouting, host: BackboneHost
+) -> torch.Tensor:
+    """One backbone part under its routing."""
+    with host.router.use(routing):
+        return fn(model, x)
+
+
+def _prompt_step(stream: Stream, p: int, num_parts: int, num_prefix: int) -> torch.Tensor:
+    """Insert (before the first block), replace (VPT-deep) or strip (before the final part) prompt tokens."""
+    x = stream.x  # (R, T, C)
+    n = stream.prompts
+    if p == num_parts - 1:
+        return torch.cat([x[:, :num_prefix], x[:, num_prefix + n :]], dim=1)
+    if p == 0:
+        return x
+    unit = p - 1
+    segments = stream.routing.segments
+    pieces = [stream.prompt_slots[seg.slot].tokens(unit) for seg in segments]  # (P, C) or None each
+    if all(t is None for t in pieces):
+        return x
+    prompts = [
+        x[s.start : s.end, num_prefix : num_prefix + n] if t is None else t.to(x.dtype).expand(s.end - s.start, -1, -1)
+        for s, t in zip(segments, pieces)
+    ]  # (rows of the segment, P, C) each
+    if unit == 0:  # insert
+        return torch.cat([x[:, :num_prefix], torch.cat(prompts), x[:, num_prefix:]], dim=1)
+    return torch.cat([x[:, :num_prefix], torch.cat(prompts), x[:, num_prefix + n :]], dim=1)
+
+
+# --- eager rows ----------------------------------------------------------------------------------------------------
 
 
 def _gather(source: torch.Tensor, index: list[int]) -> torch.Tensor:
@@ -52,155 +152,122 @@ def _gather(source: torch.Tensor, index: list[int]) -> torch.Tensor:
     return source.index_select(0, torch.tensor(index, dtype=torch.long, device=source.device))
 
 
-def run_backbone(
-    host: BackboneHost,
-    images: torch.Tensor,  # (N, 3, H, W)
-    rows: Sequence[Row],
-    plans: dict[int, SlotPlan],
-    share_prefix: bool = True,
-    checkpointing: bool = False,
-) -> Features:
-    """Backbone features for each requested (image, slot) row, in the order given.
+_MAIN = ("main",)
 
-    With `checkpointing` (and autograd on) every part's activations are recomputed in the backward pass.
+
+class RowPlan:
+    """Eager rows: (image, slot) pairs, sorted by slot in every stream, with Python-int segments.
+
+    Args:
+        host: The backbone host (its shared module and layout).
+        rows: The requested (image, slot) rows, in output order (duplicates are run once).
+        slots: Each task slot's plan (first changed position, prompts, private backbone).
+        share_prefix: Carry a row on its image's plain row until the first part its task changes.
     """
-    checkpointing = checkpointing and torch.is_grad_enabled()
-    layout = host.layout
-    num_parts = len(layout.parts)
-    never = layout.num_positions + 1
-    rows = list(dict.fromkeys((int(i), int(s)) for i, s in rows))
-    start = {s: (never if s == PLAIN_SLOT else plans[s].first_position if share_prefix else 0) for _, s in rows}
-    main_key = ("main",)
-    streams: dict[tuple, _Stream] = {main_key: _Stream(host.model)}
 
-    def key_of(slot: int) -> tuple:
-        plan = plans[slot]
+    def __init__(
+        self, host: BackboneHost, rows: Sequence[Row], slots: dict[int, SlotPlan], share_prefix: bool = True
+    ) -> None:
+        self.host = host
+        self.rows = list(dict.fromkeys((int(i), int(s)) for i, s in rows))
+        self.slots = slots
+        never = host.layout.num_positions + 1
+        self.start_at = {
+            s: (never if s == PLAIN_SLOT else slots[s].first_position if share_prefix else 0) for _, s in self.rows
+        }
+        self._streams: dict[tuple, Stream] = {}
+
+    def start(self, images: torch.Tensor) -> list[Stream]:
+        main = Stream(self.host.model, [(i, PLAIN_SLOT) for i in range(images.shape[0])], images)
+        self._streams = {_MAIN: main}
+        return [main]
+
+    def _key(self, slot: int) -> tuple:
+        plan = self.slots[slot]
         if plan.backbone is not None:
             return ("private", slot)
         if plan.prompts is not None:
             return ("prompts", plan.prompts.num_tokens)
-        return main_key
+        return _MAIN
 
-    level_at = {lvl.position: k for k, lvl in enumerate(layout.levels)}
-    captures: list[list[tuple[list[Row], torch.Tensor]]] = [[] for _ in layout.levels]
-    pooled: list[tuple[list[Row], torch.Tensor]] = []
-
-    for p in range(num_parts + 1):
-        main = streams[main_key]
-        branching = [r for r in rows if r[1] != PLAIN_SLOT and start[r[1]] == p]
-        if p == 0 or branching:
-            # The source of every new row: raw images at the input, else the main stream's rows.
-            if p == 0:
-                source = images
-                position = {(i, PLAIN_SLOT): i for i in range(images.shape[0])}
+    def branch(self, position: int, streams: list[Stream]) -> list[Stream]:
+        branching = [r for r in self.rows if r[1] != PLAIN_SLOT and self.start_at[r[1]] == position]
+        if position > 0 and not branching:
+            return streams
+        main = self._streams[_MAIN]
+        source, where = main.x, {r: k for k, r in enumerate(main.rows)}  # every new row comes from the main stream
+        still_shared = {i for i, s in self.rows if self.start_at[s] > position}
+        new_rows = {key: list(stream.rows) for key, stream in self._streams.items()}
+        new_rows[_MAIN] = [r for r in main.rows if r[1] != PLAIN_SLOT or r[0] in still_shared]
+        for r in branching:
+            key = self._key(r[1])
+            if key not in self._streams:
+                plan = self.slots[r[1]]
+                prompts = plan.prompts.num_tokens if plan.prompts is not None else 0
+                self._streams[key] = Stream(plan.backbone or self.host.model, [], prompts=prompts)
+                new_rows[key] = []
+            new_rows[key].append(r)
+        for key, rows in new_rows.items():
+            stream = self._streams[key]
+            rows = sorted(rows, key=lambda r: (r[1], r[0]))
+            if key == _MAIN:  # kept rows come from themselves, branching rows from their image's plain row
+                index = [where[r] if r in where else where[(r[0], PLAIN_SLOT)] for r in rows]
+                stream.x = _gather(source, index) if rows else None
             else:
-                source = main.x
-                position = {r: k for k, r in enumerate(main.rows)}
-            still_shared = {r[0] for r in rows if start[r[1]] > p}
-            new_rows: dict[tuple, list[Row]] = {k: list(st.rows) for k, st in streams.items()}
-            if p == 0:
-                new_rows[main_key] = [(i, PLAIN_SLOT) for i in sorted(still_shared)]
-            else:
-                new_rows[main_key] = [r for r in main.rows if r[1] != PLAIN_SLOT or r[0] in still_shared]
-            for r in branching:
-                key = key_of(r[1])
-                if key not in streams:
-                    plan = plans[r[1]]
-                    prompts = plan.prompts.num_tokens if plan.prompts is not None else 0
-                    streams[key] = _Stream(plan.backbone or host.model, prompts)
-                    new_rows[key] = []
-                new_rows[key].append(r)
-            for key, stream_rows in new_rows.items():
-                stream = streams[key]
-                stream_rows = sorted(stream_rows, key=lambda r: (r[1], r[0]))
-                if key == main_key:  # kept rows come from themselves, branching rows from their image's plain row
-                    index = [position[r] if r in position else position[(r[0], PLAIN_SLOT)] for r in stream_rows]
-                    stream.x = _gather(source, index) if stream_rows else None
-                else:
-                    old = {r: k for k, r in enumerate(stream.rows)}
-                    added = [r for r in stream_rows if r not in old]
-                    if added:
-                        fresh = _gather(source, [position[(i, PLAIN_SLOT)] for i, _ in added])
-                        combined = fresh if stream.x is None else torch.cat([stream.x, fresh])
-                        lookup = {**old, **{r: len(old) + k for k, r in enumerate(added)}}
-                        stream.x = _gather(combined, [lookup[r] for r in stream_rows])
-                stream.rows = stream_rows
-                stream.routing = Routing.from_sorted_slots([s for _, s in stream_rows])
-            for key in [k for k, st in streams.items() if not st.rows and k != main_key]:
-                del streams[key]
+                old = {r: k for k, r in enumerate(stream.rows)}
+                added = [r for r in rows if r not in old]
+                if added:
+                    fresh = _gather(source, [where[(i, PLAIN_SLOT)] for i, _ in added])
+                    combined = fresh if stream.x is None else torch.cat([stream.x, fresh])
+                    lookup = {**old, **{r: len(old) + k for k, r in enumerate(added)}}
+                    stream.x = _gather(combined, [lookup[r] for r in rows])
+            stream.rows = rows
+            stream.routing = Routing.from_sorted_slots([s for _, s in rows])
+            if stream.prompts:
+                stream.prompt_slots = {s: self.slots[s].prompts for _, s in rows}
+        self._streams = {k: st for k, st in self._streams.items() if st.rows or k == _MAIN}
+        return [st for st in self._streams.values() if st.rows]
 
-        if p == num_parts:  # pool
-            for stream in streams.values():
-                if stream.rows:
-                    with host.router.use(stream.routing):
-                        pooled.append((stream.rows, layout.pool(stream.model, stream.x)))
-            break
-
-        for stream in streams.values():
-            if not stream.rows:
-                continue
-            if stream.num_prompts:
-                stream.x = _prompt_step(stream, p, num_parts, layout.num_prefix_tokens, plans)
-            if checkpointing:
-                stream.x = checkpoint(
-                    _run_part, layout.parts[p].fn, stream.model, stream.x, host, stream.routing, use_reentrant=False
-                )
-            else:
-                stream.x = _run_part(layout.parts[p].fn, stream.model, stream.x, host, stream.routing)
-            if p in level_at:
-                captures[level_at[p]].append((stream.rows, stream.x))
-
-    image_size = (images.shape[-2], images.shape[-1])
-    maps = [layout.to_map(_assemble(c, rows), image_size) for c in captures]
-    return Features(maps, _assemble(pooled, rows))
+    def assemble(self, captures: list[tuple[Any, torch.Tensor]]) -> torch.Tensor:
+        """Rows in request order, each from its own branch or, before it branched, its image's plain row."""
+        where: dict[Row, int] = {}
+        offset = 0
+        for rows, _ in captures:
+            for k, r in enumerate(rows):
+                where[r] = offset + k
+            offset += len(rows)
+        index = [where[r] if r in where else where[(r[0], PLAIN_SLOT)] for r in self.rows]
+        tensors = [t for _, t in captures]
+        return _gather(tensors[0] if len(tensors) == 1 else torch.cat(tensors), index)
 
 
-def _run_part(fn: PartFn, model: nn.Module, x: torch.Tensor, host: BackboneHost, routing: Routing) -> torch.Tensor:
-    """One backbone part under its routing (entered here, so a checkpointed recomputation is routed too)."""
-    with host.router.use(routing):
-        return fn(model, x)
+# --- traced graphs -------------------------------------------------------------------------------------------------
 
 
-def _prompt_step(stream: _Stream, p: int, num_parts: int, num_prefix: int, plans: dict[int, SlotPlan]) -> torch.Tensor:
-    """Insert (before the first block), replace (VPT-deep) or strip (before the final part) prompt tokens."""
-    x = stream.x  # (R, T, C)
-    n = stream.num_prompts
-    if p == num_parts - 1:
-        return torch.cat([x[:, :num_prefix], x[:, num_prefix + n :]], dim=1)
-    if p == 0:
-        return x
-    unit = p - 1
-    pieces, changed = [], False
-    for seg in stream.routing.segments:
-        tokens = plans[seg.slot].prompts.tokens(unit)  # (P, C) or None
-        if tokens is None:
-            pieces.append(None)
-        else:
-            changed = True
-            pieces.append(tokens.to(x.dtype).unsqueeze(0).expand(seg.end - seg.start, -1, -1))
-    if not changed:
-        return x
-    if unit == 0:  # insert
-        prompts = torch.cat(pieces)
-        return torch.cat([x[:, :num_prefix], prompts, x[:, num_prefix:]], dim=1)
-    prompts = torch.cat(
-        [
-            x[s.start : s.end, num_prefix : num_prefix + n] if t is None else t
-            for s, t in zip(stream.routing.segments, pieces)
-        ]
-    )
-    return torch.cat([x[:, :num_prefix], prompts, x[:, num_prefix + n :]], dim=1)
+class StackedPlan:
+    """Every task of `slots` on every image, task-major (row k * N + i: image i, task k), for a traced graph.
 
+    Args:
+        module: The backbone module to run (the host's shared one, or a merged single-task copy).
+        slots: Task slots in output order.
+        branch_at: The first position any of them changes: the batch fans out before it
+            (`layout.num_positions`: never, the plain features are repeated at the end).
+    """
 
-def _assemble(captures: list[tuple[list[Row], torch.Tensor]], rows: list[Row]) -> torch.Tensor:
-    """Rows in request order, each from its own branch or, before it branched, its image's plain row."""
-    where: dict[Row, int] = {}
-    offset = 0
-    for cap_rows, _ in captures:
-        for k, r in enumerate(cap_rows):
-            where[r] = offset + k
-        offset += len(cap_rows)
-    index = [where[r] if r in where else where[(r[0], PLAIN_SLOT)] for r in rows]
-    tensors = [t for _, t in captures]
-    combined = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
-    return _gather(combined, index)
+    def __init__(self, module: nn.Module, slots: Sequence[int], branch_at: int) -> None:
+        self.module = module
+        self.slots = tuple(slots)
+        self.branch_at = branch_at
+
+    def start(self, images: torch.Tensor) -> list[Stream]:
+        return [Stream(self.module, "shared", images, StackedRouting((PLAIN_SLOT,)))]
+
+    def branch(self, position: int, streams: list[Stream]) -> list[Stream]:
+        if position != self.branch_at:
+            return streams
+        (stream,) = streams
+        return [Stream(self.module, "fanned", torch.cat([stream.x] * len(self.slots)), StackedRouting(self.slots))]
+
+    def assemble(self, captures: list[tuple[Any, torch.Tensor]]) -> torch.Tensor:
+        ((rows, x),) = captures
+        return x if rows == "fanned" else torch.cat([x] * len(self.slots))

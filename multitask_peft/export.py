@@ -4,7 +4,7 @@ The graph takes `images` (N, 3, H, W), normalised, and returns every listed task
 named `<task>.<field>` (classification `logits`; detection `boxes`, `scores`, `labels`, `num_detections`, padded
 to a fixed K; segmentation `mask`). The backbone parts before the first part any listed task changes run once per
 image; there the batch fans out task-major (N rows per task) and each adapted layer applies every task's
-adapters to its block of rows (`StackedRouting`: symbolic block sizes, so the batch dimension stays dynamic).
+adapters to its block of rows (`executor.StackedPlan`: symbolic block sizes, so the batch dimension stays dynamic).
 
 A JSON sidecar next to the graph (`<name>.json`) describes the tasks, their classes and outputs, and the
 preprocessing; `OnnxRunner` reads both.
@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .executor import StackedPlan, run_backbone
 from .heads import Features, Head
-from .routing import PLAIN_SLOT, StackedRouting
+from .peft import METHODS
 
 SIDECAR_FORMAT = "multitask-peft-onnx"
 SIDECAR_VERSION = 1
@@ -55,17 +56,17 @@ class MultiTaskGraph(nn.Module):
         self.output_prefixes = list(output_prefixes) if output_prefixes is not None else list(self.task_names)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.slots = tuple(model.slot(t) for t in self.task_names)
-        self.plain: nn.Module | None = None  # merged: the task's backbone with its PEFT folded in
         for name in self.task_names:
             if type(model.task(name).head).export_outputs is Head.export_outputs:
                 raise ValueError(f"task {name!r}: head {type(model.task(name).head).__name__} has no ONNX form")
+        host = model.backbone
         if merged:
             if len(self.task_names) != 1:
                 raise ValueError(f"a merged graph holds one task, got {self.task_names}")
-            self.plain = model.merged_backbone(self.task_names[0])  # raises for methods that cannot be folded
-            self.branch_at = 0
+            plain = model.merged_backbone(self.task_names[0])  # raises for methods that cannot be folded
+            self.plan = StackedPlan(plain, self.slots, branch_at=0)
         else:
-            plans = [model._plans[s] for s in self.slots]
+            plans = [model.slot_plan(t) for t in self.task_names]
             for name, plan in zip(self.task_names, plans, strict=True):
                 unsupported = [c.method for c in model.task(name).peft_configs if not c.onnx]
                 if unsupported or plan.prompts is not None or plan.backbone is not None:
@@ -74,7 +75,7 @@ class MultiTaskGraph(nn.Module):
                         "ONNX form in the multi-task graph (prompt tokens / a private backbone); export the other "
                         "tasks, or this one alone with merge=True"
                     )
-            self.branch_at = min(p.first_position for p in plans)
+            self.plan = StackedPlan(host.model, self.slots, branch_at=min(p.first_position for p in plans))
         self.eval()
         self.output_names = self._trace_names()
 
@@ -87,35 +88,13 @@ class MultiTaskGraph(nn.Module):
         return names
 
     def _forward(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        host = self.model.backbone
-        layout = host.layout
-        module = self.plain if self.plain is not None else host.model
+        features = run_backbone(self.model.backbone, images, self.plan)  # task-major rows
         num_tasks = len(self.slots)
-        level_at = {lvl.position: k for k, lvl in enumerate(layout.levels)}
-        captures: list[torch.Tensor | None] = [None] * len(layout.levels)
-        x = images
-        fanned = False
-        for p in range(len(layout.parts) + 1):
-            if p == self.branch_at and not fanned:
-                x = torch.cat([x] * num_tasks)
-                captures = [c if c is None else torch.cat([c] * num_tasks) for c in captures]
-                fanned = True
-            routing = StackedRouting(self.slots if fanned else (PLAIN_SLOT,))
-            with host.router.use(routing):  # (the merged backbone has no adapted layers to read it)
-                if p == len(layout.parts):
-                    pooled = layout.pool(module, x)
-                    break
-                x = layout.parts[p].fn(module, x)
-            if p in level_at:
-                captures[level_at[p]] = x
-        if not fanned:  # no task changes the backbone
-            pooled = torch.cat([pooled] * num_tasks)
-            captures = [torch.cat([c] * num_tasks) for c in captures]
-        maps = [layout.to_map(c, self.image_size) for c in captures]
         results = []
         for k, name in enumerate(self.task_names):
             feats = Features(
-                [m.unflatten(0, (num_tasks, -1))[k] for m in maps], pooled.unflatten(0, (num_tasks, -1))[k]
+                [m.unflatten(0, (num_tasks, -1))[k] for m in features.maps],
+                features.pooled.unflatten(0, (num_tasks, -1))[k],
             )
             head = self.model.task(name).head
             results.append(head.export_outputs(head(feats), self.image_size))
@@ -311,10 +290,11 @@ def _check_adapter_tasks(model: nn.Module, names: list[str]) -> None:
     for name in names:
         task = model.task(name)
         methods = [c.method for c in task.peft_configs]
-        if methods != ["lora"]:
+        if len(task.peft_configs) != 1 or not task.peft_configs[0].adapter_files:
+            supported = [m for m in METHODS if METHODS.get(m).adapter_files]
             raise ValueError(
-                f"merge=True with several tasks exports LoRA adapter files; task {name!r} uses {methods} "
-                "(export it alone with merge=True, or in the multi-task graph)"
+                f"merge=True with several tasks exports adapter files ({', '.join(supported)}, one method per task); "
+                f"task {name!r} uses {methods} (export it alone with merge=True, or in the multi-task graph)"
             )
         lora, ref = task.peft_configs[0].to_dict(), first.peft_configs[0].to_dict()
         if lora != ref or task.head_config.to_dict() != first.head_config.to_dict():

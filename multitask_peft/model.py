@@ -10,12 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import kernels
 from .backbone import BackboneHost, create_timm_backbone
 from .config import check_task_name
-from .executor import SlotPlan, run_backbone
+from .executor import RowPlan, SlotPlan, run_backbone
 from .heads import FeatureInfo, Features, HeadConfig
-from .peft.base import MethodModule, PeftConfig
+from .peft.base import METHODS, MethodModule, PeftConfig
 from .routing import PLAIN_SLOT
 
 
@@ -96,6 +95,11 @@ class MultiTaskModel(nn.Module):
         """Run-time slot of a task (what `forward_features` takes per row)."""
         return self.task(name).slot
 
+    def slot_plan(self, name: str) -> SlotPlan:
+        """What the executor knows of a task: the first backbone position it changes, its prompts, a private
+        backbone."""
+        return self._plans[self.slot(name)]
+
     def add_task(self, name: str, head: HeadConfig, peft: PeftConfig | Sequence[PeftConfig] = ()) -> Task:
         """Add a task: a head config and a PEFT recipe (one or more method configs; empty = linear probe).
 
@@ -121,8 +125,12 @@ class MultiTaskModel(nn.Module):
         for c in configs:
             if not isinstance(c, PeftConfig):
                 raise TypeError(f"peft must be PEFT method configs such as mtp.peft.LoRA(r=8), got {c!r}")
-        if any(c.method == "full" for c in configs) and len(configs) > 1:
-            raise ValueError("the `full` fine-tuning baseline cannot be combined with other methods in one task")
+        private = [c.method for c in configs if c.owns_backbone]
+        if private and len(configs) > 1:
+            raise ValueError(
+                f"{private[0]} trains a task-private backbone copy and cannot be combined with other methods in one "
+                f"task; got {[c.method for c in configs]}"
+            )
         methods = [c.build(self.backbone) for c in configs]
         if sum(m.prompts() is not None for m in methods) > 1:
             raise ValueError("a task can use one prompt method (vpt) at most")
@@ -160,7 +168,6 @@ class MultiTaskModel(nn.Module):
         del self.task_modules[name]
         task.slot = PLAIN_SLOT
         self.version += 1
-        kernels.clear_cache()  # drop stacked copies of its weights now
 
     def trainable_parameters(self, name: str) -> Iterator[nn.Parameter]:
         """The task's trainable parameters: its PEFT modules and its head."""
@@ -189,10 +196,8 @@ class MultiTaskModel(nn.Module):
         """
         self._check_images(images)
         slots = self._check_slots(task_slots, images.shape[0])
-        rows = list(enumerate(slots))
-        return run_backbone(
-            self.backbone, images, rows, self._plans, share_prefix=False, checkpointing=self.grad_checkpointing
-        )
+        plan = RowPlan(self.backbone, list(enumerate(slots)), self._plans, share_prefix=False)
+        return run_backbone(self.backbone, images, plan, checkpointing=self.grad_checkpointing)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute backbone activations part by part in the backward pass (less memory, more compute)."""
@@ -219,24 +224,12 @@ class MultiTaskModel(nn.Module):
             {task: [per-image result dict]} (classification: {"logits", "label", "score"}).
         """
         self._check_images(images)
-        names = [tasks] if isinstance(tasks, str) else list(tasks)
+        names = [tasks] if isinstance(tasks, str) else list(dict.fromkeys(tasks))
         if not names:
             raise ValueError("tasks must name at least one task; tasks: " + str(self.tasks))
-        slots = [self.slot(t) for t in dict.fromkeys(names)]
         n = images.shape[0]
-        rows = [(i, s) for s in slots for i in range(n)]
-        was_training = self.training
-        self.eval()
-        try:
-            features = run_backbone(self.backbone, images, rows, self._plans, share_prefix=True)
-            out = {}
-            for k, name in enumerate(dict.fromkeys(names)):
-                head = self.task(name).head
-                outputs = head(features.select(range(k * n, (k + 1) * n)))
-                out[name] = head.postprocess(outputs, (images.shape[-2], images.shape[-1]))
-            return out
-        finally:
-            self.train(was_training)
+        results = self._predict_rows(images, [(i, name) for name in names for i in range(n)])
+        return {name: [results[(i, name)] for i in range(n)] for name in names}
 
     @torch.no_grad()
     def predict_each(self, images: torch.Tensor, tasks: Sequence[Sequence[str]]) -> list[dict[str, dict[str, Any]]]:
@@ -252,21 +245,28 @@ class MultiTaskModel(nn.Module):
         if isinstance(tasks, str) or len(tasks) != n:
             raise ValueError(f"tasks must hold one list of task names per image ({n}), got {tasks!r}")
         per_image = [[t] if isinstance(t, str) else list(dict.fromkeys(t)) for t in tasks]
-        rows = [(i, self.slot(name)) for i, names in enumerate(per_image) for name in names]
-        if not rows:
+        requests = [(i, name) for i, names in enumerate(per_image) for name in names]
+        if not requests:
             raise ValueError("tasks must name at least one task for some image; tasks: " + str(self.tasks))
+        results = self._predict_rows(images, requests)
+        return [{name: results[(i, name)] for name in names} for i, names in enumerate(per_image)]
+
+    def _predict_rows(self, images: torch.Tensor, requests: list[tuple[int, str]]) -> dict[tuple[int, str], Any]:
+        """One routed eval-mode pass (shared prefix) for (image, task) requests; every task's rows go through its
+        head together. Returns {(image, task): result dict}."""
+        rows = [(i, self.slot(name)) for i, name in requests]
         was_training = self.training
         self.eval()
         try:
-            features = run_backbone(self.backbone, images, rows, self._plans, share_prefix=True)
-            results: list[dict[str, dict[str, Any]]] = [{} for _ in range(n)]
-            for name in dict.fromkeys(t for names in per_image for t in names):
-                index = [k for k, (_, slot) in enumerate(rows) if slot == self.task_modules[name].slot]
+            features = run_backbone(self.backbone, images, RowPlan(self.backbone, rows, self._plans))
+            results = {}
+            for name in dict.fromkeys(name for _, name in requests):
+                index = [k for k, (_, task) in enumerate(requests) if task == name]
                 head = self.task_modules[name].head
                 outputs = head.postprocess(head(features.select(index)), (images.shape[-2], images.shape[-1]))
                 for k, out in zip(index, outputs, strict=True):
-                    results[rows[k][0]][name] = out
-            return [{name: results[i][name] for name in names} for i, names in enumerate(per_image)]
+                    results[requests[k]] = out
+            return results
         finally:
             self.train(was_training)
 
@@ -279,9 +279,10 @@ class MultiTaskModel(nn.Module):
             return copy.deepcopy(private[0]).eval()
         for method in task.peft.values():
             if not method.config.foldable:
+                foldable = [m for m in METHODS if METHODS.get(m).foldable]
                 raise ValueError(
                     f"task {name!r} uses {method.config.method}, which cannot be folded into the weights; "
-                    "foldable methods: lora, dora, bitfit, norm, ssf, linear_probe, full"
+                    f"foldable methods: {', '.join(foldable)}"
                 )
         model = self.backbone.plain_copy()
         adapters = [(n, a) for m in task.peft.values() for n, a in m.adapters().items()]
@@ -362,10 +363,11 @@ class MultiTaskModel(nn.Module):
 
 
 def _check_no_conflicts(methods: list[MethodModule]) -> None:
-    """One low-rank update (lora / dora / fact) per module per task, as their merged forms would clash."""
+    """One weight update (`PeftConfig.weight_update`: lora, dora, fact) per module per task, as their merged forms
+    would clash."""
     owner: dict[str, str] = {}
     for m in methods:
-        if m.config.method not in ("lora", "dora", "fact"):
+        if not m.config.weight_update:
             continue
         for name in m.adapters():
             if name in owner:

@@ -11,15 +11,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 PLAIN_SLOT = -1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Segment:
-    """Rows `start:end` of the (sorted) batch all belong to task slot `slot` (>= 0)."""
+    """Rows `start:end` of the (sorted) batch all belong to task slot `slot` (>= 0). Bounds are symbolic ints
+    while a graph is traced, so segments are kept in lists in row order, never hashed."""
 
     slot: int
     start: int
@@ -28,7 +30,7 @@ class Segment:
 
 @dataclass(frozen=True)
 class Routing:
-    """Segments of a slot-sorted batch.
+    """Segments of a slot-sorted batch whose row counts are Python ints (eager inference and training).
 
     Attributes:
         num_rows: Rows of the batch (images, or image x task pairs once fanned out).
@@ -37,6 +39,9 @@ class Routing:
 
     num_rows: int
     segments: tuple[Segment, ...]
+
+    #: Layers may apply the batched forms (the ops of `multitask_peft.kernels`, in place at inference).
+    batched: ClassVar[bool] = True
 
     @classmethod
     def from_sorted_slots(cls, slots: Sequence[int]) -> Routing:
@@ -51,38 +56,33 @@ class Routing:
             raise ValueError(f"slots must be sorted ascending, got {list(slots)}")
         return cls(len(slots), tuple(segments))
 
-    def scaled(self, rows_per_item: int) -> tuple[Segment, ...]:
-        """Segments in units of tensor rows when every batch item spans `rows_per_item` rows (e.g. Swin windows)."""
-        if rows_per_item == 1:
-            return self.segments
-        return tuple(Segment(s.slot, s.start * rows_per_item, s.end * rows_per_item) for s in self.segments)
-
     def segments_for(self, x: torch.Tensor) -> tuple[Segment, ...]:
-        """Segments along dim 0 of `x`, whose leading dim is `num_rows` times a whole number of rows per item."""
+        """Segments along dim 0 of `x`, whose leading dim is `num_rows` times a whole number of rows per item
+        (e.g. the windows of a Swin block)."""
         n = x.shape[0]
         if self.num_rows == 0 or n % self.num_rows:
             raise RuntimeError(
                 f"adapted layer got a tensor with leading dim {n}, not a multiple of the routed batch ({self.num_rows})"
             )
-        return self.scaled(n // self.num_rows)
+        per_item = n // self.num_rows
+        if per_item == 1:
+            return self.segments
+        return tuple(Segment(s.slot, s.start * per_item, s.end * per_item) for s in self.segments)
 
 
 @dataclass(frozen=True)
 class StackedRouting:
     """Routing of a traced graph (ONNX export): the batch is `len(slots)` equal blocks, block k all of slot
-    `slots[k]`. Block sizes stay symbolic (dynamic batch), so layers split with tensor ops, not Python ints."""
+    `slots[k]`. Block sizes stay symbolic (dynamic batch): the segments' bounds are computed from the tensor's
+    leading dim, and layers apply the out-of-place `compose` forms (traceable), never the in-place batched ops."""
 
     slots: tuple[int, ...]
 
+    batched: ClassVar[bool] = False
 
-def sort_by_slot(slots: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """Stable sort of row slots.
-
-    Returns:
-        The permutation `order` (rows in slot order are `x[order]`) and the sorted slots as Python ints.
-    """
-    order = torch.sort(slots, stable=True).indices
-    return order, slots[order].tolist()
+    def segments_for(self, x: torch.Tensor) -> tuple[Segment, ...]:
+        block = x.shape[0] // len(self.slots)  # symbolic while tracing
+        return tuple(Segment(s, k * block, (k + 1) * block) for k, s in enumerate(self.slots) if s != PLAIN_SLOT)
 
 
 class RoutingContext:

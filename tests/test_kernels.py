@@ -24,7 +24,6 @@ def triton_backend(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setenv("MULTITASK_PEFT_KERNELS", "triton")
     monkeypatch.setattr(triton_ops, "POISON", True)
-    kernels.clear_cache()
 
 
 def _ranges(rows: int, num_slots: int, g: torch.Generator) -> list[tuple[int, int]]:
@@ -196,12 +195,13 @@ def test_pack_cache_follows_weights() -> None:
     rebuilt after an in-place update or a move to new storage (`module.to(...)`)."""
     from multitask_peft.kernels import packing
 
-    kernels.clear_cache()
+    cache = packing.PackCache()
     g = torch.Generator().manual_seed(0)
     a, b = torch.nn.Parameter(torch.randn(2, 4, 6, generator=g)), torch.nn.Parameter(torch.randn(2, 5, 4, generator=g))
 
     def pack() -> packing.LowRankPack:
-        (p,) = packing.pack_lora([LoRASegment(0, 3, a[0], b[0], 1.0), LoRASegment(3, 5, a[1], b[1], 1.0)])
+        segments = [LoRASegment(0, 3, a[0], b[0], 1.0), LoRASegment(3, 5, a[1], b[1], 1.0)]
+        (p,) = packing.pack_lora(segments, cache=cache)
         return p
 
     with torch.no_grad():
@@ -213,7 +213,11 @@ def test_pack_cache_follows_weights() -> None:
         a.data = a.data.double()
         moved = pack()
         assert moved.down is not updated.down and moved.down.dtype == torch.float64
-    kernels.clear_cache()
+        assert len(cache)
+        cache.clear()
+        assert not len(cache) and pack().down is not moved.down
+        segments = [LoRASegment(0, 3, a[0], b[0], 1.0)]
+        assert packing.pack_lora(segments)[0].down is not packing.pack_lora(segments)[0].down  # no cache: no reuse
 
 
 # --- Triton ---------------------------------------------------------------------------------------------------
@@ -449,10 +453,45 @@ def test_model_on_triton_matches_torch_path(monkeypatch: pytest.MonkeyPatch) -> 
     for op in ("lora", "lora_", "scale_shift", "scale_shift_", "bottleneck", "bottleneck_"):
         fn = getattr(triton_ops, op)
         monkeypatch.setattr(
-            triton_ops, op, lambda *a, _fn=fn, _op=op: calls.update({_op: calls.get(_op, 0) + 1}) or _fn(*a)
+            triton_ops, op, lambda *a, _fn=fn, _op=op, **kw: calls.update({_op: calls.get(_op, 0) + 1}) or _fn(*a, **kw)
         )
     torch_path = run("torch")
     assert not calls
     triton_path = run("triton")
     assert all(calls.get(op) for op in ("lora", "lora_", "scale_shift", "scale_shift_", "bottleneck", "bottleneck_"))
     _close(triton_path, torch_path, atol=1e-4, rtol=1e-3)
+
+
+def test_stacked_weights_belong_to_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each adapted layer keeps the stacked kernel weights of its own adapters: reused across batches, rebuilt when
+    a task attaches or detaches, and another model's task changes never drop them."""
+    import multitask_peft as mtp
+    from conftest import make_model, randomize
+
+    monkeypatch.setenv("MULTITASK_PEFT_KERNELS", "triton")
+    models = []
+    for seed in (0, 1):
+        model, size = make_model("vit")
+        for name in ("a", "b"):
+            model.add_task(name, head=mtp.tasks.Classification(num_classes=3), peft=[mtp.peft.LoRA(r=2)])
+            randomize(model.task(name), seed=seed)
+        models.append(model)
+    images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+    def packs(model: mtp.MultiTaskModel) -> dict[str, int]:
+        layers = {n: m for n, m in model.backbone.model.named_modules() if hasattr(m, "packs")}
+        assert layers, "no adapted layer"
+        return {n: len(m.packs) for n, m in layers.items()}
+
+    with torch.no_grad():
+        before = models[0].predict(images, ["a", "b"])
+        models[1].predict(images, ["a", "b"])
+    assert all(packs(models[0]).values()) and all(packs(models[1]).values())  # the Triton path kept its weights
+    models[1].remove_task("b")
+    assert all(packs(models[0]).values())  # untouched by the other model's change
+    assert not any(packs(models[1]).values())  # its own are rebuilt on next use
+    with torch.no_grad():
+        again = models[0].predict(images, ["a", "b"])
+    for task in ("a", "b"):
+        for x, y in zip(again[task], before[task], strict=True):
+            torch.testing.assert_close(x["logits"], y["logits"])

@@ -74,11 +74,11 @@ class Bottleneck(LayerAdapter):
         return y + self.bottleneck(y if self.sequential else x)
 
     @classmethod
-    def apply_segments(cls, items: list[tuple[Segment, LayerAdapter]], x, y, base) -> torch.Tensor:  # noqa: ANN001
+    def apply_segments(cls, items: list[tuple[Segment, LayerAdapter]], x, y, base, cache=None) -> torch.Tensor:  # noqa: ANN001
         """Token / channels-last rows of plain bottlenecks run as one segmented op; others segment by segment."""
         plain = [(s, a) for s, a in items if a.channel_dim == -1 and type(a).bottleneck is Bottleneck.bottleneck]
         if len(plain) < len(items):
-            return super().apply_segments(items, x, y, base)
+            return super().apply_segments(items, x, y, base, cache)
         z = y if plain[0][1].sequential else x
         z2, y2 = z.reshape(-1, z.shape[-1]), y.reshape(-1, y.shape[-1])  # (rows * tokens, C)
         tokens = y2.shape[0] // y.shape[0]
@@ -86,7 +86,11 @@ class Bottleneck(LayerAdapter):
             kernels.BottleneckSegment(seg.start * tokens, seg.end * tokens, *a.params(), a.act, a.scale)
             for seg, a in plain
         ]
-        y2 = kernels.bottleneck(y2, z2, segments) if torch.is_grad_enabled() else kernels.bottleneck_(y2, z2, segments)
+        y2 = (
+            kernels.bottleneck(y2, z2, segments, cache)
+            if torch.is_grad_enabled()
+            else kernels.bottleneck_(y2, z2, segments, cache)
+        )
         return y2.view(y.shape)
 
 

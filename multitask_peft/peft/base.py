@@ -48,6 +48,13 @@ class PeftConfig(ConfigBase):
     foldable: ClassVar[bool] = False
     #: Whether the multi-task ONNX graph can hold the method (`mtp.export_onnx`).
     onnx: ClassVar[bool] = True
+    #: An update of the adapted modules' weights (low-rank): one such method per module per task.
+    weight_update: ClassVar[bool] = False
+    #: The task trains its own backbone copy (its rows run through it): no other method in the same task.
+    owns_backbone: ClassVar[bool] = False
+    #: Tasks using only this method (same options, same head) can share one ONNX graph whose factors ONNX Runtime
+    #: swaps per run from `.onnx_adapter` files (`export_onnx(..., merge=True)` with several tasks).
+    adapter_files: ClassVar[bool] = False
 
     targets: str | tuple[str, ...] | None = None
 
@@ -106,16 +113,6 @@ class MethodModule(nn.Module):
         """First backbone position whose output this method changes (`host.layout.num_positions` if none)."""
         positions = [host.position_of(name) for name in self.adapters()]
         return min(positions, default=host.layout.num_positions)
-
-    def fold_into(self, model: nn.Module) -> None:
-        """Fold every adapter into a plain copy of the backbone (`model`), in place."""
-        if not self.config.foldable:
-            raise ValueError(
-                f"{self.config.method} cannot be merged into the backbone weights (it is not "
-                "a reparameterisation); serve the task unmerged or export its multi-task graph"
-            )
-        for name, adapter in self.adapters().items():
-            adapter.fold(model.get_submodule(name))
 
 
 class PromptTokens(nn.Module):

@@ -36,7 +36,7 @@ class FullFineTune(PeftConfig):
     included). Its rows run through that copy; it cannot be combined with other methods in one task."""
 
     onnx: ClassVar[bool] = False  # its own backbone copy: export it as a merged single-task graph
-
+    owns_backbone: ClassVar[bool] = True
     foldable: ClassVar[bool] = True
     kinds: ClassVar[tuple[str, ...]] = ("vit", "cnn")
 

@@ -32,6 +32,7 @@ class FacT(PeftConfig):
 
     kinds: ClassVar[tuple[str, ...]] = ("vit",)
     foldable: ClassVar[bool] = True
+    weight_update: ClassVar[bool] = True
 
     r: int = 8
     mode: str = "tt"

@@ -5,10 +5,12 @@ slot's contiguous segment of rows. Adapter classes run in a fixed phase order (`
 norm-affine overrides, DoRA rescaling, parallel low-rank / bottleneck deltas, bias and scale-shift, sequential
 bottleneck adapters. A task may combine methods on one module; they compose in that order.
 
-Two forms of every adapter: `adapt` (one segment, out of place: the spec, and what autograd sees when training on
-the torch path; the wrapper joins the segments with one `cat`) and `apply_segments` (the batched form over every
-segment of the batch, through the ops of `multitask_peft.kernels`: in place on the frozen output without autograd,
-out of place and differentiable when training with the Triton kernels).
+Two forms of every adapter: `adapt` (one segment, out of place: the spec; what autograd sees when training on the
+torch path, and what a traced ONNX graph holds; the wrapper joins the segments with one `cat`) and `apply_segments`
+(the batched form over every segment of the batch, through the ops of `multitask_peft.kernels`: in place on the
+frozen output without autograd, out of place and differentiable when training with the Triton kernels). Which one
+runs is decided per call from the routing (`Routing.batched`), autograd and the kernel backend; the segments come
+from the routing either way.
 """
 
 from __future__ import annotations
@@ -23,16 +25,18 @@ from timm.layers import Conv2dSame, pad_same
 from torch import nn
 
 from .. import kernels
-from ..routing import RoutingContext, Segment, StackedRouting
+from ..routing import RoutingContext, Segment
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)
 
 
 class LayerAdapter(nn.Module):
-    """One task's adaptation of one backbone module (owned by the task, referenced by the wrapper)."""
+    """One task's adaptation of one backbone module (owned by the task, referenced by the wrapper).
+
+    `order` fixes the composition on one module: norm affine (0), DoRA (10), parallel deltas (20), bias (30),
+    scale-shift (40), sequential adapters (50)."""
 
     order: ClassVar[int] = 100
-    foldable: ClassVar[bool] = False
 
     @classmethod
     def batch_key(cls) -> type[LayerAdapter]:
@@ -53,15 +57,17 @@ class LayerAdapter(nn.Module):
         x: torch.Tensor,  # (rows, ...) input of the module
         y: torch.Tensor,  # (rows, ...) output so far, writable in place
         base: nn.Module,
+        cache: kernels.PackCache | None = None,
     ) -> torch.Tensor:
-        """Batched inference form: apply every (segment, adapter) pair. Default: `compose` per segment."""
-        by_segment: dict[Segment, list[LayerAdapter]] = {}
+        """Batched form: apply every (segment, adapter) pair (in place without autograd). Default: `compose` per
+        segment. `cache` is the layer's store of stacked kernel weights."""
+        by_segment: dict[int, tuple[Segment, list[LayerAdapter]]] = {}
         for seg, adapter in items:
-            by_segment.setdefault(seg, []).append(adapter)
-        outputs = {
-            seg: cls.compose(adapters, x[seg.start : seg.end], y[seg.start : seg.end], base)
-            for seg, adapters in by_segment.items()
-        }
+            by_segment.setdefault(id(seg), (seg, []))[1].append(adapter)
+        outputs = [
+            (seg, cls.compose(adapters, x[seg.start : seg.end], y[seg.start : seg.end], base))
+            for seg, adapters in by_segment.values()
+        ]
         return write_segments(y, outputs)
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
@@ -77,7 +83,8 @@ class MultiAdapterLayer(nn.Module):
     """Wraps a frozen backbone module; applies each routed slot's adapters to that slot's rows.
 
     Adapters are kept in a plain dict (not registered submodules): their parameters belong to the task, so the
-    backbone's own parameters and state dict never change when tasks come and go.
+    backbone's own parameters and state dict never change when tasks come and go. The layer owns the stacked
+    kernel weights built from its adapters (`packs`), dropped whenever a task attaches or detaches.
     """
 
     def __init__(self, base: nn.Module, router: RoutingContext) -> None:
@@ -85,12 +92,15 @@ class MultiAdapterLayer(nn.Module):
         self.base = base
         self._router = router
         self._adapters: dict[int, list[LayerAdapter]] = {}
+        self.packs = kernels.PackCache()
 
     def attach(self, slot: int, adapter: LayerAdapter) -> None:
         self._adapters.setdefault(slot, []).append(adapter)
+        self.packs.clear()
 
     def detach(self, slot: int) -> None:
         self._adapters.pop(slot, None)
+        self.packs.clear()
 
     def adapters(self, slot: int) -> list[LayerAdapter]:
         return list(self._adapters.get(slot, ()))
@@ -102,55 +112,41 @@ class MultiAdapterLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         y = self.base(x, *args, **kwargs)
         routing = self._router.current
-        if isinstance(routing, StackedRouting):
-            return self._forward_stacked(x, y, routing.slots)
         segments = [s for s in routing.segments_for(x) if s.slot in self._adapters]
         if not segments:
             return y
-        if not torch.is_grad_enabled() or kernels.batched_training(y):
+        if routing.batched and (not torch.is_grad_enabled() or kernels.batched_training(y)):
             # batched forms: in place on the frozen output at inference, one differentiable op per class with Triton
             groups: dict[type[LayerAdapter], list[tuple[Segment, LayerAdapter]]] = defaultdict(list)
             for seg in segments:
                 for adapter in self._adapters[seg.slot]:
                     groups[adapter.batch_key()].append((seg, adapter))
             for cls in sorted(groups, key=lambda c: c.order):
-                y = cls.apply_segments(groups[cls], x, y, self.base)
+                y = cls.apply_segments(groups[cls], x, y, self.base, self.packs)
             return y
-        # training on the torch path: each segment out of place, joined by one cat (no full-size slice gradients)
-        outputs = {}
+        # training on the torch path, or a traced graph: each segment out of place, joined by one cat (no
+        # full-size slice gradients; symbolic segment bounds are never compared)
+        outputs = []
         for seg in segments:
             xs, ys = x[seg.start : seg.end], y[seg.start : seg.end]
             ordered = sorted(self._adapters[seg.slot], key=lambda a: a.order)
             for key, group in itertools.groupby(ordered, key=lambda a: a.batch_key()):
                 ys = key.compose(list(group), xs, ys, self.base)
-            outputs[seg] = ys
-        return write_segments(y, outputs)
-
-    def _forward_stacked(self, x: torch.Tensor, y: torch.Tensor, slots: tuple[int, ...]) -> torch.Tensor:
-        """Each of the equal blocks of rows through its slot's adapters (the `compose` forms), traceable."""
-        if not any(s in self._adapters for s in slots):
-            return y
-        xs, ys = x.unflatten(0, (len(slots), -1)).unbind(0), y.unflatten(0, (len(slots), -1)).unbind(0)
-        outputs = []
-        for slot, xk, yk in zip(slots, xs, ys, strict=True):
-            ordered = sorted(self._adapters.get(slot, ()), key=lambda a: a.order)
-            for key, group in itertools.groupby(ordered, key=lambda a: a.batch_key()):
-                yk = key.compose(list(group), xk, yk, self.base)
-            outputs.append(yk)
-        return torch.cat(outputs)
+            outputs.append((seg, ys))
+        return kernels.segmented.join_rows(y, [((seg.start, seg.end), rows) for seg, rows in outputs])
 
     def extra_repr(self) -> str:
         return f"slots={sorted(self._adapters)}"
 
 
-def write_segments(y: torch.Tensor, outputs: dict[Segment, torch.Tensor]) -> torch.Tensor:
-    """`y` with the rows of each segment replaced: in place without autograd, else out of place (rows of `y` may be
-    saved for the backward pass of the adapters that produced `outputs`)."""
+def write_segments(y: torch.Tensor, outputs: list[tuple[Segment, torch.Tensor]]) -> torch.Tensor:
+    """`y` with the rows of each segment (in row order) replaced: in place without autograd, else out of place (rows
+    of `y` may be saved for the backward pass of the adapters that produced `outputs`)."""
     if not torch.is_grad_enabled():
-        for seg, rows in outputs.items():
+        for seg, rows in outputs:
             y[seg.start : seg.end] = rows
         return y
-    return kernels.segmented.join_rows(y, {(seg.start, seg.end): rows for seg, rows in outputs.items()})
+    return kernels.segmented.join_rows(y, [((seg.start, seg.end), rows) for seg, rows in outputs])
 
 
 def channel_dim(module: nn.Module) -> int:

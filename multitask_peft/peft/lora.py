@@ -52,6 +52,8 @@ class LoRA(PeftConfig):
     """
 
     foldable: ClassVar[bool] = True
+    weight_update: ClassVar[bool] = True
+    adapter_files: ClassVar[bool] = True
 
     r: int = 8
     alpha: float | None = None
@@ -107,7 +109,6 @@ class LoRALinear(LayerAdapter):
     """`y += scale * (x @ lora_a.T) @ lora_b.T` on a Linear."""
 
     order: ClassVar[int] = 20
-    foldable: ClassVar[bool] = True
 
     def __init__(self, base: nn.Linear, config: LoRA) -> None:
         super().__init__()
@@ -122,7 +123,7 @@ class LoRALinear(LayerAdapter):
         return [(self.lora_a, self.lora_b, 0)]
 
     @classmethod
-    def apply_segments(cls, items: list[tuple[Segment, LayerAdapter]], x, y, base) -> torch.Tensor:  # noqa: ANN001
+    def apply_segments(cls, items: list[tuple[Segment, LayerAdapter]], x, y, base, cache=None) -> torch.Tensor:  # noqa: ANN001
         x2 = x.reshape(-1, x.shape[-1])  # (rows * tokens, in)
         y2 = y.reshape(-1, y.shape[-1])  # (rows * tokens, out)
         tokens = x2.shape[0] // x.shape[0]
@@ -135,7 +136,11 @@ class LoRALinear(LayerAdapter):
             ]
         for p, segments in by_dropout.items():
             xs = F.dropout(x2, p, training=True) if p else x2
-            y2 = kernels.lora(y2, xs, segments) if torch.is_grad_enabled() else kernels.lora_(y2, xs, segments)
+            y2 = (
+                kernels.lora(y2, xs, segments, cache)
+                if torch.is_grad_enabled()
+                else kernels.lora_(y2, xs, segments, cache)
+            )
         return y2.view(y.shape)
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
@@ -179,7 +184,6 @@ class LoRAConv2d(LayerAdapter):
     """
 
     order: ClassVar[int] = 20
-    foldable: ClassVar[bool] = True
 
     def __init__(self, base: nn.Conv2d, config: LoRA) -> None:
         super().__init__()
@@ -214,6 +218,8 @@ class DoRA(LoRA):
     Same options as LoRA (no `qkv_slices`); the magnitude vector `dora_magnitude` starts at the frozen row norms.
     """
 
+    adapter_files: ClassVar[bool] = False
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.qkv_slices is not None:
@@ -227,7 +233,6 @@ class DoRAAdapter(LayerAdapter):
     """Rescales the low-rank-updated output: `y' = (y - b + s delta(x)) * m / ||W + s B A||_row + b`."""
 
     order: ClassVar[int] = 10
-    foldable: ClassVar[bool] = True
 
     def __init__(self, base: nn.Linear | nn.Conv2d, config: DoRA) -> None:
         super().__init__()

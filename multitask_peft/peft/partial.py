@@ -29,7 +29,6 @@ class NormAffine(LayerAdapter):
     """
 
     order: ClassVar[int] = 0
-    foldable: ClassVar[bool] = True
     compose_order: ClassVar[int] = 0
 
     @classmethod
@@ -67,13 +66,11 @@ class NormAffine(LayerAdapter):
 class OutputScaleShift(LayerAdapter):
     """Per-channel `y * scale + shift` on a Linear / Conv2d output (BitFit: shift only; SSF: both)."""
 
-    foldable: ClassVar[bool] = True
-
     def scale_shift(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         raise NotImplementedError
 
     @classmethod
-    def apply_segments(cls, items: list[tuple[Segment, LayerAdapter]], x, y, base) -> torch.Tensor:  # noqa: ANN001
+    def apply_segments(cls, items: list[tuple[Segment, LayerAdapter]], x, y, base, cache=None) -> torch.Tensor:  # noqa: ANN001
         # token / channels-last rows as (rows * tokens, C); NCHW maps as (rows, C, H * W)
         y2 = y.reshape(-1, y.shape[-1]) if channel_dim(base) == -1 else y.reshape(y.shape[0], y.shape[1], -1)
         per_row = y2.shape[0] // y.shape[0]
@@ -81,7 +78,11 @@ class OutputScaleShift(LayerAdapter):
             kernels.ScaleShiftSegment(seg.start * per_row, seg.end * per_row, *adapter.scale_shift())
             for seg, adapter in items
         ]
-        y2 = kernels.scale_shift(y2, segments) if torch.is_grad_enabled() else kernels.scale_shift_(y2, segments)
+        y2 = (
+            kernels.scale_shift(y2, segments, cache)
+            if torch.is_grad_enabled()
+            else kernels.scale_shift_(y2, segments, cache)
+        )
         return y2.view(y.shape)
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
