@@ -238,7 +238,7 @@ def run(args: argparse.Namespace, num_tasks: int) -> dict[str, Any]:
 
     if cuda:  # float32 on the GPU for the parity check (TF32 convolutions off, as on the CPU)
         model, backbone, hf, images = model.cuda(), backbone.cuda(), hf.cuda(), images.cuda()
-        kernels.clear_cache()
+        model.clear_kernel_cache()  # moved weights: drop the packs of the old storage now
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
             parity = check_parity(model, backbone, hf, images, row_tasks, slots)
     else:

@@ -125,8 +125,11 @@ class BackboneHost(nn.Module):
                 setattr(self._modules_by_name[parent_name], child, wrapper.base)
                 del self._wrappers[name]
 
-    def wrapper(self, name: str) -> MultiAdapterLayer | None:
-        return self._wrappers.get(name)
+    def clear_kernel_cache(self) -> None:
+        """Drop the stacked kernel weights every adapted layer keeps (after writes through `.data`, which bump no
+        tensor version, or to free their memory at once)."""
+        for wrapper in self._wrappers.values():
+            wrapper.packs.clear()
 
     def plain_copy(self) -> nn.Module:
         """A deep copy of the timm model with every wrapper replaced by its frozen base module."""

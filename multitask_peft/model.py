@@ -199,6 +199,11 @@ class MultiTaskModel(nn.Module):
         plan = RowPlan(self.backbone, list(enumerate(slots)), self._plans, share_prefix=False)
         return run_backbone(self.backbone, images, plan, checkpointing=self.grad_checkpointing)
 
+    def clear_kernel_cache(self) -> None:
+        """Drop the stacked weights the Triton path keeps per adapted layer; they are rebuilt on the next batch.
+        Needed only after writing task weights through `.data` (in-place updates and `.to()` are noticed)."""
+        self.backbone.clear_kernel_cache()
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute backbone activations part by part in the backward pass (less memory, more compute)."""
         self.grad_checkpointing = bool(enable)

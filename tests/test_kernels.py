@@ -495,3 +495,5 @@ def test_stacked_weights_belong_to_the_model(monkeypatch: pytest.MonkeyPatch) ->
     for task in ("a", "b"):
         for x, y in zip(again[task], before[task], strict=True):
             torch.testing.assert_close(x["logits"], y["logits"])
+    models[0].clear_kernel_cache()  # after writes through `.data`
+    assert not any(packs(models[0]).values())
