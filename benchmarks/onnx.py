@@ -259,12 +259,12 @@ def run_model(args: argparse.Namespace, key: str, workdir: Path) -> dict[str, An
     if not args.no_int8:
         # export_onnx(quantize="int8")'s own steps on a copy of this graph (no second export): quantise, then the
         # drift check against PyTorch that the export runs
-        from multitask_peft.export import _int8_drift, _quantize_int8
+        from multitask_peft.export.quantize import int8_drift, quantize_int8
 
         qpath = workdir / f"{key}.int8.onnx"
         shutil.copyfile(path, qpath)
-        _quantize_int8(qpath)
-        print(f"  int8 drift from eager on the export's example images: {_int8_drift(graph, qpath, True)}")
+        quantize_int8(qpath)
+        print(f"  int8 drift from eager on the export's example images: {int8_drift(graph, qpath, True)}")
         int8 = ort.InferenceSession(str(qpath), session_options(args.threads), providers=["CPUExecutionProvider"])
     size_mb = path.stat().st_size / 2**20
     print(

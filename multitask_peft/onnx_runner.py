@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .export import SIDECAR_FORMAT, SIDECAR_VERSION, sidecar_path
+from .export.sidecar import SIDECAR_FORMAT, SIDECAR_VERSION, sidecar_path
 
 
 def _classification(out: dict[str, torch.Tensor]) -> list[dict[str, Any]]:

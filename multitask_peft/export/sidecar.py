@@ -1,0 +1,65 @@
+"""The JSON sidecar of an exported graph: what it holds (tasks, their heads, classes and outputs, PEFT recipes,
+preprocessing) and where it lives (`<graph>.json`). `OnnxRunner` reads it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .graph import MultiTaskGraph
+
+SIDECAR_FORMAT = "multitask-peft-onnx"
+SIDECAR_VERSION = 1
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """Where the JSON sidecar of an exported graph lives: the graph's path with the suffix `.json`."""
+    return Path(path).with_suffix(".json")
+
+
+def build_sidecar(
+    model: nn.Module,
+    graph: MultiTaskGraph,
+    names: list[str],
+    image_size: tuple[int, int],
+    dynamic_batch: bool,
+    fp16: bool,
+    merge: bool,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    seconds: float,
+) -> dict[str, Any]:
+    cfg = getattr(model.backbone.model, "pretrained_cfg", {}) or {}
+    prefixes = graph.output_prefixes if len(graph.output_prefixes) == len(names) else graph.output_prefixes * len(names)
+    tasks = {}
+    for name, prefix in zip(names, prefixes, strict=True):
+        fields = [o.split(".", 1)[1] for o in graph.output_names if o.split(".", 1)[0] == prefix]
+        tasks[name] = {
+            "head": model.task(name).head_config.head_type,
+            "output": model.task(name).head_config.output_kind,
+            "head_config": model.task(name).head_config.to_dict(),
+            "outputs": {field: f"{prefix}.{field}" for field in fields},
+            "peft": [c.to_dict() for c in model.task(name).peft_configs],
+        }
+    return {
+        "format": SIDECAR_FORMAT,
+        "version": SIDECAR_VERSION,
+        "backbone": model.backbone.arch,
+        "form": "adapters" if merge and len(names) > 1 else "merged" if merge else "multitask",
+        "input": {
+            "name": "images",
+            "layout": "NCHW",
+            "size": list(image_size),
+            "dynamic_batch": dynamic_batch,
+            "mean": list(mean if mean is not None else cfg.get("mean", (0.485, 0.456, 0.406))),
+            "std": list(std if std is not None else cfg.get("std", (0.229, 0.224, 0.225))),
+            "dtype": "float32",
+        },
+        "precision": "fp16" if fp16 else "fp32",
+        "tasks": tasks,
+        "export_seconds": round(seconds, 2),
+    }
