@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import task_io
 from .backbone import BackboneHost, create_timm_backbone
 from .config import check_task_name
 from .executor import RowPlan, SlotPlan, run_backbone
@@ -340,9 +341,10 @@ class MultiTaskModel(nn.Module):
     # --- task files ----------------------------------------------------------------------------------------
     def save_task(self, name: str, path: str | os.PathLike) -> None:
         """Write `adapter_config.json` + `adapter_model.safetensors` for a task into directory `path`."""
-        from .task_io import save_task
-
-        save_task(self, name, path)
+        task = self.task(name)
+        backbone = {"arch": self.backbone.arch, "fingerprint": self.backbone.fingerprint}
+        config = task_io.task_config(name, backbone, task.head_config, task.peft_configs, self.num_parameters(name))
+        task_io.write_task(path, config, task.state_dict())
 
     def load_task(self, path: str | os.PathLike, name: str | None = None, head: HeadConfig | None = None) -> Task:
         """Load a saved task (optionally under another name); the model is unchanged if anything is wrong.
@@ -362,9 +364,22 @@ class MultiTaskModel(nn.Module):
         """A saved task built, validated (backbone fingerprint, tensor names and shapes, finite values) and loaded,
         but not attached (`attach_task`); the model is not changed. `replace`, `head`: see `build_task`,
         `load_task`."""
-        from .task_io import read_task
-
-        return read_task(self, path, name, replace, head)
+        config = task_io.read_task_config(path)
+        saved_for = task_io.backbone_fingerprint(config)
+        if saved_for != self.backbone.fingerprint:
+            raise ValueError(
+                f"{path}: task was saved for backbone {saved_for!r}, this model's backbone is "
+                f"{self.backbone.fingerprint!r}; load it into a model built from the same weights"
+            )
+        saved_head, peft = task_io.read_recipe(config, path)
+        task = self.build_task(name or config["task"], head or saved_head, peft, replace=replace)
+        state, expected = task_io.read_tensors(path), task.state_dict()
+        if head is not None:  # a new head: the saved head's tensors are not this task's
+            expected = {k: v for k, v in expected.items() if not k.startswith("head.")}
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        task_io.check_tensors(path, state, expected)
+        task.load_state_dict(state, strict=head is None)
+        return task
 
 
 def _check_no_conflicts(methods: list[MethodModule]) -> None:

@@ -1,12 +1,18 @@
-"""Task files, PEFT-style: `adapter_config.json` (what to build) + `adapter_model.safetensors` (its tensors)."""
+"""Task files, PEFT-style: `adapter_config.json` (what to build) + `adapter_model.safetensors` (its tensors).
+
+This module reads and writes the files and validates what can be validated without a model (format, the recipe's
+configs, tensor values); it knows nothing of the model. `MultiTaskModel.save_task` / `read_task` compose it with
+building the task and checking the tensors' names and shapes against it.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -14,10 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .heads import HEADS, HeadConfig
-from .peft import METHODS
-
-if TYPE_CHECKING:
-    from .model import MultiTaskModel, Task
+from .peft import METHODS, PeftConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -25,31 +28,45 @@ FORMAT = "multitask-peft-task"
 FORMAT_VERSION = 1
 
 
-def task_config(model: MultiTaskModel, name: str) -> dict[str, Any]:
-    task = model.task(name)
+def task_config(
+    name: str,
+    backbone: dict[str, str],
+    head: HeadConfig,
+    peft: Sequence[PeftConfig],
+    num_parameters: dict[str, int],
+) -> dict[str, Any]:
+    """The JSON config of a task folder.
+
+    Args:
+        name: The task's name.
+        backbone: {"arch": timm name, "fingerprint": hash of the frozen weights} of the backbone it was trained on.
+        head: Its head config.
+        peft: Its PEFT recipe.
+        num_parameters: Trainable parameter counts ({"peft": ..., "head": ...}), for people reading the file.
+    """
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "task": name,
-        "backbone": {"arch": model.backbone.arch, "fingerprint": model.backbone.fingerprint},
-        "head": {"type": task.head_config.head_type, **task.head_config.to_dict()},
-        "peft": [{"method": c.method, **c.to_dict()} for c in task.peft_configs],
-        "num_parameters": model.num_parameters(name),
+        "backbone": dict(backbone),
+        "head": {"type": head.head_type, **head.to_dict()},
+        "peft": [{"method": c.method, **c.to_dict()} for c in peft],
+        "num_parameters": dict(num_parameters),
     }
 
 
-def save_task(model: MultiTaskModel, name: str, path: str | os.PathLike) -> None:
-    """Write the task's config and tensors into directory `path` (created if needed; files replaced atomically)."""
-    config = task_config(model, name)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.task(name).state_dict().items()}
+def write_task(path: str | os.PathLike, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """Write a task's config and tensors into directory `path` (created if needed; each file replaced atomically)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda f: save_file(state, f, metadata={"format": "pt", "task": name}))
+    metadata = {"format": "pt", "task": str(config.get("task", ""))}
+    _atomic_write(out / WEIGHTS_NAME, lambda f: save_file(state, f, metadata=metadata))
     _atomic_write(out / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
 
 
-def _atomic_write(target: Path, write: Any) -> None:
+def _atomic_write(target: Path, write: Callable[[str], object]) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -61,6 +78,7 @@ def _atomic_write(target: Path, write: Any) -> None:
 
 
 def read_task_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The validated config of the task folder `path` (format, version, required keys)."""
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise ValueError(f"{path}: no {CONFIG_NAME}; a task directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
@@ -80,30 +98,16 @@ def read_task_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def read_task(
-    model: MultiTaskModel,
-    path: str | os.PathLike,
-    name: str | None = None,
-    replace: bool = False,
-    head: HeadConfig | None = None,
-) -> Task:
-    """Build, validate and load a saved task for `model` without attaching it (`model.attach_task`).
-
-    With `head`, the task gets that (freshly initialised) head instead of the saved one: only the saved PEFT
-    modules are loaded.
-    """
-    config = read_task_config(path)
+def backbone_fingerprint(config: dict[str, Any]) -> object:
+    """The fingerprint of the backbone a task was saved for (older files store it directly under "backbone")."""
     backbone = config["backbone"]
-    saved_for = backbone.get("fingerprint") if isinstance(backbone, dict) else backbone
-    if saved_for != model.backbone.fingerprint:
-        raise ValueError(
-            f"{path}: task was saved for backbone {saved_for!r}, this model's backbone is "
-            f"{model.backbone.fingerprint!r}; load it into a model built from the same weights"
-        )
-    new_head = head is not None
-    if not new_head:
-        head_cfg = dict(config["head"])
-        head = HEADS.get(head_cfg.pop("type", None)).from_dict(head_cfg)
+    return backbone.get("fingerprint") if isinstance(backbone, dict) else backbone
+
+
+def read_recipe(config: dict[str, Any], path: str | os.PathLike) -> tuple[HeadConfig, list[PeftConfig]]:
+    """The head config and the PEFT method configs a task config describes (strict: unknown options are errors)."""
+    head_cfg = dict(config["head"]) if isinstance(config["head"], dict) else {}
+    head = HEADS.get(head_cfg.pop("type", None)).from_dict(head_cfg)
     if not isinstance(config["peft"], list):
         raise ValueError(f"{path}: 'peft' must be a list of method entries")
     peft = []
@@ -112,8 +116,11 @@ def read_task(
             raise ValueError(f"{path}: each 'peft' entry needs a 'method' key, got {entry!r}")
         options = {k: v for k, v in entry.items() if k != "method"}
         peft.append(METHODS.get(entry["method"]).from_dict(options))
-    task = model.build_task(name or config["task"], head, peft, replace=replace)
+    return head, peft
 
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of the task folder `path`; every floating-point tensor must be finite."""
     weights = Path(path) / WEIGHTS_NAME
     if not weights.is_file():
         raise ValueError(f"{path}: no {WEIGHTS_NAME}")
@@ -121,10 +128,14 @@ def read_task(
         state = load_file(weights)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{weights}: not a valid safetensors file ({e})") from e
-    expected = task.state_dict()
-    if new_head:  # the saved head's tensors are not this task's
-        expected = {k: v for k, v in expected.items() if not k.startswith("head.")}
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{weights}: non-finite values in {bad[:5]}")
+    return state
+
+
+def check_tensors(path: str | os.PathLike, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Raise unless the file's tensors have exactly the names and shapes of the task built from its config."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [
@@ -134,11 +145,6 @@ def read_task(
     ]
     if missing or unexpected or wrong:
         raise ValueError(
-            f"{weights} does not match the task built from its config: missing {missing[:5]}, "
+            f"{Path(path) / WEIGHTS_NAME} does not match the task built from its config: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}"
         )
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"{weights}: non-finite values in {bad[:5]}")
-    task.load_state_dict(state, strict=not new_head)
-    return task
