@@ -1,13 +1,12 @@
 """multitask-peft: parameter-efficient multi-task vision on one frozen timm backbone."""
 
-__version__ = "0.1.0"
-
-from . import peft, tasks  # noqa: E402  (tasks registers the heads)
-from .export import export_onnx  # noqa: E402
-from .heads import FeatureInfo, Features, HeadConfig  # noqa: E402
-from .model import MultiTaskModel, Task  # noqa: E402
-from .onnx_runner import OnnxRunner  # noqa: E402
-from .ppt import ppt  # noqa: E402
+from . import peft, tasks  # (tasks registers the heads)
+from .export import export_onnx
+from .heads import FeatureInfo, Features, HeadConfig
+from .model import MultiTaskModel, Task
+from .onnx_runner import OnnxRunner
+from .ppt import ppt
+from .version import __version__
 
 __all__ = [
     "Features",
