@@ -46,7 +46,7 @@ class BackboneSpec(ConfigBase):
 
     name: str = "tf_efficientnet_lite0"
     pretrained: bool | str = False
-    kwargs: dict = dataclasses.field(default_factory=dict)
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -161,7 +161,7 @@ class ExportSpec(ConfigBase):
     """
 
     onnx: bool = True
-    tasks: list | None = None
+    tasks: list[str] | None = None
     image_size: int | None = None
     optimize: bool = True
     quantize: str | None = None

@@ -111,7 +111,8 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """A `MultiTaskModel` and the store of its tasks.
+    """A `MultiTaskModel` and the store of its tasks (a `Backend`): tasks load from disk on demand, and are loaded,
+    replaced and unloaded live through the admin API.
 
     Args:
         model: The model; moved to `device` and put in eval mode.
@@ -180,7 +181,8 @@ class TorchBackend:
 
 
 class OnnxBackend:
-    """An exported multi-task graph (`mtp.export_onnx`) on ONNX Runtime.
+    """An exported multi-task graph (`mtp.export_onnx`) on ONNX Runtime (a `Backend` whose tasks are fixed: admin
+    loads and unloads answer 409 Conflict).
 
     Args:
         path: The `.onnx` file (its sidecar next to it).
@@ -189,7 +191,7 @@ class OnnxBackend:
     """
 
     name = "onnx"
-    max_tasks = None
+    max_tasks: int | None = None
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, session_options: Any = None) -> None:
         from multitask_peft.onnx_runner import DECODERS, OnnxRunner, output_kind

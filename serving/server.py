@@ -35,9 +35,9 @@ def torch_backend(run_dir: str | Path, max_resident: int | None = None, device: 
     return TorchBackend(model, store, Preprocess(spec.size, spec.mean, spec.std), device)
 
 
-def onnx_backend(source: str | Path) -> OnnxBackend:
+def onnx_backend(run_dir: str | Path) -> OnnxBackend:
     """The exported graph of a run directory (`model.onnx`), or the `.onnx` file given."""
-    path = Path(source)
+    path = Path(run_dir)
     if path.is_dir():
         path = RunDirectory(path).onnx_path
     if not path.is_file():
