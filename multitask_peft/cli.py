@@ -32,34 +32,37 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .run import evaluate_run, format_report, load_run
+    from .run import evaluate_run, format_report
+    from .rundir import RunDirectory
 
-    config, model = load_run(args.run_dir)
-    print(format_report(evaluate_run(model, config, args.run_dir)))
+    run = RunDirectory(args.run_dir)
+    print(format_report(evaluate_run(run.load_model(), run.config, run.path)))
 
 
 def _tasks(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .run import format_report, load_run
+    from .run import format_report
+    from .rundir import RunDirectory
 
     report = Path(args.run_dir) / "report.json"
     if report.is_file():
         print(format_report(json.loads(report.read_text())))
         return
-    config, model = load_run(args.run_dir)
+    model = RunDirectory(args.run_dir).load_model()
     for name in model.tasks:
         print(name, model.num_parameters(name))
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .run import export_run, load_run
+    from .run import export_run
+    from .rundir import RunDirectory
 
-    config, model = load_run(args.run_dir)
+    run = RunDirectory(args.run_dir)
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     options = {"merge": args.merge, "dynamic_batch": not args.static_batch, "opset": args.opset, "fp16": args.fp16}
     options.update(optimize=not args.no_optimize, check=not args.no_check, quantize="int8" if args.int8 else None)
-    path = export_run(model, config, args.out, tasks, args.image_size, **options)
+    path = export_run(run.load_model(), run.config, args.out, tasks, args.image_size, **options)
     print(f"sidecar: {path.with_suffix('.json')}")
 
 

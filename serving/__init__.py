@@ -6,11 +6,13 @@
     app = serving.create_app(serving.Engine(backend, serving.EngineConfig(max_batch=32)), admin_token="...")
     # or from the shell: mtpeft serve RUN_DIR --backend torch|onnx
 
+Both backends implement `Backend`, the one interface the engine and the HTTP API use (see `serving.backends`).
+
 Needs the `serve` extra (fastapi, uvicorn, python-multipart, prometheus-client, httpx).
 """
 
 from .app import create_app
-from .backends import OnnxBackend, TorchBackend
+from .backends import Backend, OnnxBackend, TaskFormat, TorchBackend
 from .client import Client, ServerError
 from .engine import Engine, EngineConfig, Worker
 from .errors import ServingError
@@ -20,6 +22,7 @@ from .store import AdapterStore
 
 __all__ = [
     "AdapterStore",
+    "Backend",
     "Client",
     "Engine",
     "EngineConfig",
@@ -28,6 +31,7 @@ __all__ = [
     "Preprocess",
     "ServerError",
     "ServingError",
+    "TaskFormat",
     "TorchBackend",
     "Worker",
     "create_app",

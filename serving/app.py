@@ -9,7 +9,8 @@
     GET    /metrics                 Prometheus text format
 
 Admin routes need `Authorization: Bearer <token>` (401 without it, 403 with a wrong one, 403 when the server has
-no admin token). Client mistakes are 4xx with `{"error": {"code", "message"}}`; only server faults are 5xx.
+no admin token); a backend whose tasks are fixed (ONNX) answers them 409. Client mistakes are 4xx with
+`{"error": {"code", "message"}}`; only server faults are 5xx.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from multitask_peft import __version__
 from .engine import Engine
 from .errors import (
     BadRequest,
-    Conflict,
     Forbidden,
     PayloadTooLarge,
     ServingError,
@@ -244,28 +244,23 @@ def create_app(engine: Engine, admin_token: str | None = None, max_body_bytes: i
     # --- tasks ---------------------------------------------------------------------------------------------
     @app.get("/v1/tasks", summary="Served tasks")
     async def list_tasks() -> dict[str, Any]:
-        return {"tasks": list(engine.served_tasks().values()), **engine.backend.describe()}
+        return {"tasks": list(engine.backend.served_tasks().values()), **engine.backend.describe()}
 
     @app.post("/v1/tasks", openapi_extra={"requestBody": _LOAD_BODY}, summary="Load or replace a task (admin)")
     async def load_task(request: Request) -> dict[str, Any]:
         check_admin(request)
-        if engine.store is None:
-            raise Conflict(f"the {engine.backend.name} backend serves the tasks of its graph; re-export to change them")
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             raise UnsupportedMediaType('send the task to load as application/json: {"path": ..., "name": ...}')
         body = await _json_body(request)
         name = body.get("name")
         if name is not None and not isinstance(name, str):
             raise Unprocessable(f"'name' must be a string, got {name!r}")
-        entry = await engine.store.load(name, body.get("path"))
-        return {"task": entry.info()}
+        return {"task": await engine.backend.load(name, body.get("path"))}
 
     @app.delete("/v1/tasks/{name}", summary="Unload a task (admin)")
     async def unload_task(name: str, request: Request) -> dict[str, Any]:
         check_admin(request)
-        if engine.store is None:
-            raise Conflict(f"the {engine.backend.name} backend serves the tasks of its graph; re-export to change them")
-        await engine.store.unload(name)
+        await engine.backend.unload(name)
         return {"unloaded": name}
 
     # --- health --------------------------------------------------------------------------------------------
@@ -294,7 +289,7 @@ def create_app(engine: Engine, admin_token: str | None = None, max_body_bytes: i
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     def task_info(name: str) -> dict[str, Any]:
-        served = engine.served_tasks()
+        served = engine.backend.served_tasks()
         if name not in served:
             raise StarletteHTTPException(404, f"unknown model (task) {name!r}; served: {list(served)}")
         return served[name]

@@ -1,24 +1,118 @@
-"""Backends: what runs a batch. `run(images, tasks)` is called on the engine's worker thread only.
+"""Backends: what the engine serves with. Both implement `Backend`, the one interface the engine and the app use.
 
 - `TorchBackend`: a `MultiTaskModel` (CPU or CUDA; the kernels dispatch on the device) with an `AdapterStore`;
-  each image runs only the tasks it asked for, images asking for several tasks share their backbone prefix.
+  each image runs only the tasks it asked for, images asking for several tasks share their backbone prefix. Tasks
+  are loaded, replaced and unloaded live.
 - `OnnxBackend`: an exported multi-task graph on ONNX Runtime (`OnnxRunner`); the graph computes every task it
-  holds for every image, the engine keeps the requested ones. Its tasks are fixed (re-export to change them).
+  holds for every image, the engine keeps the requested ones. Its tasks are fixed (re-export to change them):
+  admin changes answer 409 Conflict.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
+from .errors import Conflict, NotFound
 from .images import Preprocess
+from .metrics import Metrics
 from .store import AdapterStore
+
+#: `run_in_worker(fn, *args)`: run `fn(*args)` on the engine's worker thread, from the event loop.
+RunInWorker = Callable[..., Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class TaskFormat:
+    """What formats one task's results in a batch.
+
+    Attributes:
+        kind: The form of its results (`HeadConfig.output_kind`): what the JSON looks like.
+        class_names: Names of its classes (None: labels only).
+        version: The task version that computes the batch.
+    """
+
+    kind: str
+    class_names: list[str] | None
+    version: int
+
+
+class Backend(Protocol):
+    """What the engine serves with: the served tasks, admission of requests, and batches.
+
+    `run` is called on the engine's worker thread only (the server's one torch thread, see `engine`); everything
+    else on the event loop. For each batch the engine calls `prepare` with the batch's tasks and, inside it, `run`
+    on the worker; a request's tasks are `acquire`d when it is accepted and `release`d when it is answered.
+
+    Attributes:
+        name: The backend's name ("torch", "onnx"), in `/v1/tasks` and the OIP platform.
+        preprocess: Input size and normalisation of the served model.
+    """
+
+    name: str
+    preprocess: Preprocess
+
+    @property
+    def max_tasks(self) -> int | None:
+        """Most distinct tasks one batch may use (None: no cap); the batcher leaves a request that would pass it
+        for the next batch."""
+        ...
+
+    def bind(self, run_in_worker: RunInWorker, metrics: Metrics) -> None:
+        """Wire in the engine (called once, by `Engine.__init__`): where changes to the model run, where to count
+        task loads, evictions and resident tasks."""
+        ...
+
+    def served_tasks(self) -> dict[str, dict[str, Any]]:
+        """Per served task, its info (`name`, `head`, `class_names`, `version`, ...), as `/v1/tasks` lists it."""
+        ...
+
+    def acquire(self, tasks: list[str]) -> None:
+        """Admit a request for `tasks`, counted until `release`.
+
+        Raises:
+            NotFound: A task is not served (404).
+            BadRequest: More tasks than one batch may use (400).
+        """
+        ...
+
+    def release(self, tasks: list[str]) -> None:
+        """The request for `tasks` admitted by `acquire` is answered."""
+        ...
+
+    def prepare(self, tasks: list[str]) -> AbstractAsyncContextManager[dict[str, TaskFormat]]:
+        """Make a batch's (distinct) tasks ready to run and keep them as they are until the context exits (the
+        batch runs inside it); yields per task what formats its results."""
+        ...
+
+    def run(self, images: torch.Tensor, tasks: list[list[str]]) -> list[dict[str, dict[str, Any]]]:
+        """On the worker thread: the raw results (CPU tensors) of each image's tasks. `images`: (N, 3, H, W)
+        normalised at `preprocess.size`; `tasks[i]`: the tasks of image i."""
+        ...
+
+    async def load(self, name: str | None, path: object) -> dict[str, Any]:
+        """Load or replace a task live from a folder (`path`, as the admin request gave it) under `name` (default:
+        its saved name); returns its info. Raises `BadRequest` for a bad folder, `Conflict` if tasks are fixed."""
+        ...
+
+    async def unload(self, name: str) -> None:
+        """Stop serving a task. Raises `NotFound` for an unknown task, `Conflict` if tasks are fixed."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What serves (backend name, device or providers, ...), merged into `/v1/tasks`."""
+        ...
 
 
 class TorchBackend:
-    """A `MultiTaskModel` and the store of its tasks.
+    """A `MultiTaskModel` and the store of its tasks (a `Backend`): tasks load from disk on demand, and are loaded,
+    replaced and unloaded live through the admin API.
 
     Args:
         model: The model; moved to `device` and put in eval mode.
@@ -34,18 +128,61 @@ class TorchBackend:
         self.model = model.to(self.device).eval()
         self.store = store
         self.preprocess = preprocess
+        self._count_resident: Callable[[], None] = lambda: None
+
+    @property
+    def max_tasks(self) -> int | None:
+        return self.store.max_resident
+
+    def bind(self, run_in_worker: RunInWorker, metrics: Metrics) -> None:
+        def loaded() -> None:
+            metrics.task_loads.inc()
+            metrics.tasks_resident.set(self.store.resident_count())
+
+        self.store.run_in_worker = run_in_worker
+        self.store.on_load = loaded
+        self.store.on_evict = metrics.task_evictions.inc
+        self._count_resident = lambda: metrics.tasks_resident.set(self.store.resident_count())
+        self._count_resident()
+
+    def served_tasks(self) -> dict[str, dict[str, Any]]:
+        return {n: e.info() for n, e in self.store.entries.items() if not e.unloading}
+
+    def acquire(self, tasks: list[str]) -> None:
+        self.store.acquire(tasks)
+
+    def release(self, tasks: list[str]) -> None:
+        self.store.release(tasks)
+
+    @contextlib.asynccontextmanager
+    async def prepare(self, tasks: list[str]) -> AsyncIterator[dict[str, TaskFormat]]:
+        """Loads the tasks that are not in the model, and holds the store's lock (no admin change, no eviction)
+        until the batch is done."""
+        async with self.store.lock:
+            await self.store.make_resident(tasks)
+            self._count_resident()
+            # read under the lock, so a result is formatted by the head that made it
+            entries = self.store.entries
+            yield {t: TaskFormat(entries[t].head, entries[t].class_names, entries[t].version) for t in tasks}
 
     def run(self, images: torch.Tensor, tasks: list[list[str]]) -> list[dict[str, dict[str, Any]]]:
         with torch.inference_mode():
             results = self.model.predict_each(images.to(self.device, non_blocking=True), tasks)
         return [{t: _to_cpu(r) for t, r in per_image.items()} for per_image in results]
 
+    async def load(self, name: str | None, path: object) -> dict[str, Any]:
+        return (await self.store.load(name, path)).info()
+
+    async def unload(self, name: str) -> None:
+        await self.store.unload(name)
+
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "device": str(self.device), "backbone": self.model.backbone.arch}
 
 
 class OnnxBackend:
-    """An exported multi-task graph (`mtp.export_onnx`) on ONNX Runtime.
+    """An exported multi-task graph (`mtp.export_onnx`) on ONNX Runtime (a `Backend` whose tasks are fixed: admin
+    loads and unloads answer 409 Conflict).
 
     Args:
         path: The `.onnx` file (its sidecar next to it).
@@ -54,6 +191,7 @@ class OnnxBackend:
     """
 
     name = "onnx"
+    max_tasks: int | None = None
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, session_options: Any = None) -> None:
         from multitask_peft.onnx_runner import DECODERS, OnnxRunner, output_kind
@@ -62,12 +200,31 @@ class OnnxBackend:
         if self.runner.meta.get("adapters"):
             raise ValueError(f"{path} is an adapter graph (one task per run); serve a multi-task export instead")
         self._decoders = DECODERS
+        self._fixed = f"the {self.name} backend serves the tasks of its graph; re-export to change them"
         inp = self.runner.meta["input"]
         self.preprocess = Preprocess(tuple(inp["size"]), tuple(inp["mean"]), tuple(inp["std"]))
         self.tasks = {
             name: (output_kind(spec), spec["head_config"].get("class_names"))
             for name, spec in self.runner.meta["tasks"].items()
         }
+
+    def bind(self, run_in_worker: RunInWorker, metrics: Metrics) -> None:
+        """Nothing to wire: the graph's tasks never change."""
+
+    def served_tasks(self) -> dict[str, dict[str, Any]]:
+        return {n: {"name": n, "head": h, "class_names": c, "version": 1} for n, (h, c) in self.tasks.items()}
+
+    def acquire(self, tasks: list[str]) -> None:
+        unknown = [t for t in tasks if t not in self.tasks]
+        if unknown:
+            raise NotFound(f"unknown task(s) {unknown}; served tasks: {list(self.tasks)}")
+
+    def release(self, tasks: list[str]) -> None:
+        """Nothing to count: the graph's tasks never leave."""
+
+    @contextlib.asynccontextmanager
+    async def prepare(self, tasks: list[str]) -> AsyncIterator[dict[str, TaskFormat]]:
+        yield {t: TaskFormat(*self.tasks[t], version=1) for t in tasks}
 
     def run(self, images: torch.Tensor, tasks: list[list[str]]) -> list[dict[str, dict[str, Any]]]:
         raw = self.runner.run(images)
@@ -78,6 +235,12 @@ class OnnxBackend:
             fields = {field: torch.from_numpy(raw[output]) for field, output in spec["outputs"].items()}
             decoded[name] = self._decoders[self.tasks[name][0]](fields)
         return [{t: decoded[t][i] for t in names} for i, names in enumerate(tasks)]
+
+    async def load(self, name: str | None, path: object) -> dict[str, Any]:
+        raise Conflict(self._fixed)
+
+    async def unload(self, name: str) -> None:
+        raise Conflict(self._fixed)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "providers": self.runner.session.get_providers(), "graph": str(self.runner.path)}

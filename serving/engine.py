@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-from .errors import BadRequest, NotFound, QueueFull, RequestTimeout, ServingError, ShuttingDown
+from .backends import Backend, TaskFormat
+from .errors import BadRequest, QueueFull, RequestTimeout, ServingError, ShuttingDown
 from .images import MAX_LIST_MASK_PIXELS, PredictOptions, to_json
 from .metrics import Metrics
 
@@ -109,12 +110,13 @@ class _Request:
 
 
 class Engine:
-    """Serves predict requests with a backend (`TorchBackend` or `OnnxBackend`).
+    """Serves predict requests with a backend (`TorchBackend`, `OnnxBackend`: any `Backend`).
 
     Use it from a running event loop: `await engine.start()`, `await engine.predict(...)`, `await engine.stop()`.
 
     Args:
-        backend: Runs batches (`run(images, tasks)`), knows the input size and normalisation (`preprocess`).
+        backend: The served tasks, admission of requests, and batches (`Backend`); wired to this engine's worker
+            and metrics here.
         config: Batching and queueing.
         metrics: Where to count (default: a fresh registry).
         worker: The thread that runs torch (default: a new one); pass the one the model was built on.
@@ -122,7 +124,7 @@ class Engine:
 
     def __init__(
         self,
-        backend: Any,
+        backend: Backend,
         config: EngineConfig | None = None,
         metrics: Metrics | None = None,
         worker: Worker | None = None,
@@ -130,7 +132,6 @@ class Engine:
         self.backend = backend
         self.config = config or EngineConfig()
         self.metrics = metrics or Metrics()
-        self.store = getattr(backend, "store", None)
         self.preprocess = backend.preprocess
         self.worker = worker or Worker()
         self.closing = False
@@ -145,17 +146,12 @@ class Engine:
         self._forming: list[_Request] = []  # the batch being formed
         self._loop_task: asyncio.Task | None = None
         self._throughput = 0.0  # images/s, exponential moving average (for Retry-After)
-        if self.store is not None:
-            self.store.run_in_worker = self.run_in_worker
-            self.store.on_load = self._count_load
-            self.store.on_evict = self.metrics.task_evictions.inc
+        backend.bind(self.run_in_worker, self.metrics)
 
     # --- lifecycle -----------------------------------------------------------------------------------------
     async def start(self) -> None:
         self._queue = asyncio.Queue()
         self._loop_task = asyncio.create_task(self._batcher(), name="mtp-batcher")
-        if self.store is not None:
-            self.metrics.tasks_resident.set(self.store.resident_count())
         self.ready = True
 
     async def stop(self) -> None:
@@ -191,11 +187,6 @@ class Engine:
         return await self.worker.run(fn, *args)
 
     # --- requests ------------------------------------------------------------------------------------------
-    def served_tasks(self) -> dict[str, dict[str, Any]]:
-        if self.store is not None:
-            return {n: e.info() for n, e in self.store.entries.items() if not e.unloading}
-        return {n: {"name": n, "head": h, "class_names": c, "version": 1} for n, (h, c) in self.backend.tasks.items()}
-
     def check_capacity(self) -> None:
         """Raise 503 / 429 now if a request would be refused anyway (before its body is read and decoded)."""
         if self.closing or self._queue is None:
@@ -212,12 +203,7 @@ class Engine:
         self.preprocess.check(data)
         self.check_capacity()
         assert self._queue is not None
-        if self.store is not None:
-            self.store.acquire(tasks)
-        else:
-            unknown = [t for t in tasks if t not in self.backend.tasks]
-            if unknown:
-                raise NotFound(f"unknown task(s) {unknown}; served tasks: {list(self.backend.tasks)}")
+        self.backend.acquire(tasks)
         loop = asyncio.get_running_loop()
         now = loop.time()
         timeout = options.timeout_s if options.timeout_s is not None else self.config.timeout_s
@@ -237,8 +223,7 @@ class Engine:
             raise
         finally:
             self._pending -= 1
-            if self.store is not None:
-                self.store.release(tasks)
+            self.backend.release(tasks)
             elapsed = loop.time() - now
             for task in tasks:
                 self.metrics.task_latency.labels(task).observe(elapsed)
@@ -259,7 +244,7 @@ class Engine:
         target = min(self.config.max_batch, self._peak)
         batch, names = [first], set(first.tasks)
         self._forming = batch
-        cap = self.store.max_resident if self.store is not None else None
+        cap = self.backend.max_tasks
         deadline = loop.time() + self.config.max_wait_ms / 1000
         item: _Request | None
         while len(batch) < self.config.max_batch:
@@ -368,18 +353,10 @@ class Engine:
                 req.future.set_result(result)
 
     async def _forward(self, batch: list[_Request]) -> list[Any]:
-        if self.store is None:
-            heads = {name: (head, names, 1) for name, (head, names) in self.backend.tasks.items()}
-            return await self.run_in_worker(self._run_backend, batch, heads)
-        async with self.store.lock:
-            await self.store.make_resident(t for r in batch for t in r.tasks)
-            self.metrics.tasks_resident.set(self.store.resident_count())
-            # what the batch runs on: read under the lock, so a result is formatted by the head that made it
-            entries = self.store.entries
-            heads = {t: (entries[t].head, entries[t].class_names, entries[t].version) for r in batch for t in r.tasks}
-            return await self.run_in_worker(self._run_backend, batch, heads)
+        async with self.backend.prepare(list(dict.fromkeys(t for r in batch for t in r.tasks))) as formats:
+            return await self.run_in_worker(self._run_backend, batch, formats)
 
-    def _run_backend(self, batch: list[_Request], heads: dict[str, tuple[str, list[str] | None, int]]) -> list[Any]:
+    def _run_backend(self, batch: list[_Request], formats: dict[str, TaskFormat]) -> list[Any]:
         """On the worker (every torch op of the server runs on this one thread): decoding, the forward pass and the
         JSON form of every result; per request its (results, versions, image size), or the error of its image."""
         # decoding here, not on request threads, keeps it from competing with the forward pass for the cores
@@ -405,12 +382,8 @@ class Engine:
         for k, per_image in zip(good, raw, strict=True):
             req, original = batch[k], decoded[k][1]
             results = {
-                t: to_json(heads[t][0], per_image[t], size, original, req.options, heads[t][1]) for t in req.tasks
+                t: to_json(formats[t].kind, per_image[t], size, original, req.options, formats[t].class_names)
+                for t in req.tasks
             }
-            out[k] = (results, {t: heads[t][2] for t in req.tasks}, original)
+            out[k] = (results, {t: formats[t].version for t in req.tasks}, original)
         return out
-
-    def _count_load(self) -> None:
-        self.metrics.task_loads.inc()
-        if self.store is not None:
-            self.metrics.tasks_resident.set(self.store.resident_count())

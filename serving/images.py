@@ -76,8 +76,7 @@ class Preprocess:
         return self.tensor(image), (height, width)
 
     def tensor(self, image: Image.Image) -> torch.Tensor:
-        # numpy, not torch: this runs on request threads, and torch ops there would start OpenMP thread teams
-        # that compete with the forward pass on the worker thread (all torch compute stays on that one thread)
+        """A decoded RGB image -> (3, H, W) normalised float tensor at `size`."""
         h, w = self.size
         if image.size != (w, h):
             image = image.resize((w, h), Image.Resampling.BILINEAR)

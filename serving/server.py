@@ -13,6 +13,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from multitask_peft.rundir import RunDirectory
+
 from .app import MAX_BODY_BYTES, create_app
 from .backends import OnnxBackend, TorchBackend
 from .engine import Engine, EngineConfig, Worker
@@ -24,28 +26,20 @@ log = logging.getLogger("multitask_peft.serving")
 
 def torch_backend(run_dir: str | Path, max_resident: int | None = None, device: str | None = None) -> TorchBackend:
     """The run's backbone with the tasks under `run_dir/tasks` (the first `max_resident` of them loaded)."""
-    from multitask_peft.run import RUN_MEAN_STD, build_backbone, load_run_config
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ValueError(f"{run_dir} is not a run directory (no config.yaml); train one with `mtpeft train CONFIG`")
-    config = load_run_config(run_dir / "config.yaml")
-    model = build_backbone(config)
-    tasks_dir = run_dir / "tasks"
-    tasks_dir.mkdir(exist_ok=True)
-    store = AdapterStore(model, tasks_dir, max_resident)
+    run = RunDirectory(run_dir)
+    model = run.build_backbone()
+    run.tasks_dir.mkdir(exist_ok=True)
+    store = AdapterStore(model, run.tasks_dir, max_resident)
     store.scan()
-    sizes = [spec.data_spec.image_size for spec in config.task_specs.values()]
-    side = max(sizes) if sizes else model.backbone.image_size[0]
-    mean, std = RUN_MEAN_STD
-    return TorchBackend(model, store, Preprocess((side, side), mean, std), device)
+    spec = run.input_spec()
+    return TorchBackend(model, store, Preprocess(spec.size, spec.mean, spec.std), device)
 
 
 def onnx_backend(run_dir: str | Path) -> OnnxBackend:
-    """The run's exported graph (`model.onnx`), or the `.onnx` file given."""
+    """The exported graph of a run directory (`model.onnx`), or the `.onnx` file given."""
     path = Path(run_dir)
     if path.is_dir():
-        path = path / "model.onnx"
+        path = RunDirectory(path).onnx_path
     if not path.is_file():
         raise ValueError(f"no ONNX graph at {path}; export one with `mtpeft export RUN_DIR {path}`")
     return OnnxBackend(path)

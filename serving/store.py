@@ -98,7 +98,8 @@ class AdapterStore:
             raise ValueError(f"adapter directory {self.root} does not exist")
         self.max_resident = max_resident
         self.entries: dict[str, TaskEntry] = {}
-        self.run_in_worker: Callable[[Callable[[], Any]], Any] | None = None  # set by the engine
+        # wired to the engine's worker and metrics by `TorchBackend.bind`
+        self.run_in_worker: Callable[[Callable[[], Any]], Any] | None = None
         self.on_load: Callable[[], None] = lambda: None
         self.on_evict: Callable[[], None] = lambda: None
         #: Held by whoever changes the model or runs a batch: the engine holds it from `make_resident` to the end

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
+import multitask_peft as mtp
 from multitask_peft.cli import main
-from multitask_peft.run import load_run_config
+from multitask_peft.run import RunConfig, TaskSpec, load_run_config
+from multitask_peft.rundir import RunDirectory
 from multitask_peft.tasks.data import MultiFashionConfig, generate_multifashion
 
 fashion = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
@@ -145,4 +148,116 @@ def test_config_errors(tmp_path: Path) -> None:
     check(good, "expects key.path=value", overrides=("train.lr",))
     check(good, r"unknown key\(s\) \['nope'\]", overrides=("train.nope=1",))
     path.write_text(yaml.safe_dump(good))
-    assert load_run_config(path, ["train.steps=7"]).train_config.steps == 7
+    assert load_run_config(path, ["train.steps=7"]).train.steps == 7
+
+
+def _with(config: dict, path: str, value: object) -> dict:
+    """A deep copy of `config` with the key at dotted `path` set to `value` (list items by index)."""
+    config = yaml.safe_load(yaml.safe_dump(config))
+    *parents, last = path.split(".")
+    node = config
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    node[last] = value
+    return config
+
+
+@pytest.mark.parametrize(
+    ("where", "owner", "valid"),
+    [
+        ("", "RunConfig", "backbone"),
+        ("backbone", "BackboneSpec", "pretrained"),
+        ("tasks.garment", "TaskSpec", "loss_weight"),
+        ("tasks.garment.head", "Classification", "num_classes"),
+        ("tasks.garment.peft.0", "LoRA", "r"),
+        ("tasks.garment.data", "DataSpec", "image_size"),
+        ("train", "TrainConfig", "steps"),
+        ("export", "ExportSpec", "onnx"),
+        ("multifashion", "MultiFashionConfig", "num_scenes"),
+    ],
+)
+def test_unknown_keys_at_every_level(tmp_path: Path, where: str, owner: str, valid: str) -> None:
+    good = {**_config(tmp_path / "mf", tmp_path / "out"), "multifashion": {"seed": 1}}
+    node = good
+    for part in where.split(".") if where else []:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    bad = _with(good, f"{where}.colour" if where else "colour", 1)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError, match=rf"{owner}: unknown key\(s\) \['colour'\]; valid keys: \[.*'{valid}'") as err:
+        load_run_config(path)
+    assert all(repr(k) in str(err.value) for k in node if k != "type" and k != "method")
+
+
+def test_config_sections_are_declared(tmp_path: Path) -> None:
+    """Every section is its dataclass; missing required keys and wrong shapes are ValueErrors."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_config(tmp_path / "mf", tmp_path / "out")))
+    config = load_run_config(path)
+    task = config.tasks["garment"]
+    assert isinstance(task, TaskSpec) and task.head == mtp.tasks.Classification(num_classes=10)
+    assert task.peft == [mtp.peft.LoRA(r=2)] and task.data.image_size == 32 and config.input_size() == 64
+    assert config.train.steps == 3 and config.export.optimize is False and config.multifashion is None
+    assert {f.name for f in dataclasses.fields(config)} >= set(vars(config))  # nothing undeclared
+    assert all({f.name for f in dataclasses.fields(t)} >= set(vars(t)) for t in config.tasks.values())
+    for path_, value, error, match in [
+        ("tasks.garment.data", {"source": "multifashion"}, ValueError, "`task` must be one of"),
+        ("tasks.garment.data", None, TypeError, "DataSpec.from_dict expects a mapping"),
+        ("train", [1], TypeError, "TrainConfig.from_dict expects a mapping"),
+        ("tasks.garment.head", {"num_classes": 3}, ValueError, "needs a 'type' key"),
+        ("tasks.garment.peft", {"method": "lora"}, ValueError, "is a list of"),
+        ("tasks.garment.head.type", "nope", ValueError, "Unknown head 'nope'"),
+        ("tasks", ["garment"], ValueError, "expected a mapping of name -> TaskSpec"),
+    ]:
+        path.write_text(yaml.safe_dump(_with(_config(tmp_path / "mf", tmp_path / "out"), path_, value)))
+        with pytest.raises(error, match=match):
+            load_run_config(path)
+    data = _config(tmp_path / "mf", tmp_path / "out")
+    del data["tasks"]["garment"]["data"]
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match=r"TaskSpec: missing key\(s\) \['data'\]"):
+        load_run_config(path)
+
+
+@pytest.mark.parametrize("source", ["test", "demo", "readme"])
+def test_config_round_trips_through_yaml(tmp_path: Path, source: str) -> None:
+    """`to_dict` -> YAML -> `load_run_config` gives an equal config (a run's config.yaml, read by eval / serve)."""
+    path = tmp_path / "c.yaml"
+    if source == "test":
+        data = {**_config(tmp_path / "mf", tmp_path / "out"), "multifashion": {"num_scenes": [4, 2, 2], "seed": 3}}
+        path.write_text(yaml.safe_dump(data))
+    elif source == "demo":
+        path = Path(__file__).parents[1] / "configs" / "demo.yaml"
+    else:  # the README's "Training from a config" example
+        readme = (Path(__file__).parents[1] / "README.md").read_text()
+        path.write_text(readme.split("## Training from a config")[1].split("```yaml")[1].split("```")[0])
+    config = load_run_config(path)
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    assert load_run_config(again) == config
+    assert RunConfig.from_dict(config.to_dict()) == config
+
+
+def test_run_directory(tmp_path: Path) -> None:
+    """A run directory's paths and input; errors say what is wrong and how to fix it."""
+    with pytest.raises(ValueError, match=r"is not a run directory \(no config.yaml\); train one with `mtpeft train"):
+        RunDirectory(tmp_path)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_config(tmp_path / "mf", tmp_path / "out")))
+    run = RunDirectory.create(tmp_path / "run", load_run_config(path))
+    assert run.config == load_run_config(path) and RunDirectory(run.path).config == run.config
+    assert run.tasks_dir == tmp_path / "run" / "tasks" and run.onnx_path == tmp_path / "run" / "model.onnx"
+    spec = run.input_spec()
+    assert spec.size == (64, 64) and spec.mean == spec.std == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match=r"no trained task folder for \['boxes', 'garment', 'masks'\].*--resume"):
+        run.load_model()
+
+
+@pytest.mark.parametrize("command", ["eval", "tasks", "export", "serve"])
+def test_commands_need_a_run_directory(tmp_path: Path, command: str, capsys: pytest.CaptureFixture) -> None:
+    if command == "serve":
+        pytest.importorskip("fastapi")
+    argv = [command, str(tmp_path), *([str(tmp_path / "x.onnx")] if command == "export" else [])]
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "is not a run directory (no config.yaml); train one with `mtpeft train" in capsys.readouterr().err

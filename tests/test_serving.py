@@ -444,20 +444,20 @@ def _metric(text: str, name: str) -> float:
 
 
 class _SlowBackend:
-    """Delegates to a backend, `delay` seconds per batch (to fill the queue or time requests out)."""
+    """Any backend, but its batches take `delay` seconds more (to fill the queue or time requests out) and a batch
+    with a task named `boom...` fails; everything else is the backend's own."""
 
     def __init__(self, inner: Any, delay: float) -> None:
         self.inner, self.delay = inner, delay
-        self.name, self.store, self.preprocess = inner.name, inner.store, inner.preprocess
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
     def run(self, images: torch.Tensor, tasks: list[list[str]]) -> Any:
         time.sleep(self.delay)
         if any("boom" in t for names in tasks for t in names):
             raise RuntimeError("boom")
         return self.inner.run(images, tasks)
-
-    def describe(self) -> dict[str, Any]:
-        return self.inner.describe()
 
 
 def test_overload_timeout_and_shutdown(reference: tuple) -> None:
@@ -598,7 +598,7 @@ def test_replace_with_new_classes_then_unload_under_load(reference: tuple, tmp_p
         _join(threads)
         assert not failures, failures[:5]
         assert "cls" not in {t["name"] for t in serving.Client(server.url).tasks()}
-        assert server.engine.store.pending("cls") == 0
+        assert server.engine.backend.store.pending("cls") == 0
 
 
 def test_bad_task_folder_is_skipped_at_start(reference: tuple, tmp_path: Path) -> None:
@@ -611,7 +611,7 @@ def test_bad_task_folder_is_skipped_at_start(reference: tuple, tmp_path: Path) -
     config["head"] = 5
     (tmp_path / "badhead" / "adapter_config.json").write_text(json.dumps(config))
     engine = _engine(tmp_path)
-    assert list(engine.store.entries) == ["good"]
+    assert list(engine.backend.store.entries) == ["good"]
 
 
 def test_server_errors_are_counted(reference: tuple, tmp_path: Path) -> None:
@@ -626,14 +626,28 @@ def test_server_errors_are_counted(reference: tuple, tmp_path: Path) -> None:
         assert _errors(server.url, 500) == 1
 
 
+def _check_backend_protocol(backend: Any) -> None:
+    """`backend` has every member of `serving.Backend` (the engine and the app use nothing else)."""
+    members = {n for n in vars(serving.Backend) if not n.startswith("_")} | set(serving.Backend.__annotations__)
+    assert {"run", "prepare", "acquire", "load", "unload", "bind", "preprocess"} <= members
+    missing = [n for n in sorted(members) if not hasattr(backend, n)]
+    assert not missing, f"{type(backend).__name__} lacks {missing}"
+
+
+def test_torch_backend_implements_the_protocol(reference: tuple) -> None:
+    _, root = reference
+    _check_backend_protocol(_engine(root).backend)
+
+
 def test_onnx_backend_batches_mixed_requests(reference: tuple, tmp_path: Path) -> None:
     """The ONNX backend: concurrent requests for different tasks share forward passes; each gets its own tasks'
-    results, equal to model.predict; its tasks are fixed (admin changes answer 409)."""
+    results, equal to model.predict; its tasks are fixed (admin loads and unloads answer 409, tasks unchanged)."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     model, _ = reference
     path = mtp.export_onnx(model, tmp_path / "model.onnx", image_size=SIZE, mean=MEAN, std=STD, optimize=False)
     engine = serving.Engine(serving.OnnxBackend(path), serving.EngineConfig(max_batch=8, max_wait_ms=50))
+    _check_backend_protocol(engine.backend)
     with LiveServer(engine) as server:
         pngs = [_png(seed=200 + i) for i in range(6)]
         wanted = [["cls"], ["masks", "boxes"], ["boxes"], ["cls", "masks"], ["masks"], ["cls", "boxes", "masks"]]
@@ -652,5 +666,17 @@ def test_onnx_backend_batches_mixed_requests(reference: tuple, tmp_path: Path) -
             for task in wanted[i]:
                 _assert_matches(out["results"][task], expected[task][0], HEADS[task])
         admin = {"Authorization": f"Bearer {TOKEN}"}
-        assert httpx.post(f"{server.url}/v1/tasks", json={"path": "cls"}, headers=admin).status_code == 409
-        assert httpx.get(f"{server.url}/v1/tasks").json()["backend"] == "onnx"
+        for response in (
+            httpx.post(f"{server.url}/v1/tasks", json={"path": "cls", "name": "cls2"}, headers=admin),
+            httpx.delete(f"{server.url}/v1/tasks/cls", headers=admin),
+            httpx.delete(f"{server.url}/v1/tasks/nope", headers=admin),
+        ):
+            assert response.status_code == 409 and "re-export" in response.json()["error"]["message"], response.text
+        assert httpx.delete(f"{server.url}/v1/tasks/cls").status_code == 401  # the admin token comes first
+        listing = httpx.get(f"{server.url}/v1/tasks").json()
+        assert listing["backend"] == "onnx" and [t["name"] for t in listing["tasks"]] == ["cls", "boxes", "masks"]
+        with serving.Client(server.url) as client:
+            assert list(client.predict(pngs[0], ["cls"])["results"]) == ["cls"]
+            with pytest.raises(serving.ServerError) as err:
+                client.predict(pngs[0], ["cls", "nope"])
+            assert err.value.status == 404

@@ -1,0 +1,72 @@
+"""`ConfigBase`: strict `from_dict` at every nesting level, `to_dict` back to plain data."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from multitask_peft.config import ConfigBase, custom
+
+
+@dataclasses.dataclass
+class Leaf(ConfigBase):
+    size: int = 1
+    names: tuple[str, ...] | None = None
+
+
+@dataclasses.dataclass
+class Plain:  # a dataclass that is not a ConfigBase (as MultiFashionConfig)
+    seed: int = 0
+
+
+def _parse_kind(data: object) -> Leaf:
+    assert isinstance(data, dict)
+    return Leaf.from_dict({k: v for k, v in data.items() if k != "kind"})
+
+
+@dataclasses.dataclass
+class Root(ConfigBase):
+    leaf: Leaf
+    maybe: Leaf | None = None
+    many: list[Leaf] = dataclasses.field(default_factory=list)
+    named: dict[str, Leaf] = dataclasses.field(default_factory=dict)
+    plain: Plain | None = None
+    picked: Leaf = custom(parse=_parse_kind, dump=lambda v: {"kind": "leaf", **v.to_dict()}, default_factory=Leaf)
+
+
+def test_nested_from_dict_to_dict_round_trip() -> None:
+    data = {
+        "leaf": {"size": 2, "names": ["a", "b"]},
+        "maybe": None,
+        "many": [{"size": 3}, {}],
+        "named": {"x": {"size": 4}},
+        "plain": {"seed": 5},
+        "picked": {"kind": "leaf", "size": 6},
+    }
+    root = Root.from_dict(data)
+    assert root.leaf == Leaf(2, ("a", "b")) and root.maybe is None and root.many == [Leaf(3), Leaf()]
+    assert root.named == {"x": Leaf(4)} and root.plain == Plain(5) and root.picked == Leaf(6)
+    out = root.to_dict()
+    assert out["leaf"] == {"size": 2, "names": ["a", "b"]} and out["plain"] == {"seed": 5}
+    assert out["picked"] == {"kind": "leaf", "size": 6, "names": None}
+    assert Root.from_dict(out) == root
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "match"),
+    [
+        ({"leaf": {}, "extra": 1}, ValueError, r"Root: unknown key\(s\) \['extra'\]; valid keys: \['leaf', 'many'"),
+        ({"leaf": {"sise": 1}}, ValueError, r"Leaf: unknown key\(s\) \['sise'\]; valid keys: \['names', 'size'\]"),
+        ({"leaf": {}, "many": [{"x": 1}]}, ValueError, r"Leaf: unknown key\(s\) \['x'\]"),
+        ({"leaf": {}, "named": {"a": {"x": 1}}}, ValueError, r"Leaf: unknown key\(s\) \['x'\]"),
+        ({"leaf": {}, "plain": {"x": 1}}, ValueError, r"Plain: unknown key\(s\) \['x'\]; valid keys: \['seed'\]"),
+        ({}, ValueError, r"Root: missing key\(s\) \['leaf'\]"),
+        ({"leaf": None}, TypeError, "Leaf.from_dict expects a mapping"),
+        ({"leaf": {}, "many": {"size": 1}}, ValueError, "expected a list of Leaf entries"),
+        ({"leaf": {}, "named": [1]}, ValueError, "expected a mapping of name -> Leaf"),
+    ],
+)
+def test_strict_at_every_level(data: dict, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        Root.from_dict(data)
