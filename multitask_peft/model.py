@@ -15,6 +15,7 @@ from .backbone import BackboneHost, create_timm_backbone
 from .config import check_task_name
 from .executor import SlotPlan, run_backbone
 from .heads import FeatureInfo, Features, HeadConfig
+from .outputs import decode_outputs
 from .peft.base import MethodModule, PeftConfig
 from .routing import PLAIN_SLOT
 
@@ -233,7 +234,9 @@ class MultiTaskModel(nn.Module):
             for k, name in enumerate(dict.fromkeys(names)):
                 head = self.task(name).head
                 outputs = head(features.select(range(k * n, (k + 1) * n)))
-                out[name] = head.postprocess(outputs, (images.shape[-2], images.shape[-1]))
+                out[name] = decode_outputs(
+                    self.task(name).head_config, head, outputs, (images.shape[-2], images.shape[-1])
+                )
             return out
         finally:
             self.train(was_training)
@@ -263,7 +266,12 @@ class MultiTaskModel(nn.Module):
             for name in dict.fromkeys(t for names in per_image for t in names):
                 index = [k for k, (_, slot) in enumerate(rows) if slot == self.task_modules[name].slot]
                 head = self.task_modules[name].head
-                outputs = head.postprocess(head(features.select(index)), (images.shape[-2], images.shape[-1]))
+                outputs = decode_outputs(
+                    self.task_modules[name].head_config,
+                    head,
+                    head(features.select(index)),
+                    (images.shape[-2], images.shape[-1]),
+                )
                 for k, out in zip(index, outputs, strict=True):
                     results[rows[k][0]][name] = out
             return [{name: results[i][name] for name in names} for i, names in enumerate(per_image)]

@@ -29,7 +29,6 @@ import yaml
 from .config import ConfigBase, check_choice, check_positive_int, check_task_name
 
 SOURCES = ("multifashion", "imagefolder", "coco", "segmentation")
-PRIMARY_METRIC = {"classification": "top1", "detection": "map50", "segmentation": "miou"}
 
 
 @dataclasses.dataclass
@@ -289,6 +288,7 @@ def export_run(
 
 
 def evaluate_run(model: Any, config: RunConfig, out: Path) -> dict[str, Any]:
+    from .outputs import output_kind
     from .ppt import ppt
     from .tasks import evaluate
 
@@ -297,7 +297,7 @@ def evaluate_run(model: Any, config: RunConfig, out: Path) -> dict[str, Any]:
         start = time.perf_counter()
         metrics = evaluate(model, name, task.data_spec.dataset(task.data_spec.eval_split, train=False))
         head_type = task.head_config.head_type
-        primary = PRIMARY_METRIC[task.head_config.output_kind]
+        primary = output_kind(task.head_config).primary_metric
         params = model.num_parameters(name)
         value = max(0.0, float(metrics[primary]))
         rows[name] = {
