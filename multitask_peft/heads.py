@@ -86,7 +86,7 @@ class Head(nn.Module):
 
     `forward(features) -> raw outputs` and `loss(raw, targets)` for training; `export_outputs(raw, image_size)`
     gives the tensor form of the head's output kind (batched, fixed-shape, traceable), which the kind decodes into
-    per-image results (`multitask_peft.outputs.results`) and an ONNX graph returns as it is.
+    per-image results (`multitask_peft.outputs.decode_outputs`) and an ONNX graph returns as it is.
     """
 
     def forward(self, features: Features) -> Any:

@@ -7,7 +7,8 @@ to the head's output kind (`HeadConfig.output_kind`), found by name in `OUTPUT_K
 - `tensor_spec(head_config, image_size)`: the tensor form's fields (names, dtypes, shapes, -1 where dynamic);
 - `decode(tensors)`: the tensor form -> one result dict per image (what `MultiTaskModel.predict`, `OnnxRunner`
   and the serving backends return);
-- `to_json(result, ...)`: one result as the JSON the server sends, in the pixels of the image the client sent;
+- `to_json(result, context)`: one result as the JSON the server sends, in the pixels of the image the client
+  sent;
 - `metric(head_config)` and `primary_metric`: how results are measured.
 
 The concrete kinds (classification, detection, segmentation, embedding) live in `multitask_peft.tasks`, which
@@ -102,6 +103,23 @@ class ResultOptions:
             raise ValueError(f"max_detections must be None or >= 0, got {self.max_detections!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class JsonContext:
+    """What the JSON form of one task's result for one image depends on, besides the result.
+
+    Attributes:
+        input_size: (H, W) the model saw.
+        original: (H, W) of the image the client sent: boxes and masks are sent in its pixels.
+        options: Formatting options.
+        class_names: The task's class names, if it has them.
+    """
+
+    input_size: tuple[int, int]
+    original: tuple[int, int]
+    options: ResultOptions = ResultOptions()
+    class_names: Sequence[str] | None = None
+
+
 class TaskMetric:
     """Accumulates one task's metric over batches: `update(results, targets)` per batch, then `compute()`."""
 
@@ -136,23 +154,9 @@ class OutputKind:
         """The tensor form of a batch -> one result dict per image."""
         raise NotImplementedError
 
-    def to_json(
-        self,
-        result: Mapping[str, Any],
-        input_size: tuple[int, int],
-        original: tuple[int, int],
-        options: ResultOptions,
-        class_names: Sequence[str] | None = None,
-    ) -> dict[str, Any]:
-        """One image's result as JSON values, in the pixels of the image the client sent.
-
-        Args:
-            result: One result dict of `decode`.
-            input_size: (H, W) the model saw.
-            original: (H, W) of the image the client sent.
-            options: Formatting options.
-            class_names: The task's class names, if it has them.
-        """
+    def to_json(self, result: Mapping[str, Any], context: JsonContext) -> dict[str, Any]:
+        """One image's result (a result dict of `decode`) as JSON values, in the pixels of the image the client
+        sent (`context.original`)."""
         raise NotImplementedError
 
     def metric(self, head_config: HeadConfig) -> TaskMetric:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from multitask_peft.outputs import MASK_FORMATS, OUTPUT_KINDS, ResultOptions
+from multitask_peft.outputs import MASK_FORMATS, OUTPUT_KINDS, JsonContext, ResultOptions
 from multitask_peft.tasks.segmentation_output import decode_mask_png, encode_mask_png
 
 from .errors import BadRequest
@@ -189,4 +189,5 @@ def to_json(
 ) -> dict[str, Any]:
     """One task's result for one image as JSON, in the pixels of the image the client sent: the JSON form of the
     task's output kind (`kind`, a name in `OUTPUT_KINDS`)."""
-    return OUTPUT_KINDS.get(kind).to_json(result, input_size, original, options, class_names)
+    context = JsonContext(input_size, original, options, class_names)
+    return OUTPUT_KINDS.get(kind).to_json(result, context)

@@ -13,7 +13,7 @@ import torch
 
 from multitask_peft.config import check_positive_int
 from multitask_peft.heads import HeadConfig
-from multitask_peft.outputs import OutputKind, Result, ResultOptions, TensorSpec, register_output_kind
+from multitask_peft.outputs import JsonContext, OutputKind, Result, TensorSpec, register_output_kind
 
 from .metric_base import MetricDict, Results, check_batch
 
@@ -56,8 +56,7 @@ class ClassificationMetric(MetricDict):
                 f"ClassificationMetric.update: logits of shape {tuple(logits.shape)}; expected (N, {self.num_classes})"
             )
         target = torch.as_tensor(targets, dtype=torch.int64).cpu().reshape(-1)  # (N,)
-        for metric in self.metrics.values():
-            metric.update(logits, target)
+        self.update_all(logits, target)
 
 
 @register_output_kind("classification")
@@ -74,20 +73,13 @@ class ClassificationOutput(OutputKind):
         scores, labels = logits.float().softmax(dim=-1).max(dim=-1)  # (N,) each
         return [{"logits": logits[i], "label": int(labels[i]), "score": float(scores[i])} for i in range(len(logits))]
 
-    def to_json(
-        self,
-        result: Mapping[str, Any],
-        input_size: tuple[int, int],
-        original: tuple[int, int],
-        options: ResultOptions,
-        class_names: Sequence[str] | None = None,
-    ) -> dict[str, Any]:
+    def to_json(self, result: Mapping[str, Any], context: JsonContext) -> dict[str, Any]:
         """{"label", "score", "class_name"?, "logits"? (with `options.logits`)}."""
         label = int(result["label"])
         out: dict[str, Any] = {"label": label, "score": float(result["score"])}
-        if class_names:
-            out["class_name"] = class_names[label]
-        if options.logits:
+        if context.class_names:
+            out["class_name"] = context.class_names[label]
+        if context.options.logits:
             out["logits"] = [float(v) for v in result["logits"].float().tolist()]
         return out
 

@@ -20,7 +20,14 @@ import torch
 from torchvision.ops import batched_nms
 
 from multitask_peft.heads import HeadConfig
-from multitask_peft.outputs import OutputKind, Result, ResultOptions, TaskMetric, TensorSpec, register_output_kind
+from multitask_peft.outputs import (
+    JsonContext,
+    OutputKind,
+    Result,
+    TaskMetric,
+    TensorSpec,
+    register_output_kind,
+)
 
 from .metric_base import Results, as_cpu, check_batch
 
@@ -236,21 +243,15 @@ class DetectionOutput(OutputKind):
         counts = tensors["num_detections"].tolist()
         return [{"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]} for i, n in enumerate(counts)]
 
-    def to_json(
-        self,
-        result: Mapping[str, Any],
-        input_size: tuple[int, int],
-        original: tuple[int, int],
-        options: ResultOptions,
-        class_names: Sequence[str] | None = None,
-    ) -> dict[str, Any]:
+    def to_json(self, result: Mapping[str, Any], context: JsonContext) -> dict[str, Any]:
         """{"boxes": [[x1, y1, x2, y2]] in the sent image's pixels, "scores", "labels", "class_names"?}: scores at
         least `options.score_threshold`, at most `options.max_detections`."""
+        options, (h, w), (original_h, original_w) = context.options, context.input_size, context.original
         scores = result["scores"].float()
         keep = (scores >= options.score_threshold).nonzero().flatten()
         if options.max_detections is not None:
             keep = keep[: options.max_detections]  # scores are sorted best first
-        sy, sx = original[0] / input_size[0], original[1] / input_size[1]
+        sy, sx = original_h / h, original_w / w
         boxes = result["boxes"].float()[keep] * torch.tensor([sx, sy, sx, sy])
         labels = [int(v) for v in result["labels"][keep].tolist()]
         out = {
@@ -258,8 +259,8 @@ class DetectionOutput(OutputKind):
             "scores": [float(v) for v in scores[keep].tolist()],
             "labels": labels,
         }
-        if class_names:
-            out["class_names"] = [class_names[v] for v in labels]
+        if context.class_names:
+            out["class_names"] = [context.class_names[v] for v in labels]
         return out
 
     def metric(self, head_config: HeadConfig) -> DetectionMetric:

@@ -6,13 +6,13 @@ Tensor form: "embedding" (N, D) float32. Results: one {"embedding": (D,)} per im
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from multitask_peft.heads import HeadConfig
-from multitask_peft.outputs import OutputKind, Result, ResultOptions, TensorSpec, register_output_kind
+from multitask_peft.outputs import JsonContext, OutputKind, Result, TensorSpec, register_output_kind
 
 
 @register_output_kind("embedding")
@@ -26,13 +26,6 @@ class EmbeddingOutput(OutputKind):
         embeddings = tensors["embedding"]  # (N, D)
         return [{"embedding": embeddings[i]} for i in range(len(embeddings))]
 
-    def to_json(
-        self,
-        result: Mapping[str, Any],
-        input_size: tuple[int, int],
-        original: tuple[int, int],
-        options: ResultOptions,
-        class_names: Sequence[str] | None = None,
-    ) -> dict[str, Any]:
+    def to_json(self, result: Mapping[str, Any], context: JsonContext) -> dict[str, Any]:
         """{"embedding": [float, ...]}."""
         return {"embedding": [float(v) for v in result["embedding"].float().tolist()]}

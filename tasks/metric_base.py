@@ -22,6 +22,11 @@ class MetricDict(TaskMetric):
 
     metrics: dict[str, Any]
 
+    def update_all(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch of predictions and targets (as torchmetrics takes them) to every metric."""
+        for metric in self.metrics.values():
+            metric.update(preds, target)
+
     def compute(self) -> dict[str, float]:
         return {name: float(metric.compute()) for name, metric in self.metrics.items()}
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from multitask_peft.config import check_positive_int
 from multitask_peft.heads import HeadConfig
-from multitask_peft.outputs import OutputKind, Result, ResultOptions, TensorSpec, register_output_kind
+from multitask_peft.outputs import JsonContext, OutputKind, Result, TensorSpec, register_output_kind
 
 from .metric_base import MetricDict, Results, as_cpu, check_batch
 
@@ -116,8 +116,7 @@ class SegmentationMetric(MetricDict):
                 f"SegmentationMetric.update: target class {int(gt[bad][0])} outside [0, {self.num_classes}) "
                 f"and not the ignore index {self.ignore_index}"
             )
-        for metric in self.metrics.values():
-            metric.update(pred, gt)
+        self.update_all(pred, gt)
 
 
 @register_output_kind("segmentation")
@@ -133,25 +132,19 @@ class SegmentationOutput(OutputKind):
         masks = tensors["mask"]  # (N, H, W)
         return [{"mask": masks[i]} for i in range(len(masks))]
 
-    def to_json(
-        self,
-        result: Mapping[str, Any],
-        input_size: tuple[int, int],
-        original: tuple[int, int],
-        options: ResultOptions,
-        class_names: Sequence[str] | None = None,
-    ) -> dict[str, Any]:
-        """{"size": [H, W], "mask_png" (or "mask" as lists with `mask_format="list"`), "class_names"?}."""
+    def to_json(self, result: Mapping[str, Any], context: JsonContext) -> dict[str, Any]:
+        """{"size": [H, W], "mask_png" (or "mask" as lists with `options.mask_format="list"`), "class_names"?}."""
         mask = result["mask"]
-        if tuple(mask.shape) != tuple(original):
+        original = tuple(context.original)
+        if tuple(mask.shape) != original:
             mask = F.interpolate(mask[None, None].float(), size=original, mode="nearest")[0, 0].long()
         out: dict[str, Any] = {"size": [int(mask.shape[0]), int(mask.shape[1])]}
-        if options.mask_format == "list":
+        if context.options.mask_format == "list":
             out["mask"] = mask.tolist()
         else:
             out["mask_png"] = encode_mask_png(mask)
-        if class_names:
-            out["class_names"] = list(class_names)
+        if context.class_names:
+            out["class_names"] = list(context.class_names)
         return out
 
     def metric(self, head_config: HeadConfig) -> SegmentationMetric:
