@@ -177,7 +177,7 @@ class MMDetDenseHead(Head):
 
     def _num_slots(self, cls_scores: Sequence[torch.Tensor]) -> int:
         """K of the tensor form, as `traceable_outputs` makes it: min(max_per_img, (prior, class) candidates)."""
-        cfg = self.head.test_cfg
+        cfg = self.head.test_cfg or {}
         max_per_img = cfg.get("max_per_img", 100)
         out_channels = getattr(self.head, "cls_out_channels", None)
         if out_channels is None:  # not a head with per-prior class scores: it has no traceable copy either
