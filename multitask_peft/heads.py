@@ -71,9 +71,10 @@ class HeadConfig(ConfigBase):
     """Base of head configs; `build` makes the trainable head (and its neck)."""
 
     head_type: ClassVar[str] = ""
-    # What the head's results look like, whatever module makes them: "classification", "detection",
-    # "segmentation" or "embedding". Metrics, the server's JSON and the ONNX decoders go by it, so a head that
-    # wraps another library's module (mmdet, mmseg) but returns our result dicts is served like ours.
+    # The kind of results the head makes, whatever module makes them: "classification", "detection",
+    # "segmentation" or "embedding", a name in `multitask_peft.outputs.OUTPUT_KINDS`. The kind decodes the head's
+    # tensor form into result dicts and owns their JSON form and metric, so a head that wraps another library's
+    # module (mmdet, mmseg) but makes the same tensor form is predicted, served and measured like ours.
     output_kind: ClassVar[str] = ""
 
     def build(self, info: FeatureInfo) -> Head:
@@ -81,7 +82,12 @@ class HeadConfig(ConfigBase):
 
 
 class Head(nn.Module):
-    """A task head: `forward(features) -> outputs`, `loss(outputs, targets)`, `postprocess(outputs, image_size)`."""
+    """A task head.
+
+    `forward(features) -> raw outputs` and `loss(raw, targets)` for training; `export_outputs(raw, image_size)`
+    gives the tensor form of the head's output kind (batched, fixed-shape, traceable), which the kind decodes into
+    per-image results (`multitask_peft.outputs.decode_outputs`) and an ONNX graph returns as it is.
+    """
 
     def forward(self, features: Features) -> Any:
         raise NotImplementedError
@@ -89,10 +95,15 @@ class Head(nn.Module):
     def loss(self, outputs: Any, targets: Any) -> torch.Tensor:
         raise NotImplementedError
 
-    def postprocess(self, outputs: Any, image_size: tuple[int, int]) -> list[dict[str, Any]]:
-        """Per-image result dicts (e.g. {"logits", "label", "score"})."""
-        raise NotImplementedError
-
     def export_outputs(self, outputs: Any, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        """Batched, fixed-shape, traceable post-processing for ONNX export: {field: (N, ...) tensor}."""
-        raise NotImplementedError(f"{type(self).__name__} has no ONNX export form")
+        """The tensor form of the head's output kind: {field: (N, ...) tensor}, fields as its `tensor_spec`.
+
+        Args:
+            outputs: `forward`'s outputs for N images.
+            image_size: (H, W) of the input images.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no tensor form (export_outputs)")
+
+    def onnx_translations(self) -> dict[Any, Callable[..., Any]]:
+        """ONNX forms of the custom torch ops `export_outputs` uses: {op overload: onnxscript function}."""
+        return {}

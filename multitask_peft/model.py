@@ -15,6 +15,7 @@ from .backbone import BackboneHost, create_timm_backbone
 from .config import check_task_name
 from .executor import RowPlan, SlotPlan, run_backbone
 from .heads import FeatureInfo, Features, HeadConfig
+from .outputs import decode_outputs
 from .peft.base import METHODS, MethodModule, PeftConfig
 from .routing import PLAIN_SLOT
 
@@ -269,7 +270,12 @@ class MultiTaskModel(nn.Module):
             for name in dict.fromkeys(name for _, name in requests):
                 index = [k for k, (_, task) in enumerate(requests) if task == name]
                 head = self.task_modules[name].head
-                outputs = head.postprocess(head(features.select(index)), (images.shape[-2], images.shape[-1]))
+                outputs = decode_outputs(
+                    self.task_modules[name].head_config,
+                    head,
+                    head(features.select(index)),
+                    (images.shape[-2], images.shape[-1]),
+                )
                 for k, out in zip(index, outputs, strict=True):
                     results[requests[k]] = out
             return results

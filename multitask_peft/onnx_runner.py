@@ -1,10 +1,11 @@
-"""Run an exported multi-task graph with ONNX Runtime; results in the structure of `MultiTaskModel.predict`."""
+"""Run an exported multi-task graph with ONNX Runtime; results in the structure of `MultiTaskModel.predict` (decoded
+by the same output kinds, `multitask_peft.outputs`)."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,39 +13,11 @@ import numpy as np
 import torch
 
 from .export.sidecar import SIDECAR_FORMAT, SIDECAR_VERSION, sidecar_path
-
-
-def _classification(out: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-    logits = out["logits"]
-    scores, labels = logits.float().softmax(dim=-1).max(dim=-1)
-    return [{"logits": logits[i], "label": int(labels[i]), "score": float(scores[i])} for i in range(len(logits))]
-
-
-def _detection(out: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-    results = []
-    for i, n in enumerate(out["num_detections"].tolist()):
-        results.append({"boxes": out["boxes"][i, :n], "scores": out["scores"][i, :n], "labels": out["labels"][i, :n]})
-    return results
-
-
-def _segmentation(out: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-    return [{"mask": out["mask"][i]} for i in range(len(out["mask"]))]
-
-
-def _embedding(out: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-    return [{"embedding": out["embedding"][i]} for i in range(len(out["embedding"]))]
-
-
-DECODERS: dict[str, Callable[[dict[str, torch.Tensor]], list[dict[str, Any]]]] = {
-    "classification": _classification,
-    "detection": _detection,
-    "segmentation": _segmentation,
-    "embedding": _embedding,
-}
+from .outputs import OUTPUT_KINDS, Result
 
 
 def output_kind(spec: dict[str, Any]) -> str:
-    """The result form of a sidecar task entry (`HeadConfig.output_kind`; older sidecars: the head type)."""
+    """The output kind of a sidecar task entry (`HeadConfig.output_kind`; older sidecars: the head type)."""
     return spec.get("output", spec["head"])
 
 
@@ -138,8 +111,12 @@ class OnnxRunner:
         shared = None if self.meta.get("adapters") else self.run(images)  # one run serves every task
         out = {}
         for name in names:
-            raw = shared if shared is not None else self.run(images, task=name)
-            spec = self.meta["tasks"][name]
-            fields = {field: torch.from_numpy(raw[output]) for field, output in spec["outputs"].items()}
-            out[name] = DECODERS[output_kind(spec)](fields)
+            out[name] = self.decode(name, shared if shared is not None else self.run(images, task=name))
         return out
+
+    def decode(self, task: str, raw: Mapping[str, np.ndarray]) -> list[Result]:
+        """One task's per-image result dicts from raw graph outputs (`run`), decoded by the task's output kind
+        (the sidecar's "output", looked up in `OUTPUT_KINDS`)."""
+        spec = self.meta["tasks"][task]
+        tensors = {field: torch.from_numpy(raw[output]) for field, output in spec["outputs"].items()}
+        return OUTPUT_KINDS.get(output_kind(spec)).decode(tensors)

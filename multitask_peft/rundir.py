@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from .run import RUN_MEAN_STD, RunConfig, build_backbone, load_run_config
+from .run_config import RUN_MEAN_STD, RunConfig, build_backbone, load_run_config
 
 if TYPE_CHECKING:
     from .model import MultiTaskModel

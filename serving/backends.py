@@ -194,12 +194,11 @@ class OnnxBackend:
     max_tasks: int | None = None
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, session_options: Any = None) -> None:
-        from multitask_peft.onnx_runner import DECODERS, OnnxRunner, output_kind
+        from multitask_peft.onnx_runner import OnnxRunner, output_kind
 
         self.runner = OnnxRunner(path, providers, session_options)
         if self.runner.meta.get("adapters"):
             raise ValueError(f"{path} is an adapter graph (one task per run); serve a multi-task export instead")
-        self._decoders = DECODERS
         self._fixed = f"the {self.name} backend serves the tasks of its graph; re-export to change them"
         inp = self.runner.meta["input"]
         self.preprocess = Preprocess(tuple(inp["size"]), tuple(inp["mean"]), tuple(inp["std"]))
@@ -229,11 +228,7 @@ class OnnxBackend:
     def run(self, images: torch.Tensor, tasks: list[list[str]]) -> list[dict[str, dict[str, Any]]]:
         raw = self.runner.run(images)
         wanted = dict.fromkeys(t for names in tasks for t in names)
-        decoded = {}
-        for name in wanted:
-            spec = self.runner.meta["tasks"][name]
-            fields = {field: torch.from_numpy(raw[output]) for field, output in spec["outputs"].items()}
-            decoded[name] = self._decoders[self.tasks[name][0]](fields)
+        decoded = {name: self.runner.decode(name, raw) for name in wanted}
         return [{t: decoded[t][i] for t in names} for i, names in enumerate(tasks)]
 
     async def load(self, name: str | None, path: object) -> dict[str, Any]:

@@ -11,10 +11,25 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from multitask_peft.outputs import MASK_FORMATS, OUTPUT_KINDS, JsonContext, ResultOptions
+from multitask_peft.tasks.segmentation_output import decode_mask_png, encode_mask_png
+
 from .errors import BadRequest
+
+__all__ = [
+    "FORMATS",
+    "MAX_LIST_MASK_PIXELS",
+    "MAX_PIXELS",
+    "PredictOptions",
+    "Preprocess",
+    "decode_base64",
+    "decode_mask_png",
+    "encode_mask_png",
+    "parse_tasks",
+    "to_json",
+]
 
 #: Largest decoded image accepted, in pixels (a decompression-bomb guard: 40 MP, e.g. 8000 x 5000).
 MAX_PIXELS = 40_000_000
@@ -101,21 +116,14 @@ def decode_base64(text: object) -> bytes:
 
 
 @dataclass(frozen=True)
-class PredictOptions:
-    """Per-request options.
+class PredictOptions(ResultOptions):
+    """Per-request options: how results are formatted (`ResultOptions`: score_threshold, max_detections,
+    mask_format, logits) plus how long the request may take.
 
     Attributes:
-        score_threshold: Detections below it are dropped (on top of the head's own `score_thresh`).
-        max_detections: At most this many detections per task (the best ones).
-        mask_format: Segmentation masks as "png" (base64 PNG of class ids, the default) or "list" (nested lists).
-        logits: Include classification logits.
         timeout_s: Seconds the request may wait in all (queue + forward); None: the server's default.
     """
 
-    score_threshold: float = 0.0
-    max_detections: int | None = None
-    mask_format: str = "png"
-    logits: bool = False
     timeout_s: float | None = None
 
     @classmethod
@@ -142,7 +150,7 @@ class PredictOptions:
         if "timeout_s" in values and not 0 < values["timeout_s"] <= 3600:
             raise BadRequest(f"'timeout_s' must be in (0, 3600], got {values['timeout_s']}")
         mask_format = raw.get("mask_format") or "png"
-        if mask_format not in ("png", "list"):
+        if mask_format not in MASK_FORMATS:
             raise BadRequest(f"'mask_format' must be 'png' or 'list', got {mask_format!r}")
         logits = raw.get("logits")
         if logits is None:
@@ -171,64 +179,14 @@ def parse_tasks(raw: object) -> list[str]:
 
 
 def to_json(
-    head: str,
+    kind: str,
     result: dict[str, Any],
     input_size: tuple[int, int],
     original: tuple[int, int],
-    options: PredictOptions,
+    options: ResultOptions,
     class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """One task's result for one image as JSON, in the pixels of the image the client sent."""
-    if head == "classification":
-        label = int(result["label"])
-        out: dict[str, Any] = {"label": label, "score": float(result["score"])}
-        if class_names:
-            out["class_name"] = class_names[label]
-        if options.logits:
-            out["logits"] = [float(v) for v in result["logits"].float().tolist()]
-        return out
-    if head == "detection":
-        scores = result["scores"].float()
-        keep = (scores >= options.score_threshold).nonzero().flatten()
-        if options.max_detections is not None:
-            keep = keep[: options.max_detections]  # scores are sorted best first
-        sy, sx = original[0] / input_size[0], original[1] / input_size[1]
-        boxes = result["boxes"].float()[keep] * torch.tensor([sx, sy, sx, sy])
-        labels = [int(v) for v in result["labels"][keep].tolist()]
-        out = {
-            "boxes": [[round(float(v), 3) for v in box] for box in boxes.tolist()],
-            "scores": [float(v) for v in scores[keep].tolist()],
-            "labels": labels,
-        }
-        if class_names:
-            out["class_names"] = [class_names[v] for v in labels]
-        return out
-    if head == "segmentation":
-        mask = result["mask"]
-        if tuple(mask.shape) != tuple(original):
-            mask = F.interpolate(mask[None, None].float(), size=original, mode="nearest")[0, 0].long()
-        out = {"size": [int(mask.shape[0]), int(mask.shape[1])]}
-        if options.mask_format == "list":
-            out["mask"] = mask.tolist()
-        else:
-            out["mask_png"] = encode_mask_png(mask)
-        if class_names:
-            out["class_names"] = list(class_names)
-        return out
-    if head == "embedding":
-        return {"embedding": [float(v) for v in result["embedding"].float().tolist()]}
-    raise ValueError(f"no JSON form for head {head!r}")
-
-
-def encode_mask_png(mask: torch.Tensor) -> str:
-    """(H, W) class ids -> base64 PNG (8-bit grey for ids < 256, else 16-bit)."""
-    array = mask.cpu().numpy()
-    mode_dtype = np.uint8 if array.max(initial=0) < 256 else np.uint16
-    buffer = io.BytesIO()
-    Image.fromarray(array.astype(mode_dtype)).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def decode_mask_png(text: str) -> np.ndarray:
-    """Inverse of `encode_mask_png`: (H, W) int64 class ids."""
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text)))).astype(np.int64)
+    """One task's result for one image as JSON, in the pixels of the image the client sent: the JSON form of the
+    task's output kind (`kind`, a name in `OUTPUT_KINDS`)."""
+    context = JsonContext(input_size, original, options, class_names)
+    return OUTPUT_KINDS.get(kind).to_json(result, context)

@@ -1,9 +1,11 @@
-"""Image classification head: pooled backbone features -> linear layer or a small MLP."""
+"""Image classification head: pooled backbone features -> linear layer or a small MLP.
+
+Its tensor form (logits) and results are the classification output kind's (`classification_output`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,8 @@ class Classification(HeadConfig):
 
 
 class ClassificationHead(Head):
+    """Dropout + linear layer (or MLP) on the pooled features; outputs (N, num_classes) logits."""
+
     def __init__(self, config: Classification, in_dim: int) -> None:
         super().__init__()
         self.config = config
@@ -66,10 +70,3 @@ class ClassificationHead(Head):
 
     def export_outputs(self, outputs: torch.Tensor, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
         return {"logits": outputs}  # (N, num_classes)
-
-    def postprocess(self, outputs: torch.Tensor, image_size: tuple[int, int]) -> list[dict[str, Any]]:
-        probs = outputs.float().softmax(dim=-1)
-        scores, labels = probs.max(dim=-1)
-        return [
-            {"logits": outputs[i], "label": int(labels[i]), "score": float(scores[i])} for i in range(outputs.shape[0])
-        ]

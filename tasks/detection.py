@@ -2,9 +2,10 @@
 
 The pieces come from torchvision's FCOS: `FCOSHead` (classification / regression / centerness towers and its
 `compute_loss`: sigmoid focal loss, GIoU loss, centerness BCE) and `BoxLinearCoder`. Anchor points, matching
-(center sampling + per-level scale ranges) and post-processing (score threshold, top-k per level, decoding,
-clipping, `batched_nms`, max detections) are small pure functions that mirror `torchvision.models.detection.FCOS`
-(`compute_loss`, `postprocess_detections`) without its image transform: our images arrive normalised and batched.
+(center sampling + per-level scale ranges) and candidate selection (top-k per level, decoding, clipping) are small
+pure functions that mirror `torchvision.models.detection.FCOS` (`compute_loss`, `postprocess_detections`) without
+its image transform: our images arrive normalised and batched. Score threshold, class-wise NMS and the best
+detections are the detection output kind's (`detection_output.best_detections`), shared with mmdet heads.
 
 Head outputs (a dict; every tensor has the rows of the batch first):
     "cls_logits": (N, A, num_classes), "bbox_regression": (N, A, 4) (distances / stride),
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -24,14 +25,13 @@ import torch
 from torch import nn
 from torchvision.models.detection._utils import BoxLinearCoder
 from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
-from torchvision.ops import batched_nms, clip_boxes_to_image
+from torchvision.ops import clip_boxes_to_image
 
 from multitask_peft.config import check_class_names, check_positive_float, check_positive_int
 from multitask_peft.heads import FeatureInfo, Features, Head, HeadConfig, register_head
 
-from .necks import build_neck
-
-Target = Mapping[str, torch.Tensor]
+from .detection_output import Target, best_detections, check_detection_targets, onnx_translations
+from .necks import build_neck, check_strides
 
 
 @register_head("detection")
@@ -72,18 +72,7 @@ class Detection(HeadConfig):
             raise ValueError(
                 f"Detection: `num_convs` should be an integer >= 0 but the value passed is {self.num_convs!r}"
             )
-        if isinstance(self.strides, list):
-            self.strides = tuple(self.strides)
-        if (
-            not isinstance(self.strides, tuple)
-            or not self.strides
-            or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in self.strides)
-            or list(self.strides) != sorted(set(self.strides))
-        ):
-            raise ValueError(
-                f"Detection: `strides` should be a non-empty tuple of increasing positive integers such as (8, 16, 32)"
-                f" but the value passed is {self.strides!r}"
-            )
+        self.strides = check_strides("Detection", self.strides, powers_of_two=False)
         for field, low_open in (("score_thresh", False), ("nms_thresh", True)):
             value = getattr(self, field)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -173,85 +162,26 @@ def match_anchors(
     return matched
 
 
-def postprocess_detections(
-    outputs: Mapping[str, Any], image_size: tuple[int, int], box_coder: BoxLinearCoder, config: Detection
-) -> list[dict[str, torch.Tensor]]:
-    """Per image: score threshold, top-k per level, box decoding, clipping, class-wise NMS, best detections.
-
-    Mirrors `torchvision.models.detection.FCOS.postprocess_detections`.
-
-    Returns:
-        One {"boxes": (K, 4) float32 xyxy input pixels, "scores": (K,) float32, "labels": (K,) int64} per image.
-    """
-    sizes = list(outputs["num_anchors_per_level"])
-    anchors = outputs["anchors"].float().split(sizes)  # per level (A_l, 4)
-    logits = outputs["cls_logits"].float().split(sizes, dim=1)  # per level (N, A_l, C)
-    regression = outputs["bbox_regression"].float().split(sizes, dim=1)  # per level (N, A_l, 4)
-    ctrness = outputs["bbox_ctrness"].float().split(sizes, dim=1)  # per level (N, A_l, 1)
-    num_classes = outputs["cls_logits"].shape[-1]
-    detections = []
-    for i in range(outputs["cls_logits"].shape[0]):
-        image_boxes, image_scores, image_labels = [], [], []
-        for level_anchors, level_logits, level_regression, level_ctrness in zip(anchors, logits, regression, ctrness):
-            scores = torch.sqrt(level_logits[i].sigmoid() * level_ctrness[i].sigmoid()).flatten()  # (A_l * C,)
-            candidates = torch.where(scores > config.score_thresh)[0]
-            scores, order = scores[candidates].topk(min(config.topk_candidates, candidates.numel()))
-            candidates = candidates[order]
-            anchor_index = torch.div(candidates, num_classes, rounding_mode="floor")
-            boxes = box_coder.decode(level_regression[i][anchor_index], level_anchors[anchor_index])  # (k, 4)
-            image_boxes.append(clip_boxes_to_image(boxes, image_size))
-            image_scores.append(scores)
-            image_labels.append(candidates % num_classes)
-        boxes, scores, labels = torch.cat(image_boxes), torch.cat(image_scores), torch.cat(image_labels)
-        keep = batched_nms(boxes, scores, labels, config.nms_thresh)[: config.detections_per_img]
-        detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
-    return detections
-
-
-@torch.library.custom_op("multitask_peft::nms_keep", mutates_args=())
-def nms_keep(
-    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float, min_score: float, num_classes: int
-) -> torch.Tensor:
-    """Class-wise NMS per image of a fixed-size candidate batch: (N, k) bool, True for the candidates kept
-    (score > `min_score`, not suppressed by a better box of their image and class with IoU > `iou`).
-
-    Args:
-        boxes: (N, k, 4) xyxy. scores: (N, k). labels: (N, k) int64 in [0, num_classes).
-
-    A custom op so that ONNX export can emit one batched `NonMaxSuppression` (see `export.py`) instead of an NMS
-    over all images at once (quadratic in the batch).
-    """
-    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    for i in range(scores.shape[0]):
-        index = (scores[i] > min_score).nonzero().flatten()
-        kept = batched_nms(boxes[i, index], scores[i, index], labels[i, index], iou)
-        keep[i, index[kept]] = True
-    return keep
-
-
-@nms_keep.register_fake
-def _(boxes, scores, labels, iou, min_score, num_classes):  # noqa: ANN001, ANN202
-    return torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
-
-
 def export_detections(
     outputs: Mapping[str, Any], image_size: tuple[int, int], box_coder: BoxLinearCoder, config: Detection
 ) -> dict[str, torch.Tensor]:
-    """`postprocess_detections` for a whole batch with fixed shapes (traceable; NMS exports as ONNX
-    NonMaxSuppression): the same detections, padded to `detections_per_img` per image.
+    """The tensor form of the detection output kind for a batch (traceable): per level the best
+    `topk_candidates` (anchor, class) scores sqrt(sigmoid(class logit) * sigmoid(centerness)), their boxes decoded
+    and clipped to `image_size`; then `best_detections`: class-wise NMS of the candidates above `score_thresh`, the
+    best `detections_per_img`. The detections of torchvision's `FCOS.postprocess_detections`, padded.
 
     Candidates below `score_thresh` are kept through top-k (they rank after every valid candidate, so they cannot
-    displace one) and left out of NMS (`nms_keep`, ONNX NonMaxSuppression in an exported graph).
+    displace one) and left out of NMS.
 
     Returns:
         {"boxes": (N, K, 4) float32, "scores": (N, K) float32, "labels": (N, K) int64 (-1 where padded),
         "num_detections": (N,) int64}, K = min(detections_per_img, candidates), best first.
     """
     sizes = list(outputs["num_anchors_per_level"])
-    anchors = outputs["anchors"].float().split(sizes)
-    logits = outputs["cls_logits"].float().split(sizes, dim=1)
-    regression = outputs["bbox_regression"].float().split(sizes, dim=1)
-    ctrness = outputs["bbox_ctrness"].float().split(sizes, dim=1)
+    anchors = outputs["anchors"].float().split(sizes)  # per level (A_l, 4)
+    logits = outputs["cls_logits"].float().split(sizes, dim=1)  # per level (N, A_l, C)
+    regression = outputs["bbox_regression"].float().split(sizes, dim=1)  # per level (N, A_l, 4)
+    ctrness = outputs["bbox_ctrness"].float().split(sizes, dim=1)  # per level (N, A_l, 1)
     num_classes = outputs["cls_logits"].shape[-1]
     all_boxes, all_scores, all_labels = [], [], []
     for level_anchors, level_logits, level_regression, level_ctrness in zip(anchors, logits, regression, ctrness):
@@ -269,33 +199,13 @@ def export_detections(
     )
 
 
-def best_detections(
-    boxes: torch.Tensor,  # (N, k, 4)
-    scores: torch.Tensor,  # (N, k)
-    labels: torch.Tensor,  # (N, k) int64
-    iou: float,
-    min_score: float,
-    num_classes: int,
-    max_detections: int,
-) -> dict[str, torch.Tensor]:
-    """Class-wise NMS of fixed-size candidates (scores above `min_score` only), then the best `max_detections` per
-    image, padded: the fixed-shape detections of the export forms (see `export_detections`)."""
-    kept = nms_keep(boxes, scores, labels, iou, min_score, num_classes)
-    ranked = torch.where(kept & (scores > min_score), scores, torch.full_like(scores, -1.0))
-    top, order = ranked.topk(min(max_detections, scores.shape[1]), dim=1)  # (N, K)
-    valid = top >= 0
-    boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4)) * valid[..., None]
-    labels = torch.where(valid, labels.gather(1, order), torch.full_like(order, -1))
-    return {"boxes": boxes, "scores": top.clamp(min=0.0), "labels": labels, "num_detections": valid.sum(1)}
-
-
 class DetectionHead(Head):
-    """Neck (simple feature pyramid for ViTs, FPN for CNNs) + FCOS towers; loss and post-processing as in FCOS."""
+    """Neck (simple feature pyramid for ViTs, FPN for CNNs) + FCOS towers; loss and detections as in FCOS."""
 
     def __init__(self, config: Detection, info: FeatureInfo) -> None:
         super().__init__()
         self.config = config
-        self.neck = build_neck(info, config.channels, config.strides)
+        self.neck = build_neck(info, config.channels, config.strides, owner="Detection")
         self.towers = FCOSTowers(config.channels, config.num_classes, config.num_convs)
 
     def forward(self, features: Features) -> dict[str, Any]:
@@ -312,7 +222,7 @@ class DetectionHead(Head):
         Crowd boxes (`iscrowd` True) are dropped before matching, so they are never positives.
         """
         num_images = outputs["cls_logits"].shape[0]
-        targets = _check_targets(targets, num_images, self.config.num_classes, outputs["anchors"].device)
+        targets = check_detection_targets(targets, num_images, self.config.num_classes, outputs["anchors"].device)
         anchors = outputs["anchors"].float()
         sizes = list(outputs["num_anchors_per_level"])
         matched = [match_anchors(anchors, t["boxes"], sizes, self.config.center_sampling_radius) for t in targets]
@@ -323,43 +233,9 @@ class DetectionHead(Head):
         """Sum of the FCOS losses (see `losses`)."""
         return sum(self.losses(outputs, targets).values())
 
-    def postprocess(self, outputs: Mapping[str, Any], image_size: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
-        return postprocess_detections(outputs, image_size, self.towers.box_coder, self.config)
-
     def export_outputs(self, outputs: Mapping[str, Any], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """The detection tensor form (`export_detections`), boxes in input pixels."""
         return export_detections(outputs, image_size, self.towers.box_coder, self.config)
 
-
-def _check_targets(
-    targets: Sequence[Target], num_images: int, num_classes: int, device: torch.device
-) -> list[dict[str, torch.Tensor]]:
-    """Validated targets without crowd boxes: [{"boxes": (K, 4) float32, "labels": (K,) int64}] on `device`."""
-    if isinstance(targets, Mapping) or not isinstance(targets, Sequence) or len(targets) != num_images:
-        got = f"{type(targets).__name__} of length {len(targets)}" if hasattr(targets, "__len__") else repr(targets)
-        raise ValueError(f"detection targets must be a list of {num_images} dicts (one per row), got {got}")
-    checked = []
-    for i, target in enumerate(targets):
-        if not isinstance(target, Mapping) or "boxes" not in target or "labels" not in target:
-            raise ValueError(f"detection target {i} must be a dict with 'boxes' and 'labels', got {target!r}")
-        boxes = torch.as_tensor(target["boxes"], dtype=torch.float32, device=device)
-        if boxes.numel() == 0:
-            boxes = boxes.reshape(0, 4)
-        if boxes.ndim != 2 or boxes.shape[1] != 4:
-            raise ValueError(f"detection target {i}: 'boxes' must be (K, 4) xyxy, got shape {tuple(boxes.shape)}")
-        labels = torch.as_tensor(target["labels"], device=device)
-        if labels.dtype.is_floating_point or labels.shape != boxes.shape[:1]:
-            raise ValueError(
-                f"detection target {i}: 'labels' must be {boxes.shape[0]} integers (one per box), got {labels!r}"
-            )
-        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"detection target {i}: labels must lie in [0, {num_classes}), got {labels.tolist()}")
-        if (boxes[:, 2:] < boxes[:, :2]).any():
-            raise ValueError(f"detection target {i}: boxes must be xyxy with x2 >= x1 and y2 >= y1, got {boxes!r}")
-        crowd = target.get("iscrowd")
-        keep = ~torch.as_tensor(crowd, dtype=torch.bool, device=device).reshape(-1) if crowd is not None else None
-        if keep is not None and keep.shape != labels.shape:
-            raise ValueError(f"detection target {i}: 'iscrowd' must have one flag per box, got {crowd!r}")
-        if keep is not None:
-            boxes, labels = boxes[keep], labels[keep]
-        checked.append({"boxes": boxes, "labels": labels.long()})
-    return checked
+    def onnx_translations(self) -> dict[Any, Callable[..., Any]]:
+        return onnx_translations()  # NMS as ONNX NonMaxSuppression

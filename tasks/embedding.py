@@ -37,6 +37,8 @@ class Embedding(HeadConfig):
 
 
 class EmbeddingHead(Head):
+    """The pooled features (L2-normalised if asked); the tensor form of the embedding output kind."""
+
     def __init__(self, config: Embedding) -> None:
         super().__init__()
         self.config = config
@@ -53,6 +55,3 @@ class EmbeddingHead(Head):
 
     def export_outputs(self, outputs: torch.Tensor, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
         return {"embedding": outputs}  # (N, D)
-
-    def postprocess(self, outputs: torch.Tensor, image_size: tuple[int, int]) -> list[dict[str, Any]]:
-        return [{"embedding": outputs[i]} for i in range(outputs.shape[0])]

@@ -66,7 +66,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Evaluate one task of a model on a dataset of (image, target) pairs.
 
-    The metric follows the task's head type (see `tasks.metrics`): classification gives "top1", "top5";
+    The metric is the one of the task's output kind (see `tasks.metrics`): classification gives "top1", "top5";
     detection "map", "map50", "map75", "map_small", "map_medium", "map_large", "mar_100"; segmentation "miou",
     "pixel_acc". Every result also has "num_images". The model's train / eval mode is left as it was
     (`model.predict` runs in eval mode and restores it).

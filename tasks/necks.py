@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -56,21 +57,19 @@ class SimpleFeaturePyramid(nn.Module):
 class FPNNeck(nn.Module):
     """torchvision's FPN over the backbone stages at `strides` (extra coarser strides by max-pooling)."""
 
-    def __init__(self, levels: tuple[tuple[int, int], ...], out_channels: int, strides: tuple[int, ...]) -> None:
+    def __init__(
+        self, levels: tuple[tuple[int, int], ...], out_channels: int, strides: tuple[int, ...], owner: str = "FPNNeck"
+    ) -> None:
         super().__init__()
+        check_backbone_strides(owner, strides, levels)
         available = {reduction: k for k, (_, reduction) in enumerate(levels)}
         deepest = max(available)
-        missing = [s for s in strides if s <= deepest and s not in available]
-        if missing or not any(s <= deepest for s in strides):
-            raise ValueError(
-                f"the backbone offers feature maps at strides {sorted(available)}; cannot build an FPN at {strides}"
-            )
         self.inputs = [available[s] for s in strides if s <= deepest]
         self.extra = [s for s in strides if s > deepest]
         for k, s in enumerate(self.extra):
             previous = self.extra[k - 1] if k else deepest
             if s != 2 * previous:
-                raise ValueError(f"extra FPN stride {s} must double the previous one ({previous})")
+                raise ValueError(f"{owner}: extra FPN stride {s} must double the previous one ({previous})")
         self.fpn = FeaturePyramidNetwork([levels[k][0] for k in self.inputs], out_channels)
         self.pool = nn.MaxPool2d(1, stride=2)
 
@@ -82,11 +81,56 @@ class FPNNeck(nn.Module):
         return outs
 
 
-def build_neck(info: FeatureInfo, out_channels: int, strides: tuple[int, ...]) -> nn.Module:
-    """The neck for a backbone: a simple pyramid for single-map (ViT) backbones, else an FPN over its stages."""
-    if not strides or sorted(strides) != list(strides):
-        raise ValueError(f"strides must be increasing, got {strides}")
+def check_strides(owner: str, strides: object, powers_of_two: bool = True) -> tuple[int, ...]:
+    """A head config's pyramid strides as a tuple; a ValueError naming `owner` unless they are a non-empty,
+    strictly increasing sequence of positive integers (powers of two if `powers_of_two`)."""
+    if isinstance(strides, list):
+        strides = tuple(strides)
+    if (
+        not isinstance(strides, tuple)
+        or not strides
+        or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in strides)
+        or (powers_of_two and any(s & (s - 1) for s in strides))
+        or list(strides) != sorted(set(strides))
+    ):
+        accepted = "powers of two" if powers_of_two else "positive integers"
+        raise ValueError(
+            f"{owner}: `strides` should be a non-empty tuple of strictly increasing {accepted}, e.g. (8, 16, 32), "
+            f"but the value passed is {strides!r}"
+        )
+    return strides
+
+
+def check_backbone_strides(owner: str, strides: Sequence[int], levels: Sequence[tuple[int, int]]) -> None:
+    """A ValueError naming `owner` unless a multi-stage backbone (`levels`: (channels, reduction) per stage)
+    offers a map at every stride up to its deepest stage, and at one stride at least (coarser ones are pooled)."""
+    if len(levels) == 1:
+        return  # a plain ViT: the simple feature pyramid builds any power-of-two multiple or fraction
+    offered = sorted(reduction for _, reduction in levels)
+    missing = [s for s in strides if s <= offered[-1] and s not in offered]
+    if missing:
+        raise ValueError(
+            f"{owner}: `strides` {tuple(strides)!r} include {missing}, but the backbone offers feature maps at "
+            f"strides {offered} (coarser strides than {offered[-1]} are pooled); pick strides from those"
+        )
+    if not any(s <= offered[-1] for s in strides):
+        raise ValueError(
+            f"{owner}: `strides` {tuple(strides)!r} are all coarser than the backbone's deepest feature map "
+            f"(stride {offered[-1]}); include one of its strides {offered}"
+        )
+
+
+def build_neck(info: FeatureInfo, out_channels: int, strides: tuple[int, ...], owner: str = "neck") -> nn.Module:
+    """The neck for a backbone: a simple pyramid for single-map (ViT) backbones, else an FPN over its stages.
+
+    Args:
+        info: The backbone's feature maps.
+        out_channels: Width of every pyramid level.
+        strides: Strides of the pyramid levels, increasing.
+        owner: Who asks (a head config's name), for error messages.
+    """
+    strides = check_strides(owner, strides, powers_of_two=False)
     if len(info.levels) == 1:
         channels, stride = info.levels[0]
         return SimpleFeaturePyramid(channels, stride, out_channels, strides)
-    return FPNNeck(info.levels, out_channels, strides)
+    return FPNNeck(info.levels, out_channels, strides, owner)

@@ -4,9 +4,9 @@
 part of an OpenMMLab config as it is written there, build it with that library's registry, and put it behind our
 head interface: our neck (a simple feature pyramid for plain ViTs, an FPN over the stages of CNNs) turns the
 task's backbone features into the pyramid the OpenMMLab head expects, the head's own `loss_by_feat` gives the loss
-and its own `predict_by_feat` (mmdet: decoding, score threshold, NMS) the results, returned in our result dicts
-({"boxes", "scores", "labels"} and {"mask"}), so evaluation, serving and ONNX export (segmentation) treat them
-like our own heads.
+and its own `predict_by_feat` (mmdet: decoding, score threshold, NMS) the detections, in the tensor form of our
+detection / segmentation output kinds, so prediction, evaluation, serving and ONNX export treat them like our own
+heads.
 
 The configs are registered head types, so tasks using them save and load like any other; building one needs the
 OpenMMLab extra (`scripts/install_openmmlab.sh`).
@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -26,26 +26,10 @@ import torch.nn.functional as F
 from multitask_peft.config import check_class_names, check_positive_int
 from multitask_peft.heads import FeatureInfo, Features, Head, HeadConfig, register_head
 
-from .detection import Target, _check_targets, best_detections
-from .necks import build_neck
-from .segmentation import _check_strides
-from .segmentation import _check_targets as _check_mask_targets
-
-
-def _check_strides_tuple(owner: str, strides: object) -> tuple[int, ...]:
-    if isinstance(strides, list):
-        strides = tuple(strides)
-    if (
-        not isinstance(strides, tuple)
-        or not strides
-        or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 or s & (s - 1) for s in strides)
-        or list(strides) != sorted(set(strides))
-    ):
-        raise ValueError(
-            f"{owner}: `strides` should be a non-empty tuple of strictly increasing powers of two, e.g. "
-            f"(8, 16, 32, 64, 128), but the value passed is {strides!r}"
-        )
-    return strides
+from ._openmmlab_env import require_openmmlab
+from .detection_output import Target, best_detections, check_detection_targets, onnx_translations, pad_detections
+from .necks import build_neck, check_strides
+from .segmentation_output import check_mask_targets
 
 
 def _check_head_dict(owner: str, head: object, example: str) -> dict[str, Any]:
@@ -68,8 +52,6 @@ def _config_dict(value: object, owner: str, field: str) -> dict[str, Any] | None
 
 def _build(registry_module: str, cfg: dict[str, Any]) -> torch.nn.Module:
     """Build an OpenMMLab module from a config dict with mmdet's or mmseg's MODELS registry."""
-    from multitask_peft.integrations import require_openmmlab
-
     require_openmmlab()
     import importlib
     import logging
@@ -125,7 +107,7 @@ class MMDetHead(HeadConfig):
         self.train_cfg = _config_dict(self.train_cfg, "MMDetHead", "train_cfg")
         self.test_cfg = _config_dict(self.test_cfg, "MMDetHead", "test_cfg")
         check_positive_int("MMDetHead", "channels", self.channels)
-        self.strides = _check_strides_tuple("MMDetHead", self.strides)
+        self.strides = check_strides("MMDetHead", self.strides)
         self.class_names = check_class_names("MMDetHead", self.class_names, _num_classes("MMDetHead", self.head))
 
     @property
@@ -133,7 +115,6 @@ class MMDetHead(HeadConfig):
         return self.head["num_classes"]
 
     def build(self, info: FeatureInfo) -> MMDetDenseHead:
-        _check_strides(self.strides, info)
         return MMDetDenseHead(self, info)
 
 
@@ -143,7 +124,7 @@ class MMDetDenseHead(Head):
     def __init__(self, config: MMDetHead, info: FeatureInfo) -> None:
         super().__init__()
         self.config = config
-        self.neck = build_neck(info, config.channels, config.strides)
+        self.neck = build_neck(info, config.channels, config.strides, owner="MMDetHead")
         cfg = dict(config.head)
         cfg.setdefault("in_channels", config.channels)
         cfg.update(train_cfg=config.train_cfg, test_cfg=config.test_cfg)
@@ -169,7 +150,7 @@ class MMDetDenseHead(Head):
 
         feats = outputs["feats"]
         n = feats[0][0].shape[0]
-        checked = _check_targets(targets, n, self.config.num_classes, feats[0][0].device)
+        checked = check_detection_targets(targets, n, self.config.num_classes, feats[0][0].device)
         gts = [InstanceData(bboxes=t["boxes"], labels=t["labels"]) for t in checked]
         metas = [_img_meta(outputs["batch_input_shape"]) for _ in range(n)]
         terms = self.head.loss_by_feat(*feats, gts, metas)
@@ -178,16 +159,37 @@ class MMDetDenseHead(Head):
     def loss(self, outputs: Mapping[str, Any], targets: Sequence[Target]) -> torch.Tensor:
         return sum(self.losses(outputs, targets).values())
 
-    def postprocess(self, outputs: Mapping[str, Any], image_size: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
-        """The head's `predict_by_feat` (its test_cfg: score threshold, NMS, max_per_img), boxes in input pixels."""
+    def export_outputs(self, outputs: Mapping[str, Any], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """The detection tensor form, boxes in input pixels. Eager: the head's own `predict_by_feat` (its test_cfg:
+        score threshold, NMS, max_per_img; any dense head), padded; while exporting or tracing: its traceable copy
+        (`traceable_outputs`). Both pad to the same K."""
+        if _tracing():
+            return self.traceable_outputs(outputs, image_size)
         feats = outputs["feats"]
         n = feats[0][0].shape[0]
         metas = [_img_meta(image_size) for _ in range(n)]
-        results = self.head.predict_by_feat(*feats, batch_img_metas=metas, rescale=False)
-        return [{"boxes": r.bboxes.float(), "scores": r.scores.float(), "labels": r.labels.long()} for r in results]
+        predicted = self.head.predict_by_feat(*feats, batch_img_metas=metas, rescale=False)
+        detections = [{"boxes": r.bboxes, "scores": r.scores, "labels": r.labels} for r in predicted]
+        return pad_detections(detections, self._num_slots(feats[0]), device=feats[0][0].device)
 
-    def export_outputs(self, outputs: Mapping[str, Any], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        """`postprocess` for a whole batch with fixed shapes (traceable; NMS exports as ONNX NonMaxSuppression).
+    def onnx_translations(self) -> dict[Any, Callable[..., Any]]:
+        return onnx_translations()  # NMS as ONNX NonMaxSuppression
+
+    def _num_slots(self, cls_scores: Sequence[torch.Tensor]) -> int:
+        """K of the tensor form, as `traceable_outputs` makes it: min(max_per_img, (prior, class) candidates)."""
+        cfg = self.head.test_cfg or {}
+        max_per_img = cfg.get("max_per_img", 100)
+        out_channels = getattr(self.head, "cls_out_channels", None)
+        if out_channels is None:  # not a head with per-prior class scores: it has no traceable copy either
+            return max_per_img
+        nms_pre = cfg.get("nms_pre", -1)
+        num_classes = self.config.num_classes
+        # a level's scores are (N, priors per cell * cls_out_channels, H, W): a candidate per (prior, class)
+        counts = [c.shape[-2] * c.shape[-1] * (c.shape[1] // out_channels) * num_classes for c in cls_scores]
+        return min(max_per_img, sum(_num_candidates(count, nms_pre) for count in counts))
+
+    def traceable_outputs(self, outputs: Mapping[str, Any], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """`predict_by_feat` for a whole batch with fixed shapes (traceable; NMS exports as ONNX NonMaxSuppression).
 
         Mirrors mmdet's `BaseDenseHead._predict_by_feat_single` for heads with a prior generator and a box coder
         (RetinaHead, FCOSHead, ATSSHead, ...): per level the best `nms_pre` (prior, class) scores above `score_thr`,
@@ -216,7 +218,7 @@ class MMDetDenseHead(Head):
             scores = logits.sigmoid() if head.use_sigmoid_cls else logits.softmax(-1)[..., :-1]  # (N, A, C)
             num_classes = scores.shape[-1]
             flat = scores.flatten(1)  # (N, A * C), prior-major as in mmdet's filter_scores_and_topk
-            k = flat.shape[1] if nms_pre <= 0 else min(nms_pre, flat.shape[1])
+            k = _num_candidates(flat.shape[1], nms_pre)
             top, index = flat.topk(k, dim=1)  # (N, k)
             prior_index = torch.div(index, num_classes, rounding_mode="floor")
             deltas = box.float().permute(0, 2, 3, 1).reshape(n, -1, head.bbox_coder.encode_size)
@@ -236,6 +238,16 @@ class MMDetDenseHead(Head):
         boxes, scores, labels = torch.cat(all_boxes, 1), torch.cat(all_scores, 1), torch.cat(all_labels, 1)
         iou, max_per_img = float(cfg.nms.iou_threshold), cfg.get("max_per_img", 100)
         return best_detections(boxes, scores, labels, iou, 0.0, num_classes, max_per_img)
+
+
+def _num_candidates(count: int, nms_pre: int) -> int:
+    """Candidates a level keeps for NMS out of `count` (prior, class) scores: the best `nms_pre` (all if <= 0)."""
+    return count if nms_pre <= 0 else min(nms_pre, count)
+
+
+def _tracing() -> bool:
+    """Whether the forward runs under an exporter or a tracer (torch.onnx, torch.export / compile, torch.jit)."""
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 @contextlib.contextmanager
@@ -281,7 +293,7 @@ class MMSegHead(HeadConfig):
     def __post_init__(self) -> None:
         self.head = _check_head_dict("MMSegHead", self.head, 'dict(type="UPerHead", num_classes=11, channels=128)')
         check_positive_int("MMSegHead", "channels", self.channels)
-        self.strides = _check_strides_tuple("MMSegHead", self.strides)
+        self.strides = check_strides("MMSegHead", self.strides)
         num_classes = _num_classes("MMSegHead", self.head)
         ignore = self.head.get("ignore_index", 255)
         if isinstance(ignore, bool) or not isinstance(ignore, int) or 0 <= ignore < num_classes:
@@ -300,7 +312,6 @@ class MMSegHead(HeadConfig):
         return self.head.get("ignore_index", 255)
 
     def build(self, info: FeatureInfo) -> MMSegDecodeHead:
-        _check_strides(self.strides, info)
         return MMSegDecodeHead(self, info)
 
 
@@ -315,7 +326,7 @@ class MMSegDecodeHead(Head):
     def __init__(self, config: MMSegHead, info: FeatureInfo) -> None:
         super().__init__()
         self.config = config
-        self.neck = build_neck(info, config.channels, config.strides)
+        self.neck = build_neck(info, config.channels, config.strides, owner="MMSegHead")
         levels = len(config.strides)
         cfg = dict(config.head)
         multi = cfg["type"] in MULTI_INPUT_HEADS or cfg.get("input_transform") in ("resize_concat", "multiple_select")
@@ -333,7 +344,7 @@ class MMSegDecodeHead(Head):
         from mmengine.structures import PixelData
         from mmseg.structures import SegDataSample
 
-        _check_mask_targets(outputs, targets, self.config)
+        check_mask_targets(outputs, targets, self.config.num_classes, self.config.ignore_index)
         samples = []
         for target in targets:
             sample = SegDataSample()
@@ -342,11 +353,9 @@ class MMSegDecodeHead(Head):
         terms = self.head.loss_by_feat(outputs, samples)
         return sum(v for k, v in terms.items() if "loss" in k)
 
-    def postprocess(self, outputs: torch.Tensor, image_size: tuple[int, int]) -> list[dict[str, Any]]:
-        masks = self.export_outputs(outputs, image_size)["mask"]
-        return [{"mask": masks[i]} for i in range(masks.shape[0])]
-
     def export_outputs(self, outputs: torch.Tensor, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """{"mask": (N, H, W) int64}: the head's logits resized to `image_size` as mmseg does, arg-max (or its
+        threshold for a binary head)."""
         size = (int(image_size[0]), int(image_size[1]))
         align = bool(getattr(self.head, "align_corners", False))
         logits = F.interpolate(outputs.float(), size=size, mode="bilinear", align_corners=align)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import partial
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +21,8 @@ from torchvision.ops import Conv2dNormActivation
 from multitask_peft.config import check_class_names, check_positive_int
 from multitask_peft.heads import FeatureInfo, Features, Head, HeadConfig, register_head
 
-from .necks import build_neck
+from .necks import build_neck, check_strides
+from .segmentation_output import check_mask_targets
 
 
 @register_head("segmentation")
@@ -51,18 +51,7 @@ class Segmentation(HeadConfig):
     def __post_init__(self) -> None:
         check_positive_int("Segmentation", "num_classes", self.num_classes)
         check_positive_int("Segmentation", "channels", self.channels)
-        strides = self.strides
-        if (
-            not isinstance(strides, (tuple, list))
-            or not strides
-            or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 or s & (s - 1) for s in strides)
-            or list(strides) != sorted(set(strides))
-        ):
-            raise ValueError(
-                "Segmentation: `strides` should be a non-empty tuple of strictly increasing powers of two, "
-                f"e.g. (4, 8, 16, 32), but the value passed is {strides!r}"
-            )
-        self.strides = tuple(strides)
+        self.strides = check_strides("Segmentation", self.strides)
         weight = self.dice_weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight < math.inf:
             raise ValueError(
@@ -77,21 +66,7 @@ class Segmentation(HeadConfig):
         self.class_names = check_class_names("Segmentation", self.class_names, self.num_classes)
 
     def build(self, info: FeatureInfo) -> SegmentationHead:
-        _check_strides(self.strides, info)
-        return SegmentationHead(self, build_neck(info, self.channels, self.strides))
-
-
-def _check_strides(strides: tuple[int, ...], info: FeatureInfo) -> None:
-    """Raise a ValueError (not the neck's KeyError) when a CNN lacks a stage at a requested stride."""
-    if len(info.levels) == 1:
-        return
-    offered = sorted(reduction for _, reduction in info.levels)
-    missing = [s for s in strides if s <= offered[-1] and s not in offered]
-    if missing:
-        raise ValueError(
-            f"Segmentation: `strides` {strides!r} include {missing}, but the backbone offers feature maps at "
-            f"strides {offered} (coarser strides than {offered[-1]} are pooled); pick strides from those"
-        )
+        return SegmentationHead(self, build_neck(info, self.channels, self.strides, owner="Segmentation"))
 
 
 def _conv_gn_relu(in_channels: int, out_channels: int) -> Conv2dNormActivation:
@@ -146,7 +121,7 @@ class SegmentationHead(Head):
             targets: (N, H', W') int64 class ids, `ignore_index` where unlabelled.
         """
         cfg = self.config
-        _check_targets(outputs, targets, cfg)
+        check_mask_targets(outputs, targets, cfg.num_classes, cfg.ignore_index)
         if outputs.shape[-2:] != targets.shape[-2:]:
             outputs = F.interpolate(outputs, size=targets.shape[-2:], mode="bilinear", align_corners=False)
         valid = targets != cfg.ignore_index  # (N, H, W)
@@ -157,13 +132,8 @@ class SegmentationHead(Head):
             loss = loss + cfg.dice_weight * soft_dice_loss(outputs, targets, valid)
         return loss
 
-    @torch.no_grad()
-    def postprocess(self, outputs: torch.Tensor, image_size: tuple[int, int]) -> list[dict[str, Any]]:
-        """Per image {"mask": (H, W) int64 class ids}, at `image_size` (logits resized bilinearly if needed)."""
-        masks = self.export_outputs(outputs, image_size)["mask"]
-        return [{"mask": masks[i]} for i in range(masks.shape[0])]
-
     def export_outputs(self, outputs: torch.Tensor, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """{"mask": (N, H, W) int64}: the arg-max class at `image_size` (logits resized bilinearly if needed)."""
         size = (int(image_size[0]), int(image_size[1]))
         if tuple(outputs.shape[-2:]) != size:
             outputs = F.interpolate(outputs.float(), size=size, mode="bilinear", align_corners=False)
@@ -190,20 +160,3 @@ def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Ten
     if not bool(present.any()):
         return logits.sum() * 0.0  # no labelled pixel
     return 1.0 - dice[present].mean()
-
-
-def _check_targets(outputs: torch.Tensor, targets: torch.Tensor, cfg: Segmentation) -> None:
-    if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64:
-        got = targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__
-        raise TypeError(f"segmentation targets must be an int64 tensor (N, H, W) of class ids, got {got}")
-    if targets.ndim != 3 or targets.shape[0] != outputs.shape[0]:
-        raise ValueError(
-            f"segmentation targets must have shape (N={outputs.shape[0]}, H, W), got {tuple(targets.shape)}"
-        )
-    bad = (targets != cfg.ignore_index) & ((targets < 0) | (targets >= cfg.num_classes))
-    if bool(bad.any()):
-        values = sorted(set(targets[bad].unique().tolist()))[:5]
-        raise ValueError(
-            f"segmentation targets hold class ids {values} outside [0, {cfg.num_classes}) "
-            f"and not the ignore_index {cfg.ignore_index}"
-        )

@@ -12,6 +12,7 @@ from torchvision.ops import box_iou
 import multitask_peft as mtp
 from conftest import make_model, randomize
 from multitask_peft.heads import HEADS, FeatureInfo
+from multitask_peft.outputs import decode_outputs
 from multitask_peft.tasks.classification import Classification
 from multitask_peft.tasks.detection import Detection, anchor_points, match_anchors
 
@@ -111,7 +112,8 @@ def test_matching_scale_ranges() -> None:
     assert match_anchors(anchors, boxes[:0], sizes, 1.5).eq(-1).all()
 
 
-def test_postprocess_respects_thresholds_and_matches_torchvision() -> None:
+def test_detections_respect_thresholds_and_match_torchvision() -> None:
+    """The tensor form (`export_outputs`) decoded by the detection output kind: torchvision FCOS's detections."""
     model, head = _boxes_model("vit", score_thresh=0.3, detections_per_img=7, nms_thresh=0.5)
     _, out = model(torch.randn(3, 3, 128, 128), [model.slot("boxes")] * 3)["boxes"]
     g = torch.Generator().manual_seed(0)  # spread the scores so the threshold matters
@@ -119,7 +121,10 @@ def test_postprocess_respects_thresholds_and_matches_torchvision() -> None:
     out["bbox_ctrness"] = torch.randn(out["bbox_ctrness"].shape, generator=g) * 3
     out["bbox_regression"] = torch.rand(out["bbox_regression"].shape, generator=g) * 4
     image_size = (112, 128)  # (H, W): clipping must use each side
-    results = head.postprocess(out, image_size)
+    tensors = head.export_outputs(out, image_size)
+    assert tensors["boxes"].shape == (3, 7, 4) and tensors["labels"].shape == (3, 7)
+    assert (tensors["labels"] >= 0).sum(1).tolist() == tensors["num_detections"].tolist()
+    results = decode_outputs(head.config, head, out, image_size)
     assert len(results) == 3
     for res in results:
         assert set(res) == {"boxes", "scores", "labels"}
@@ -139,7 +144,7 @@ def test_postprocess_respects_thresholds_and_matches_torchvision() -> None:
         for key in ("boxes", "scores", "labels"):
             torch.testing.assert_close(res[key], ref[key])
     head.config.score_thresh = 0.999
-    empty = head.postprocess(out, image_size)[0]
+    empty = decode_outputs(head.config, head, out, image_size)[0]
     assert empty["boxes"].shape == (0, 4) and empty["labels"].dtype == torch.int64
 
 
@@ -160,7 +165,8 @@ def test_mixed_batch_equals_detection_rows_alone() -> None:
         torch.testing.assert_close(out[key], alone[key], atol=1e-5, rtol=1e-4)
     # and predict (shared prefix) gives the same detections as the routed rows
     predicted = model.predict(images[[1, 3]], ["cls", "boxes"])["boxes"]
-    for res, ref in zip(predicted, model.task("boxes").head.postprocess(alone, (64, 64))):
+    head = model.task("boxes").head
+    for res, ref in zip(predicted, decode_outputs("detection", head, alone, (64, 64))):
         torch.testing.assert_close(res["scores"], ref["scores"], atol=1e-5, rtol=1e-4)
 
 

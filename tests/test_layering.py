@@ -34,7 +34,13 @@ TASKS_MAY_USE = {
     "multitask_peft.outputs",
 }
 #: Modules on top of the core, allowed to import `tasks/` (the package entry point registers the heads).
-ABOVE_CORE = ("multitask_peft", "multitask_peft.cli", "multitask_peft.run", "multitask_peft.rundir")
+ABOVE_CORE = (
+    "multitask_peft",
+    "multitask_peft.cli",
+    "multitask_peft.run",
+    "multitask_peft.run_config",
+    "multitask_peft.rundir",
+)
 ABOVE_CORE_PACKAGES = ("multitask_peft.training", "multitask_peft.integrations")
 
 

@@ -16,6 +16,7 @@ import torch
 import multitask_peft as mtp
 from conftest import make_model, randomize
 from multitask_peft.integrations import require_openmmlab
+from multitask_peft.outputs import decode_outputs
 
 try:
     require_openmmlab()
@@ -274,7 +275,8 @@ def test_trainer_evaluate_export_and_save(mm_model: mtp.MultiTaskModel, tmp_path
 @needs_openmmlab
 @pytest.mark.parametrize("head", ["RetinaHead", "FCOSHead"])
 def test_mmdet_export_form_equals_predict_by_feat(head: str) -> None:
-    """The traceable post-processing that ONNX export uses gives mmdet's own detections (FCOS: with centerness)."""
+    """The traceable post-processing that ONNX export uses gives mmdet's own detections (FCOS: with centerness),
+    padded to the same K as the eager tensor form (mmdet's `predict_by_feat`)."""
     fcos = dict(type="FCOSHead", num_classes=3, stacked_convs=1, feat_channels=16, strides=[8, 16, 32],
                 regress_ranges=((-1, 16), (16, 32), (32, 1e8)), norm_cfg=dict(type="GN", num_groups=4))  # fmt: skip
     config = det_head() if head == "RetinaHead" else det_head(head=fcos, train_cfg=None)
@@ -285,8 +287,10 @@ def test_mmdet_export_form_equals_predict_by_feat(head: str) -> None:
     with torch.no_grad():
         outputs = model(torch.randn(3, 3, SIZE, SIZE), [model.slot("det")] * 3)["det"][1]
         task_head = model.task("det").head
-        expected = task_head.postprocess(outputs, (SIZE, SIZE))
-        got = task_head.export_outputs(outputs, (SIZE, SIZE))
+        eager = task_head.export_outputs(outputs, (SIZE, SIZE))  # not exporting: predict_by_feat, padded
+        expected = decode_outputs(config, task_head, outputs, (SIZE, SIZE))
+        got = task_head.traceable_outputs(outputs, (SIZE, SIZE))
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in eager.items()}  # the same K
     assert sum(len(e["scores"]) for e in expected) > 0
     for i, e in enumerate(expected):
         n = int(got["num_detections"][i])

