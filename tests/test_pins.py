@@ -25,6 +25,7 @@ from torch import nn
 
 import multitask_peft as mtp
 from conftest import make_model, randomize
+from multitask_peft.outputs import decode_outputs
 
 WEIGHTS_FILE = "adapter_model.safetensors"  # the task file's tensors (README quickstart: `save_task`)
 
@@ -514,7 +515,7 @@ def _assert_detections(got: dict[str, torch.Tensor], expected: dict[str, torch.T
 def test_detection_keeps_the_best_k_candidates_of_each_level() -> None:
     """FCOS post-processing with `topk_candidates=5` on a 3-level pyramid of 64 / 16 / 4 anchor points x 3
     classes (every level has more than 5 candidates) and NMS that suppresses nothing (`nms_thresh=1.0`): `predict`,
-    `head.postprocess` and the export form `head.export_outputs` keep exactly the best 5 (anchor, class) pairs of
+    the decoded tensor form and the export form `head.export_outputs` keep exactly the best 5 (anchor, class) pairs of
     each level, as computed independently from the raw head outputs."""
     k = 5
     model, size = make_model("vit")
@@ -534,8 +535,8 @@ def test_detection_keeps_the_best_k_candidates_of_each_level() -> None:
     overall = (raw["cls_logits"].sigmoid() * raw["bbox_ctrness"].sigmoid()).sqrt().flatten(1).topk(3 * k).values
     assert not torch.allclose(overall[0], expected[0]["scores"])
 
-    for i, (got, ref) in enumerate(zip(head.postprocess(raw, (size, size)), expected, strict=True)):
-        _assert_detections(got, ref, f"postprocess image {i}")
+    for i, (got, ref) in enumerate(zip(decode_outputs(config, head, raw, (size, size)), expected, strict=True)):
+        _assert_detections(got, ref, f"decoded image {i}")
     for i, (got, ref) in enumerate(zip(model.predict(x, "boxes")["boxes"], expected, strict=True)):
         _assert_detections(got, ref, f"predict image {i}")
     export = head.export_outputs(raw, (size, size))
