@@ -133,6 +133,8 @@ class AdapterStore:
                         self.model.attach_task(task)
                         entry.resident = True
                         self.on_load()
+                else:  # the files as registered: a later reload compares against them (no spurious new version)
+                    entry.digest = _digest(folder)
             except READ_ERRORS as e:
                 log.warning("skipping task folder %s: %s", folder, e)
                 continue
