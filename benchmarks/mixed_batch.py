@@ -252,7 +252,7 @@ def run(args: argparse.Namespace, num_tasks: int) -> dict[str, Any]:
     if cuda:
         dtype = DTYPES[args.dtype]
         model, backbone, hf, images = model.to(dtype), backbone.to(dtype), hf.to(dtype), images.to(dtype)
-        kernels.clear_cache()  # stacks packed from the float32 weights would survive the cast (same tensor ids)
+        model.clear_kernel_cache()  # stacks packed from the float32 weights would survive the cast (same tensor ids)
         with torch.inference_mode(), kernel_backend("auto"):
             impl = kernels.backend(images)
             low = (model.forward_features(images, slots["mixed"]).pooled - hf(images, adapter_names=row_tasks)).abs()

@@ -61,9 +61,10 @@ class ScaleShiftPack:
 class PackCache:
     """Stacked operands kept for reuse while the weights they were built from are unchanged.
 
-    Owned by whoever owns the weights (each multi-adapter layer of a model has one and clears it when tasks attach
-    or detach), so no model can drop or see another's packs. Entries are keyed on a launch's layout and the
-    storage, layout and version of its weights; the least recently used are dropped past `max_bytes`.
+    Owned by whoever owns the weights (a model's backbone host has one, shared by its multi-adapter layers and
+    cleared when tasks attach or detach), so no model can drop or see another's packs. Entries are keyed on a
+    launch's layout and the storage, layout and version of its weights; the least recently used are dropped past
+    `max_bytes`.
     """
 
     def __init__(self, max_bytes: int = CACHE_BYTES) -> None:
@@ -73,6 +74,9 @@ class PackCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __deepcopy__(self, memo: dict) -> PackCache:
+        return PackCache(self.max_bytes)  # a copy of the weights has other storage: nothing here applies to it
 
     def get(self, key: Hashable, tensors: tuple[torch.Tensor, ...], build: Callable[[], object]) -> object:
         """`build()`, memoised on `key` + the storage, layout and version of `tensors` when autograd does not

@@ -10,6 +10,7 @@ import timm
 import torch
 from torch import nn
 
+from . import kernels
 from .layouts import Layout, layout_for
 from .peft.layer import MultiAdapterLayer
 from .routing import RoutingContext
@@ -61,6 +62,7 @@ class BackboneHost(nn.Module):
         self.arch = arch
         self.layout: Layout = layout_for(model)
         self.router = RoutingContext()
+        self.packs = kernels.PackCache()  # stacked kernel weights of every adapted layer (one budget per model)
         model.requires_grad_(False)
         model.eval()
         self._modules_by_name: dict[str, nn.Module] = dict(model.named_modules())
@@ -110,7 +112,7 @@ class BackboneHost(nn.Module):
         wrapper = self._wrappers.get(name)
         if wrapper is None:
             parent_name, _, child = name.rpartition(".")
-            wrapper = MultiAdapterLayer(self._modules_by_name[name], self.router)
+            wrapper = MultiAdapterLayer(self._modules_by_name[name], self.router, self.packs)
             setattr(self._modules_by_name[parent_name], child, wrapper)
             self._wrappers[name] = wrapper
         wrapper.attach(slot, adapter)
@@ -128,8 +130,7 @@ class BackboneHost(nn.Module):
     def clear_kernel_cache(self) -> None:
         """Drop the stacked kernel weights every adapted layer keeps (after writes through `.data`, which bump no
         tensor version, or to free their memory at once)."""
-        for wrapper in self._wrappers.values():
-            wrapper.packs.clear()
+        self.packs.clear()
 
     def plain_copy(self) -> nn.Module:
         """A deep copy of the timm model with every wrapper replaced by its frozen base module."""

@@ -104,6 +104,12 @@ class Head(nn.Module):
         """
         raise NotImplementedError(f"{type(self).__name__} has no tensor form (export_outputs)")
 
+    def tensor_outputs(self, outputs: Any, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """The tensor form in eager mode (what `predict` decodes); the same fields as `export_outputs`, which it is
+        unless a head has a faster or more general eager path (e.g. a wrapped library's own post-processing).
+        Exported graphs and their parity checks always use `export_outputs`."""
+        return self.export_outputs(outputs, image_size)
+
     def onnx_translations(self) -> dict[Any, Callable[..., Any]]:
         """ONNX forms of the custom torch ops `export_outputs` uses: {op overload: onnxscript function}."""
         return {}

@@ -298,7 +298,7 @@ class MultiTaskModel(nn.Module):
                 )
         model = self.backbone.plain_copy()
         adapters = [(n, a) for m in task.peft.values() for n, a in m.adapters().items()]
-        for module_name, adapter in sorted(adapters, key=lambda na: (na[1].order, getattr(na[1], "compose_order", 0))):
+        for module_name, adapter in sorted(adapters, key=lambda na: (na[1].order, na[1].compose_order)):
             adapter.fold(model.get_submodule(module_name))
         return model.eval()
 
@@ -377,14 +377,15 @@ class MultiTaskModel(nn.Module):
                 f"{path}: task was saved for backbone {saved_for!r}, this model's backbone is "
                 f"{self.backbone.fingerprint!r}; load it into a model built from the same weights"
             )
-        saved_head, peft = task_io.read_recipe(config, path)
-        task = self.build_task(name or config["task"], head or saved_head, peft, replace=replace)
+        new_head = head is not None  # (then the saved head is not read at all)
+        head = head if new_head else task_io.read_head(config)
+        task = self.build_task(name or config["task"], head, task_io.read_peft(config, path), replace=replace)
         state, expected = task_io.read_tensors(path), task.state_dict()
-        if head is not None:  # a new head: the saved head's tensors are not this task's
+        if new_head:  # the saved head's tensors are not this task's
             expected = {k: v for k, v in expected.items() if not k.startswith("head.")}
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
         task_io.check_tensors(path, state, expected)
-        task.load_state_dict(state, strict=head is None)
+        task.load_state_dict(state, strict=not new_head)
         return task
 
 

@@ -16,7 +16,7 @@ from .export.sidecar import SIDECAR_FORMAT, SIDECAR_VERSION, sidecar_path
 from .outputs import OUTPUT_KINDS, Result
 
 
-def output_kind(spec: dict[str, Any]) -> str:
+def sidecar_kind(spec: dict[str, Any]) -> str:
     """The output kind of a sidecar task entry (`HeadConfig.output_kind`; older sidecars: the head type)."""
     return spec.get("output", spec["head"])
 
@@ -119,4 +119,4 @@ class OnnxRunner:
         (the sidecar's "output", looked up in `OUTPUT_KINDS`)."""
         spec = self.meta["tasks"][task]
         tensors = {field: torch.from_numpy(raw[output]) for field, output in spec["outputs"].items()}
-        return OUTPUT_KINDS.get(output_kind(spec)).decode(tensors)
+        return OUTPUT_KINDS.get(sidecar_kind(spec)).decode(tensors)

@@ -186,7 +186,7 @@ def output_kind(kind: HeadConfig | str) -> OutputKind:
 
 
 def decode_outputs(kind: HeadConfig | str, head: Head, raw: Any, image_size: tuple[int, int]) -> list[Result]:
-    """Per-image result dicts of a head's raw outputs: `decode(head.export_outputs(raw, image_size))`.
+    """Per-image result dicts of a head's raw outputs: `decode(head.tensor_outputs(raw, image_size))`.
 
     Args:
         kind: The task's head config (or its output kind's name).
@@ -194,4 +194,4 @@ def decode_outputs(kind: HeadConfig | str, head: Head, raw: Any, image_size: tup
         raw: Its forward outputs for a batch.
         image_size: (H, W) of the input images.
     """
-    return output_kind(kind).decode(head.export_outputs(raw, image_size))
+    return output_kind(kind).decode(head.tensor_outputs(raw, image_size))

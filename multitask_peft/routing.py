@@ -81,6 +81,7 @@ class StackedRouting:
     batched: ClassVar[bool] = False
 
     def segments_for(self, x: torch.Tensor) -> tuple[Segment, ...]:
+        torch._check(x.shape[0] % len(self.slots) == 0, lambda: f"{x.shape[0]} rows are not {len(self.slots)} blocks")
         block = x.shape[0] // len(self.slots)  # symbolic while tracing
         return tuple(Segment(s, k * block, (k + 1) * block) for k, s in enumerate(self.slots) if s != PLAIN_SLOT)
 

@@ -104,10 +104,14 @@ def backbone_fingerprint(config: dict[str, Any]) -> object:
     return backbone.get("fingerprint") if isinstance(backbone, dict) else backbone
 
 
-def read_recipe(config: dict[str, Any], path: str | os.PathLike) -> tuple[HeadConfig, list[PeftConfig]]:
-    """The head config and the PEFT method configs a task config describes (strict: unknown options are errors)."""
-    head_cfg = dict(config["head"]) if isinstance(config["head"], dict) else {}
-    head = HEADS.get(head_cfg.pop("type", None)).from_dict(head_cfg)
+def read_head(config: dict[str, Any]) -> HeadConfig:
+    """The head config a task config describes (strict: unknown options are errors)."""
+    head = dict(config["head"]) if isinstance(config["head"], dict) else {}
+    return HEADS.get(head.pop("type", None)).from_dict(head)
+
+
+def read_peft(config: dict[str, Any], path: str | os.PathLike) -> list[PeftConfig]:
+    """The PEFT method configs a task config describes (strict: unknown options are errors)."""
     if not isinstance(config["peft"], list):
         raise ValueError(f"{path}: 'peft' must be a list of method entries")
     peft = []
@@ -116,11 +120,11 @@ def read_recipe(config: dict[str, Any], path: str | os.PathLike) -> tuple[HeadCo
             raise ValueError(f"{path}: each 'peft' entry needs a 'method' key, got {entry!r}")
         options = {k: v for k, v in entry.items() if k != "method"}
         peft.append(METHODS.get(entry["method"]).from_dict(options))
-    return head, peft
+    return peft
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of the task folder `path`; every floating-point tensor must be finite."""
+    """The tensors of the task folder `path` (`check_tensors` validates them against the task they are for)."""
     weights = Path(path) / WEIGHTS_NAME
     if not weights.is_file():
         raise ValueError(f"{path}: no {WEIGHTS_NAME}")
@@ -128,14 +132,12 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = load_file(weights)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{weights}: not a valid safetensors file ({e})") from e
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"{weights}: non-finite values in {bad[:5]}")
     return state
 
 
 def check_tensors(path: str | os.PathLike, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    """Raise unless the file's tensors have exactly the names and shapes of the task built from its config."""
+    """Raise unless the file's tensors have exactly the names and shapes of the task built from its config, and
+    every floating-point value is finite."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [
@@ -148,3 +150,6 @@ def check_tensors(path: str | os.PathLike, state: dict[str, torch.Tensor], expec
             f"{Path(path) / WEIGHTS_NAME} does not match the task built from its config: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}"
         )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{Path(path) / WEIGHTS_NAME}: non-finite values in {bad[:5]}")

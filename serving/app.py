@@ -249,6 +249,7 @@ def create_app(engine: Engine, admin_token: str | None = None, max_body_bytes: i
     @app.post("/v1/tasks", openapi_extra={"requestBody": _LOAD_BODY}, summary="Load or replace a task (admin)")
     async def load_task(request: Request) -> dict[str, Any]:
         check_admin(request)
+        engine.backend.check_changeable()  # 409 before the body is read
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             raise UnsupportedMediaType('send the task to load as application/json: {"path": ..., "name": ...}')
         body = await _json_body(request)
@@ -260,6 +261,7 @@ def create_app(engine: Engine, admin_token: str | None = None, max_body_bytes: i
     @app.delete("/v1/tasks/{name}", summary="Unload a task (admin)")
     async def unload_task(name: str, request: Request) -> dict[str, Any]:
         check_admin(request)
+        engine.backend.check_changeable()
         await engine.backend.unload(name)
         return {"unloaded": name}
 

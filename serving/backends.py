@@ -96,6 +96,10 @@ class Backend(Protocol):
         normalised at `preprocess.size`; `tasks[i]`: the tasks of image i."""
         ...
 
+    def check_changeable(self) -> None:
+        """Raise `Conflict` (409) now if the served tasks cannot change (before an admin request is read)."""
+        ...
+
     async def load(self, name: str | None, path: object) -> dict[str, Any]:
         """Load or replace a task live from a folder (`path`, as the admin request gave it) under `name` (default:
         its saved name); returns its info. Raises `BadRequest` for a bad folder, `Conflict` if tasks are fixed."""
@@ -170,6 +174,9 @@ class TorchBackend:
             results = self.model.predict_each(images.to(self.device, non_blocking=True), tasks)
         return [{t: _to_cpu(r) for t, r in per_image.items()} for per_image in results]
 
+    def check_changeable(self) -> None:
+        """Tasks load, change and unload live."""
+
     async def load(self, name: str | None, path: object) -> dict[str, Any]:
         return (await self.store.load(name, path)).info()
 
@@ -194,7 +201,7 @@ class OnnxBackend:
     max_tasks: int | None = None
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, session_options: Any = None) -> None:
-        from multitask_peft.onnx_runner import OnnxRunner, output_kind
+        from multitask_peft.onnx_runner import OnnxRunner, sidecar_kind
 
         self.runner = OnnxRunner(path, providers, session_options)
         if self.runner.meta.get("adapters"):
@@ -203,7 +210,7 @@ class OnnxBackend:
         inp = self.runner.meta["input"]
         self.preprocess = Preprocess(tuple(inp["size"]), tuple(inp["mean"]), tuple(inp["std"]))
         self.tasks = {
-            name: (output_kind(spec), spec["head_config"].get("class_names"))
+            name: (sidecar_kind(spec), spec["head_config"].get("class_names"))
             for name, spec in self.runner.meta["tasks"].items()
         }
 
@@ -230,6 +237,9 @@ class OnnxBackend:
         wanted = dict.fromkeys(t for names in tasks for t in names)
         decoded = {name: self.runner.decode(name, raw) for name in wanted}
         return [{t: decoded[t][i] for t in names} for i, names in enumerate(tasks)]
+
+    def check_changeable(self) -> None:
+        raise Conflict(self._fixed)
 
     async def load(self, name: str | None, path: object) -> dict[str, Any]:
         raise Conflict(self._fixed)

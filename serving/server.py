@@ -13,7 +13,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from multitask_peft.rundir import RunDirectory
+from multitask_peft.rundir import ONNX_FILE, RunDirectory
 
 from .app import MAX_BODY_BYTES, create_app
 from .backends import OnnxBackend, TorchBackend
@@ -38,8 +38,8 @@ def torch_backend(run_dir: str | Path, max_resident: int | None = None, device: 
 def onnx_backend(run_dir: str | Path) -> OnnxBackend:
     """The exported graph of a run directory (`model.onnx`), or the `.onnx` file given."""
     path = Path(run_dir)
-    if path.is_dir():
-        path = RunDirectory(path).onnx_path
+    if path.is_dir():  # a run directory, or any folder holding the graph and its sidecar
+        path = path / ONNX_FILE
     if not path.is_file():
         raise ValueError(f"no ONNX graph at {path}; export one with `mtpeft export RUN_DIR {path}`")
     return OnnxBackend(path)

@@ -133,8 +133,6 @@ class AdapterStore:
                         self.model.attach_task(task)
                         entry.resident = True
                         self.on_load()
-                else:  # the files as registered: a later reload compares against them (no spurious new version)
-                    entry.digest = _digest(folder)
             except READ_ERRORS as e:
                 log.warning("skipping task folder %s: %s", folder, e)
                 continue
@@ -186,9 +184,10 @@ class AdapterStore:
 
             def reload(entry: TaskEntry = entry) -> None:
                 task, digest = self._read(entry.path, entry.name, False)
-                if digest != entry.digest:
+                if entry.digest and digest != entry.digest:  # (never read before: this is its first version)
                     log.warning("task %s changed on disk since it was loaded: serving the new files", entry.name)
-                    entry.digest, entry.version = digest, entry.version + 1
+                    entry.version += 1
+                entry.digest = digest
                 self._attach_in_worker(task, entry, keep=set(needed))
 
             await self._in_worker(reload)

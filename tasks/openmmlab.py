@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from multitask_peft.config import check_class_names, check_positive_int
 from multitask_peft.heads import FeatureInfo, Features, Head, HeadConfig, register_head
 
-from ._openmmlab_env import require_openmmlab
 from .detection_output import Target, best_detections, check_detection_targets, onnx_translations, pad_detections
 from .necks import build_neck, check_strides
+from .openmmlab_env import require_openmmlab
 from .segmentation_output import check_mask_targets
 
 
@@ -160,11 +160,14 @@ class MMDetDenseHead(Head):
         return sum(self.losses(outputs, targets).values())
 
     def export_outputs(self, outputs: Mapping[str, Any], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        """The detection tensor form, boxes in input pixels. Eager: the head's own `predict_by_feat` (its test_cfg:
-        score threshold, NMS, max_per_img; any dense head), padded; while exporting or tracing: its traceable copy
-        (`traceable_outputs`). Both pad to the same K."""
-        if _tracing():
-            return self.traceable_outputs(outputs, image_size)
+        """The detection tensor form of an exported graph: the traceable copy of `predict_by_feat`
+        (`traceable_outputs`)."""
+        return self.traceable_outputs(outputs, image_size)
+
+    def tensor_outputs(self, outputs: Mapping[str, Any], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """The detection tensor form in eager mode, boxes in input pixels: the head's own `predict_by_feat` (its
+        test_cfg: score threshold, NMS, max_per_img; any dense head, also those without a traceable copy), padded
+        to the K of `traceable_outputs`."""
         feats = outputs["feats"]
         n = feats[0][0].shape[0]
         metas = [_img_meta(image_size) for _ in range(n)]
@@ -243,11 +246,6 @@ class MMDetDenseHead(Head):
 def _num_candidates(count: int, nms_pre: int) -> int:
     """Candidates a level keeps for NMS out of `count` (prior, class) scores: the best `nms_pre` (all if <= 0)."""
     return count if nms_pre <= 0 else min(nms_pre, count)
-
-
-def _tracing() -> bool:
-    """Whether the forward runs under an exporter or a tracer (torch.onnx, torch.export / compile, torch.jit)."""
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ element no kernel wrote fails the comparison.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -478,22 +479,24 @@ def test_stacked_weights_belong_to_the_model(monkeypatch: pytest.MonkeyPatch) ->
         models.append(model)
     images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
 
-    def packs(model: mtp.MultiTaskModel) -> dict[str, int]:
-        layers = {n: m for n, m in model.backbone.model.named_modules() if hasattr(m, "packs")}
-        assert layers, "no adapted layer"
-        return {n: len(m.packs) for n, m in layers.items()}
+    def packs(model: mtp.MultiTaskModel) -> int:
+        layers = [m for m in model.backbone.model.modules() if hasattr(m, "packs")]
+        assert layers and all(m.packs is model.backbone.packs for m in layers)  # one cache (and budget) per model
+        return len(model.backbone.packs)
 
     with torch.no_grad():
         before = models[0].predict(images, ["a", "b"])
         models[1].predict(images, ["a", "b"])
-    assert all(packs(models[0]).values()) and all(packs(models[1]).values())  # the Triton path kept its weights
+    assert packs(models[0]) and packs(models[1])  # the Triton path kept its weights
+    copied = copy.deepcopy(models[0])
+    assert copied.backbone.packs is not models[0].backbone.packs and not packs(copied)  # other storage: nothing kept
     models[1].remove_task("b")
-    assert all(packs(models[0]).values())  # untouched by the other model's change
-    assert not any(packs(models[1]).values())  # its own are rebuilt on next use
+    assert packs(models[0])  # untouched by the other model's change
+    assert not packs(models[1])  # its own are rebuilt on next use
     with torch.no_grad():
         again = models[0].predict(images, ["a", "b"])
     for task in ("a", "b"):
         for x, y in zip(again[task], before[task], strict=True):
             torch.testing.assert_close(x["logits"], y["logits"])
     models[0].clear_kernel_cache()  # after writes through `.data`
-    assert not any(packs(models[0]).values())
+    assert not packs(models[0])

@@ -182,3 +182,9 @@ def test_fp16_export(tmp_path: Path) -> None:
     assert raw.dtype.name == "float32"
     expected = torch.stack([r["logits"] for r in model.predict(images, "cls")["cls"]])
     torch.testing.assert_close(torch.from_numpy(raw), expected, atol=2e-2, rtol=2e-2)
+    # the merged single-task form: the folded backbone is cast with the graph
+    merged = mtp.export_onnx(
+        model, tmp_path / "half_merged.onnx", image_size=size, fp16=True, merge=True, optimize=False
+    )
+    raw = mtp.OnnxRunner(merged).run(images)["cls.logits"]
+    torch.testing.assert_close(torch.from_numpy(raw), expected, atol=2e-2, rtol=2e-2)

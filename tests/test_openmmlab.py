@@ -287,9 +287,9 @@ def test_mmdet_export_form_equals_predict_by_feat(head: str) -> None:
     with torch.no_grad():
         outputs = model(torch.randn(3, 3, SIZE, SIZE), [model.slot("det")] * 3)["det"][1]
         task_head = model.task("det").head
-        eager = task_head.export_outputs(outputs, (SIZE, SIZE))  # not exporting: predict_by_feat, padded
+        eager = task_head.tensor_outputs(outputs, (SIZE, SIZE))  # predict_by_feat, padded
         expected = decode_outputs(config, task_head, outputs, (SIZE, SIZE))
-        got = task_head.traceable_outputs(outputs, (SIZE, SIZE))
+        got = task_head.export_outputs(outputs, (SIZE, SIZE))  # what the graph holds
     assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in eager.items()}  # the same K
     assert sum(len(e["scores"]) for e in expected) > 0
     for i, e in enumerate(expected):

@@ -670,6 +670,8 @@ def test_onnx_backend_batches_mixed_requests(reference: tuple, tmp_path: Path) -
             httpx.post(f"{server.url}/v1/tasks", json={"path": "cls", "name": "cls2"}, headers=admin),
             httpx.delete(f"{server.url}/v1/tasks/cls", headers=admin),
             httpx.delete(f"{server.url}/v1/tasks/nope", headers=admin),
+            httpx.post(f"{server.url}/v1/tasks", content=b"{not json", headers=admin),  # 409 before the body
+            httpx.post(f"{server.url}/v1/tasks", data={"path": "cls"}, headers=admin),
         ):
             assert response.status_code == 409 and "re-export" in response.json()["error"]["message"], response.text
         assert httpx.delete(f"{server.url}/v1/tasks/cls").status_code == 401  # the admin token comes first

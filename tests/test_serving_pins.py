@@ -470,15 +470,15 @@ def test_exif_rotated_jpeg_answers_in_upright_pixels(server: tuple, reference: t
 
 
 def test_unvalidated_scan_reloads_unchanged_files_as_the_same_version(reference: tuple) -> None:
-    """`scan(validate=False)` records each folder's digest, so the first load of an unchanged task keeps version 1
-    (it used to compare against an empty digest and serve every task as a changed version 2)."""
+    """After `scan(validate=False)` (folders registered, not read), a task's first load is its version 1 (it used to
+    be compared against an empty digest and served as a changed version 2)."""
     import asyncio
 
     _, root = reference
     model, _ = make_model("vit")
     store = serving.AdapterStore(model, root, max_resident=1)
     store.scan(validate=False)
-    assert all(e.digest and not e.resident for e in store.entries.values())
+    assert store.entries and not any(e.resident for e in store.entries.values())
     name = next(iter(store.entries))
     asyncio.run(store.make_resident([name]))
-    assert store.entries[name].resident and store.entries[name].version == 1
+    assert store.entries[name].resident and store.entries[name].version == 1 and store.entries[name].digest

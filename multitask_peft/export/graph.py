@@ -48,8 +48,9 @@ class MultiTaskGraph(nn.Module):
         if merged:
             if len(self.task_names) != 1:
                 raise ValueError(f"a merged graph holds one task, got {self.task_names}")
-            plain = model.merged_backbone(self.task_names[0])  # raises for methods that cannot be folded
-            self.plan = StackedPlan(plain, self.slots, branch_at=0)
+            # a registered submodule, so that copies and casts of the graph (fp16) carry it
+            self.plain = model.merged_backbone(self.task_names[0])  # raises for methods that cannot be folded
+            self.plan = StackedPlan(self.plain, self.slots, branch_at=0)
         else:
             plans = [model.slot_plan(t) for t in self.task_names]
             for name, plan in zip(self.task_names, plans, strict=True):

@@ -8,6 +8,6 @@
 
 from __future__ import annotations
 
-from multitask_peft.tasks._openmmlab_env import INSTALL_HINT, MMCV_RANGE, require_openmmlab
+from multitask_peft.tasks.openmmlab_env import INSTALL_HINT, MMCV_RANGE, require_openmmlab
 
 __all__ = ["INSTALL_HINT", "MMCV_RANGE", "require_openmmlab"]

@@ -37,6 +37,8 @@ class LayerAdapter(nn.Module):
     scale-shift (40), sequential adapters (50)."""
 
     order: ClassVar[int] = 100
+    #: Order among adapters of one `batch_key` on one module (norm affine changes: norm tuning, BitFit, SSF).
+    compose_order: ClassVar[int] = 0
 
     @classmethod
     def batch_key(cls) -> type[LayerAdapter]:
@@ -83,16 +85,17 @@ class MultiAdapterLayer(nn.Module):
     """Wraps a frozen backbone module; applies each routed slot's adapters to that slot's rows.
 
     Adapters are kept in a plain dict (not registered submodules): their parameters belong to the task, so the
-    backbone's own parameters and state dict never change when tasks come and go. The layer owns the stacked
-    kernel weights built from its adapters (`packs`), dropped whenever a task attaches or detaches.
+    backbone's own parameters and state dict never change when tasks come and go. `packs` keeps the stacked kernel
+    weights built from the adapters (the model's cache, shared by its layers: one memory budget per model), dropped
+    whenever a task attaches or detaches.
     """
 
-    def __init__(self, base: nn.Module, router: RoutingContext) -> None:
+    def __init__(self, base: nn.Module, router: RoutingContext, packs: kernels.PackCache) -> None:
         super().__init__()
         self.base = base
         self._router = router
         self._adapters: dict[int, list[LayerAdapter]] = {}
-        self.packs = kernels.PackCache()
+        self.packs = packs
 
     def attach(self, slot: int, adapter: LayerAdapter) -> None:
         self._adapters.setdefault(slot, []).append(adapter)
