@@ -15,14 +15,13 @@ from .detection_output import DetectionOutput
 from .embedding import Embedding, EmbeddingHead
 from .embedding_output import EmbeddingOutput
 from .evaluate import collate_pairs, evaluate
-from .metrics import METRICS, ClassificationMetric, DetectionMetric, SegmentationMetric, TaskMetric, metric_for
+from .metrics import ClassificationMetric, DetectionMetric, SegmentationMetric, TaskMetric, metric_for
 from .openmmlab import MMDetDenseHead, MMDetHead, MMSegDecodeHead, MMSegHead
 from .segmentation import Segmentation, SegmentationHead, soft_dice_loss
 from .segmentation_output import SegmentationOutput
 
 __all__ = [
     "HEADS",
-    "METRICS",
     "OUTPUT_KINDS",
     "Classification",
     "ClassificationHead",
