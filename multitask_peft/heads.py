@@ -51,6 +51,20 @@ def register_head(name: str) -> Callable[[type[HeadConfig]], type[HeadConfig]]:
     return decorator
 
 
+def head_from_dict(data: object) -> HeadConfig:
+    """A head config from `{"type": name, ...options}` (strict: unknown options are errors); what task files and
+    run configs hold."""
+    if not isinstance(data, dict) or "type" not in data:
+        raise ValueError(f"a head entry needs a 'type' key (one of {HEADS.names()}), got {data!r}")
+    options = {k: v for k, v in data.items() if k != "type"}
+    return HEADS.get(data["type"]).from_dict(options)
+
+
+def head_to_dict(head: HeadConfig) -> dict[str, Any]:
+    """`{"type": name, ...options}`: the inverse of `head_from_dict`."""
+    return {"type": head.head_type, **head.to_dict()}
+
+
 @dataclass(frozen=True)
 class FeatureInfo:
     """What a backbone offers to heads.

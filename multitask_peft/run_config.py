@@ -28,9 +28,8 @@ from typing import Any
 import yaml
 
 from .config import ConfigBase, check_choice, check_positive_int, check_task_name, custom
-from .heads import HEADS, HeadConfig
-from .peft import PeftConfig
-from .peft import from_dict as peft_from_dict
+from .heads import HeadConfig, head_from_dict, head_to_dict
+from .peft import PeftConfig, recipe_from_list, recipe_to_list
 from .tasks.data.multifashion import MultiFashionConfig
 from .training.config import TrainConfig
 
@@ -103,29 +102,6 @@ class DataSpec(ConfigBase):
         return SegmentationFolder(root / split, self.class_names, transform)
 
 
-def head_from_dict(data: object) -> HeadConfig:
-    """A head config from `{type: name, ...options}` (strict: unknown options are errors)."""
-    if not isinstance(data, dict) or "type" not in data:
-        raise ValueError(f"a task's `head` needs a 'type' key (one of {HEADS.names()}), got {data!r}")
-    options = {k: v for k, v in data.items() if k != "type"}
-    return HEADS.get(data["type"]).from_dict(options)
-
-
-def head_to_dict(head: HeadConfig) -> dict[str, Any]:
-    return {"type": head.head_type, **head.to_dict()}
-
-
-def peft_from_list(data: object) -> list[PeftConfig]:
-    """A PEFT recipe from a list of `{method: name, ...options}` entries."""
-    if not isinstance(data, list):
-        raise ValueError(f"a task's `peft` is a list of `{{method: ..., options}}` entries, got {data!r}")
-    return [peft_from_dict(entry) for entry in data]
-
-
-def peft_to_list(peft: list[PeftConfig]) -> list[dict[str, Any]]:
-    return [{"method": c.method, **c.to_dict()} for c in peft]
-
-
 @dataclasses.dataclass
 class TaskSpec(ConfigBase):
     """One task of a run.
@@ -140,7 +116,7 @@ class TaskSpec(ConfigBase):
 
     head: HeadConfig = custom(parse=head_from_dict, dump=head_to_dict)
     data: DataSpec
-    peft: list[PeftConfig] = custom(parse=peft_from_list, dump=peft_to_list, default_factory=list)
+    peft: list[PeftConfig] = custom(parse=recipe_from_list, dump=recipe_to_list, default_factory=list)
     loss_weight: float = 1.0
     batch_size: int | None = None
 

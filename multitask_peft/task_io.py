@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .heads import HEADS, HeadConfig
-from .peft import METHODS, PeftConfig
+from .heads import HeadConfig, head_from_dict, head_to_dict
+from .peft import PeftConfig, recipe_from_list, recipe_to_list
 from .version import __version__
 
 CONFIG_NAME = "adapter_config.json"
@@ -50,8 +50,8 @@ def task_config(
         "library_version": __version__,
         "task": name,
         "backbone": dict(backbone),
-        "head": {"type": head.head_type, **head.to_dict()},
-        "peft": [{"method": c.method, **c.to_dict()} for c in peft],
+        "head": head_to_dict(head),
+        "peft": recipe_to_list(list(peft)),
         "num_parameters": dict(num_parameters),
     }
 
@@ -106,21 +106,15 @@ def backbone_fingerprint(config: dict[str, Any]) -> object:
 
 def read_head(config: dict[str, Any]) -> HeadConfig:
     """The head config a task config describes (strict: unknown options are errors)."""
-    head = dict(config["head"]) if isinstance(config["head"], dict) else {}
-    return HEADS.get(head.pop("type", None)).from_dict(head)
+    return head_from_dict(config["head"])
 
 
 def read_peft(config: dict[str, Any], path: str | os.PathLike) -> list[PeftConfig]:
     """The PEFT method configs a task config describes (strict: unknown options are errors)."""
-    if not isinstance(config["peft"], list):
-        raise ValueError(f"{path}: 'peft' must be a list of method entries")
-    peft = []
-    for entry in config["peft"]:
-        if not isinstance(entry, dict) or "method" not in entry:
-            raise ValueError(f"{path}: each 'peft' entry needs a 'method' key, got {entry!r}")
-        options = {k: v for k, v in entry.items() if k != "method"}
-        peft.append(METHODS.get(entry["method"]).from_dict(options))
-    return peft
+    try:
+        return recipe_from_list(config["peft"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -21,6 +21,23 @@ def from_dict(data: dict) -> PeftConfig:
     return METHODS.get(data["method"]).from_dict(options)
 
 
+def to_dict(config: PeftConfig) -> dict:
+    """`{"method": name, ...options}`: the inverse of `from_dict`."""
+    return {"method": config.method, **config.to_dict()}
+
+
+def recipe_from_list(data: object) -> list[PeftConfig]:
+    """A PEFT recipe from a list of `{"method": name, ...options}` entries (what task files and run configs hold)."""
+    if not isinstance(data, list):
+        raise ValueError(f"a PEFT recipe is a list of {{method: ..., options}} entries, got {data!r}")
+    return [from_dict(entry) for entry in data]
+
+
+def recipe_to_list(recipe: list[PeftConfig]) -> list[dict]:
+    """The inverse of `recipe_from_list`."""
+    return [to_dict(c) for c in recipe]
+
+
 __all__ = [
     "METHODS",
     "AdaptFormer",
@@ -38,5 +55,8 @@ __all__ = [
     "SSF",
     "VPT",
     "from_dict",
+    "recipe_from_list",
+    "recipe_to_list",
     "register_method",
+    "to_dict",
 ]
