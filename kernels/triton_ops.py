@@ -286,7 +286,7 @@ def _lowrank(
     y: torch.Tensor, x: torch.Tensor, packs: Sequence[LowRankPack], inplace: bool, cache: PackCache | None
 ) -> torch.Tensor:
     for pack in packs:
-        tiles = packing.tiles_for(pack.ranges, y.device, cache)
+        tiles = packing.tiles_for(pack.ranges, y.device, cache, pack.entries)
         args = (pack.down, pack.up, pack.down_bias, pack.up_bias)
         xc = x.to(y.dtype)
         if inplace:
@@ -336,7 +336,7 @@ def _scale_shift(
 ) -> torch.Tensor:
     y3 = y if y.ndim == 3 else y.unsqueeze(-1)
     for pack in packs:
-        tiles = packing.tiles_for(pack.ranges, y3.device, cache)
+        tiles = packing.tiles_for(pack.ranges, y3.device, cache, pack.entries)
         scale, shift = pack.scale, pack.shift
         if inplace:
             scale_shift_inplace_op(y3, scale, shift, tiles)

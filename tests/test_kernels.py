@@ -192,33 +192,59 @@ def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_pack_cache_follows_weights() -> None:
-    """Stacked weights are reused while the weights are unchanged (also for fresh views, like q/k/v factors), and
-    rebuilt after an in-place update or a move to new storage (`module.to(...)`)."""
+    """Inference packs index a persistent stack: any mix or order of known adapters reuses it (no restacking), an
+    in-place update or a move to new storage adds an entry, the training path stacks its own launch, and a pool
+    full of stale versions starts over instead of growing past the budget."""
     from multitask_peft.kernels import packing
 
     cache = packing.PackCache()
     g = torch.Generator().manual_seed(0)
-    a, b = torch.nn.Parameter(torch.randn(2, 4, 6, generator=g)), torch.nn.Parameter(torch.randn(2, 5, 4, generator=g))
+    a, b = torch.nn.Parameter(torch.randn(3, 4, 6, generator=g)), torch.nn.Parameter(torch.randn(3, 5, 4, generator=g))
 
-    def pack() -> packing.LowRankPack:
-        segments = [LoRASegment(0, 3, a[0], b[0], 1.0), LoRASegment(3, 5, a[1], b[1], 1.0)]
-        (p,) = packing.pack_lora(segments, cache=cache)
+    def pack(*slots: int, target: packing.PackCache | None = cache) -> packing.LowRankPack:
+        starts = [0, 3, 5, 9][: len(slots) + 1]
+        segments = [LoRASegment(s, e, a[k], b[k], 1.0) for k, s, e in zip(slots, starts, starts[1:])]
+        (p,) = packing.pack_lora(segments, cache=target)
         return p
 
+    def weights(p: packing.LowRankPack) -> list[torch.Tensor]:
+        return [p.down[i, 0] for i in p.entries]
+
     with torch.no_grad():
-        first = pack()
-        assert pack().down is first.down  # the stacked weights are reused
+        first = pack(0, 1)
+        assert len(cache) == 2 and first.entries == (0, 1)
+        assert pack(0, 1).down is first.down  # the stacked weights are reused
+        swapped = pack(1, 0)  # another mix of the same adapters: same stack, other indices
+        assert swapped.down is first.down and swapped.entries == (1, 0) and len(cache) == 2
+        three = pack(2, 0, 1)  # an unseen adapter is appended; the others keep their index
+        assert len(cache) == 3 and three.entries == (2, 0, 1)
+        assert all(torch.equal(w, a[k]) for w, k in zip(weights(three), (2, 0, 1)))
+        assert all(torch.equal(three.up[i, 0], b[k]) for i, k in zip(three.entries, (2, 0, 1)))
         a.add_(1.0)
-        updated = pack()
-        assert updated.down is not first.down and torch.equal(updated.down[:, 0], a)
+        updated = pack(0, 1)
+        assert len(cache) == 5 and torch.equal(weights(updated)[0], a[0]) and torch.equal(weights(updated)[1], a[1])
         a.data = a.data.double()
-        moved = pack()
-        assert moved.down is not updated.down and moved.down.dtype == torch.float64
-        assert len(cache)
+        b.data = b.data.double()
+        moved = pack(0, 1)
+        assert moved.down.dtype == torch.float64 and moved.entries == (0, 1)  # a pool of its own dtype
+        tiles = packing.tiles_for(moved.ranges, a.device, cache, moved.entries)
+        assert packing.tiles_for(moved.ranges, a.device, cache, moved.entries) is tiles
+        assert tiles.tolist() == [[0, 0, 3], [1, 3, 5]]
         cache.clear()
-        assert not len(cache) and pack().down is not moved.down
-        segments = [LoRASegment(0, 3, a[0], b[0], 1.0)]
-        assert packing.pack_lora(segments)[0].down is not packing.pack_lora(segments)[0].down  # no cache: no reuse
+        assert not len(cache) and pack(0, 1).down is not moved.down
+        assert pack(0, target=None).down is not pack(0, target=None).down  # no cache: no reuse
+
+    cache.clear()
+    own = pack(0, 1)  # autograd records the weights: the launch's own differentiable stack, nothing cached
+    assert own.down.requires_grad and own.entries == (0, 1) and not len(cache)
+
+    small = packing.PackCache(max_bytes=3 * a[0].numel() * a.element_size())
+    with torch.no_grad():
+        for _ in range(4):
+            a.add_(1.0)  # a new version each step: without a start-over the pool would keep them all
+            p = pack(0, target=small)
+            assert torch.equal(weights(p)[0], a[0])
+        assert len(small) <= 2
 
 
 # --- Triton ---------------------------------------------------------------------------------------------------
@@ -430,14 +456,15 @@ def test_model_on_triton_matches_torch_path(monkeypatch: pytest.MonkeyPatch) -> 
     model, size = make_model("vit")
     recipes = {
         "lora": [mtp.peft.LoRA(r=4, targets=("qkv", "fc1"), qkv_slices=("q", "v"))],
+        "patches": [mtp.peft.LoRA(r=3, targets=("patch_embed.proj",))],  # the patchify conv as one batched op
         "ssf": [mtp.peft.SSF()],
         "pfeiffer": [mtp.peft.Pfeiffer(dim=6)],
     }
     for name, peft in recipes.items():
         model.add_task(name, head=mtp.tasks.Classification(num_classes=3), peft=peft)
         randomize(model.task(name))
-    images = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(0))
-    slots = [model.slot(t) for t in ("ssf", "lora", "pfeiffer", "lora", "ssf")]
+    images = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(0))
+    slots = [model.slot(t) for t in ("ssf", "lora", "pfeiffer", "lora", "ssf", "patches")]
 
     def run(backend: str) -> list[torch.Tensor]:
         monkeypatch.setenv("MULTITASK_PEFT_KERNELS", backend)

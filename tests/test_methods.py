@@ -165,6 +165,7 @@ def test_method_rejects_other_kind(method: str) -> None:
 VARIANTS = {
     "lora-conv-depthwise-and-3x3": ("cnn", [mtp.peft.LoRA(r=3, targets=("conv_dw", "conv_stem"))]),
     "lora-qkv-slices": ("vit", [mtp.peft.LoRA(r=2, qkv_slices=("q", "v"))]),
+    "lora-patch-embedding": ("vit", [mtp.peft.LoRA(r=3, targets=("patch_embed.proj", "fc2"))]),  # batched patchify
     "lora-rslora-gaussian": ("vit", [mtp.peft.LoRA(r=4, alpha=2, use_rslora=True, init="gaussian")]),
     "dora-conv-3x3": ("cnn", [mtp.peft.DoRA(r=2, targets=("conv_stem", "conv_dw"))]),
     "fact-tt": ("vit", [mtp.peft.FacT(r=3, mode="tt")]),

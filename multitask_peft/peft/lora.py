@@ -194,6 +194,10 @@ class LoRAConv2d(LayerAdapter):
         self.lora_b = nn.Parameter(torch.empty(base.out_channels, config.r))  # (out, r)
         _init_lora(self.lora_a, self.lora_b, config.init, config.r)
 
+    def factors(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """(lora_a, lora_b, 0): the factors over flattened (C / groups, kh, kw) patches (see `LoRALinear.factors`)."""
+        return [(self.lora_a, self.lora_b, 0)]
+
     def delta(self, x: torch.Tensor, base: nn.Conv2d) -> torch.Tensor:
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout, training=True)
@@ -205,9 +209,38 @@ class LoRAConv2d(LayerAdapter):
     def adapt(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
         return y + self.delta(x, base)
 
+    @classmethod
+    def apply_segments(cls, items: list[tuple[Segment, LayerAdapter]], x, y, base, cache=None) -> torch.Tensor:  # noqa: ANN001
+        """A patchify convolution (kernel = stride, no padding, one group: a ViT's patch embedding, a CNN's
+        pointwise conv) is a linear map of non-overlapping patches, so every segment runs as one batched LoRA op
+        over the patch rows; other convolutions apply each segment's delta."""
+        if not _is_patchify(base):
+            return super().apply_segments(items, x, y, base, cache)
+        n, c = x.shape[:2]
+        (kh, kw), (oh, ow) = base.kernel_size, y.shape[2:]
+        patches = x[:, :, : oh * kh, : ow * kw].reshape(n, c, oh, kh, ow, kw).permute(0, 2, 4, 1, 3, 5)
+        rows = patches.reshape(n, oh * ow, c * kh * kw)  # (images, patches, C*kh*kw): lora_a's (C, kh, kw) order
+        y_rows = y.permute(0, 2, 3, 1).reshape(n, oh * ow, -1)
+        out = LoRALinear.apply_segments(items, rows, y_rows, base, cache).view(n, oh, ow, -1).permute(0, 3, 1, 2)
+        if torch.is_grad_enabled():
+            return out.contiguous(memory_format=torch.contiguous_format)
+        if out.untyped_storage().data_ptr() != y.untyped_storage().data_ptr():  # updated a copy (NCHW `y`)
+            y.copy_(out)
+        return y
+
     def fold(self, module: nn.Module) -> None:
         with torch.no_grad():
             module.weight += self.scale * (self.lora_b @ self.lora_a).view_as(module.weight)
+
+
+def _is_patchify(conv: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.groups == 1
+        and tuple(conv.kernel_size) == tuple(conv.stride)
+        and tuple(conv.padding) == (0, 0)
+        and tuple(conv.dilation) == (1, 1)
+    )
 
 
 @register_method("dora")
