@@ -8,10 +8,10 @@
 # Device call (after `bash scripts/gpu_wheels.sh` here):  run(command="bash scripts/gpu_check.sh",
 #   carry=[".whl"], timeout_s=420). Steps, each under its own `timeout` and inside one overall budget
 #   (GPU_CHECK_BUDGET seconds, default 360): environment (nvidia-smi, versions); device-to-device copy bandwidth;
-#   offline install (the carried wheels, then the project, into /tmp); `pytest -m gpu tests/`; tests/test_kernels.py;
-#   benchmarks/gpu_check.py (joint training Triton vs torch, the server on the device); benchmarks/mixed_batch.py
-#   with 1 / 8 / 64 tasks, then 64 tasks of mixed ranks 4..64. A failing step is recorded and the next one runs; the
-#   summary at the end lists every step, and the exit status is 1 if any failed.
+#   offline install (the carried wheels, then the project, into /tmp); `pytest -m gpu tests/` (CPU mode: collected
+#   only); tests/test_kernels.py; benchmarks/gpu_check.py (joint training Triton vs torch, the server on the device);
+#   benchmarks/mixed_batch.py with 1 / 8 / 64 tasks, then 64 tasks of mixed ranks 4..64. A failing step is recorded
+#   and the next one runs; the summary at the end lists every step, and the exit status is 1 if any failed.
 #
 # Files written (at most 8: the device tool returns 8): gpu_check.log (everything printed), summary.json,
 # bandwidth.json, pytest_gpu.xml, pytest_kernels.xml, gpu_check.json, mixed_batch.json, mixed_batch_ranks.json.
@@ -42,12 +42,14 @@ if [ "$MODE" = cpu ]; then
     QUICK=(--quick)
     export TRITON_INTERPRET=1
     BUDGET="${GPU_CHECK_BUDGET:-900}"
+    SCALE=2 # step limits x2: the interpreter, two cores
 else
     OUT_DIR="${OUT_DIR:-${OUT:-/tmp/gpu_check}}"
     DEVICE=cuda
     QUICK=()
     unset TRITON_INTERPRET
     BUDGET="${GPU_CHECK_BUDGET:-360}"
+    SCALE=1
 fi
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
@@ -67,7 +69,7 @@ FAILED=0
 
 # step NAME LIMIT_S COMMAND...: runs COMMAND under `timeout` (its limit, cut to the budget left), records the result
 step() {
-    local name="$1" limit="$2"
+    local name="$1" limit=$(($2 * SCALE))
     shift 2
     local left=$((BUDGET - ($(date +%s) - START)))
     [ "$limit" -gt "$left" ] && limit="$left"
@@ -202,14 +204,18 @@ else
     MB_ALL=(--device cpu --quick --repeats 1 --warmup 0)
     MB_RANKS=(--device cpu --quick --tasks 5 --ranks 4 8 16 32 64 --repeats 1 --warmup 0)
 fi
+GPU_TESTS=(-m gpu tests/ -x -q -rfE --junitxml "$OUT_DIR/pytest_gpu.xml")
 KERNEL_TESTS=(tests/test_kernels.py -q -rfE --junitxml "$OUT_DIR/pytest_kernels.xml")
-[ "$DEVICE" = cpu ] && KERNEL_TESTS+=(-x)
+if [ "$DEVICE" = cpu ]; then
+    GPU_TESTS+=(--collect-only) # they need CUDA: on the CPU they must only import and collect
+    KERNEL_TESTS+=(-x)
+fi
 
 step environment 30 env_info
 step bandwidth 30 bandwidth
 step install 90 install
 after_install
-step pytest_gpu 90 pytest_step -m gpu tests/ -x -q -rfE --junitxml "$OUT_DIR/pytest_gpu.xml"
+step pytest_gpu 90 pytest_step "${GPU_TESTS[@]}"
 step test_kernels 90 pytest_step "${KERNEL_TESTS[@]}"
 step gpu_check 120 "$PY" benchmarks/gpu_check.py --device "$DEVICE" --out "$OUT_DIR" "${QUICK[@]}"
 step mixed_batch 150 "$PY" benchmarks/mixed_batch.py "${MB_ALL[@]}" --json "$OUT_DIR/mixed_batch.json"
