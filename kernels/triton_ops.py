@@ -259,16 +259,16 @@ def _(y, scale, shift, tiles):  # noqa: ANN001, ANN202
 
 
 def _row_entry(tiles: torch.Tensor, rows: int, entries: int) -> torch.Tensor:
-    """(rows,) entry of each row, `entries` for rows of none (built on the device from the tiles)."""
+    """(rows,) entry of each row, `entries` for rows of none. Built on the device without a host sync: every tile
+    spans at most BLOCK_M rows, so a fixed (T, BLOCK_M) grid of candidate rows is scattered, the ones past a tile's
+    end into a spare last element (a `repeat_interleave` over the tile lengths would read its size on the host)."""
     t = tiles.long()
-    lengths = t[:, 2] - t[:, 1]
-    idx = torch.repeat_interleave(torch.arange(t.shape[0], device=t.device), lengths)
-    offsets = torch.arange(idx.shape[0], device=t.device) - torch.repeat_interleave(
-        lengths.cumsum(0) - lengths, lengths
-    )
-    out = torch.full((rows,), entries, dtype=torch.long, device=t.device)
-    out[t[idx, 1] + offsets] = t[idx, 0]
-    return out
+    candidates = t[:, 1:2] + torch.arange(packing.BLOCK_M, device=t.device)
+    inside = candidates < t[:, 2:3]
+    index = torch.where(inside, candidates, rows)
+    values = torch.where(inside, t[:, :1], entries)
+    out = torch.full((rows + 1,), entries, dtype=torch.long, device=t.device)
+    return out.scatter_(0, index.flatten(), values.flatten())[:rows]
 
 
 def _segment_sum(v: torch.Tensor, row_entry: torch.Tensor, entries: int) -> torch.Tensor:
