@@ -9,8 +9,9 @@ Three implementations of every op, same semantics:
 
 Each op has an in-place form `op_` (inference) and a differentiable out-of-place form `op` (training).
 `MULTITASK_PEFT_KERNELS=auto|reference|torch|triton` picks the implementation; `auto` (default) takes Triton for
-CUDA tensors and the torch path otherwise. Forcing `triton` on CPU tensors needs `TRITON_INTERPRET=1` set before
-the first launch (that is how the kernel tests run without a GPU).
+fp16 / bf16 / fp32 CUDA tensors and the torch path otherwise (Triton compiles no fp64 dot with an fp32
+accumulator). Forcing `triton` on CPU tensors needs `TRITON_INTERPRET=1` set before the first launch (that is how
+the kernel tests run without a GPU).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "reference", "torch", "triton")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the kernels compile for on a GPU
 
 
 def triton_available() -> bool:
@@ -52,12 +54,14 @@ def _interpreting() -> bool:
 
 
 def backend(tensor: torch.Tensor | None = None) -> str:
-    """The implementation used for `tensor`: `MULTITASK_PEFT_KERNELS` resolved (`auto` -> triton on CUDA)."""
+    """The implementation used for `tensor`: `MULTITASK_PEFT_KERNELS` resolved (`auto` -> triton for CUDA tensors of
+    TRITON_DTYPES)."""
     name = os.environ.get("MULTITASK_PEFT_KERNELS", "auto")
     if name not in BACKENDS:
         raise ValueError(f"MULTITASK_PEFT_KERNELS must be one of {BACKENDS} but is {name!r}")
     if name == "auto":
-        return "triton" if tensor is not None and tensor.is_cuda and triton_available() else "torch"
+        cuda = tensor is not None and tensor.is_cuda and tensor.dtype in TRITON_DTYPES
+        return "triton" if cuda and triton_available() else "torch"
     if name == "triton":
         if not triton_available():
             raise RuntimeError("MULTITASK_PEFT_KERNELS=triton but triton is not installed (pip install triton)")
@@ -65,6 +69,11 @@ def backend(tensor: torch.Tensor | None = None) -> str:
             raise RuntimeError(
                 "MULTITASK_PEFT_KERNELS=triton on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
                 "before the first launch, or use MULTITASK_PEFT_KERNELS=torch"
+            )
+        if tensor is not None and tensor.is_cuda and tensor.dtype not in TRITON_DTYPES:
+            raise RuntimeError(
+                f"MULTITASK_PEFT_KERNELS=triton on {tensor.dtype} CUDA tensors: the kernels compile for fp16, bf16 "
+                "and fp32 only; use MULTITASK_PEFT_KERNELS=torch (or auto, which picks it) for other dtypes"
             )
     return name
 

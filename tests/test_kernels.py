@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -189,6 +190,18 @@ def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MULTITASK_PEFT_KERNELS", "cuda-magic")
     with pytest.raises(ValueError, match="'cuda-magic'"):
         kernels.backend()
+
+
+def test_backend_dtypes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton takes fp16 / bf16 / fp32 CUDA tensors; `auto` sends fp64 to torch, a forced `triton` says why not."""
+    monkeypatch.delenv("MULTITASK_PEFT_KERNELS", raising=False)
+    cuda = {dtype: SimpleNamespace(is_cuda=True, dtype=dtype) for dtype in (*kernels.TRITON_DTYPES, torch.float64)}
+    assert [kernels.backend(cuda[d]) for d in kernels.TRITON_DTYPES] == ["triton"] * 3  # a stand-in: no GPU here
+    assert kernels.backend(cuda[torch.float64]) == "torch"
+    monkeypatch.setenv("MULTITASK_PEFT_KERNELS", "triton")
+    assert kernels.backend(cuda[torch.bfloat16]) == "triton"
+    with pytest.raises(RuntimeError, match="torch.float64 CUDA tensors"):
+        kernels.backend(cuda[torch.float64])
 
 
 def test_pack_cache_follows_weights() -> None:
