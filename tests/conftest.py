@@ -11,6 +11,8 @@ if not torch.cuda.is_available():  # Triton kernels run through the interpreter 
 import multitask_peft as mtp
 from multitask_peft.peft import METHODS
 
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # read by Triton once, at import
+
 # Tiny random backbones: one plain ViT, one CNN (timm's test models).
 BACKBONES = {
     "vit": ("test_vit", {"img_size": 64}, 64),
@@ -58,3 +60,23 @@ def randomize(task: torch.nn.Module, std: float = 0.1, seed: int = 1) -> None:
 @pytest.fixture(params=sorted(BACKBONES))
 def kind(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "interpreter: runs Triton kernels on CPU tensors (needs TRITON_INTERPRET=1)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip, with the reason, what this machine cannot run instead of failing it: `gpu` tests without CUDA, and
+    Triton on CPU tensors without the interpreter (a CUDA machine compiles the kernels for the GPU, and Triton
+    decides once per process). A Triton test is a CPU one if it uses the `triton_backend` fixture without a
+    `device` parameter of "cuda", or is marked `interpreter`."""
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    no_interpreter = pytest.mark.skip(reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (off on CUDA machines)")
+    for item in items:
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
+        device = getattr(item, "callspec", None) and item.callspec.params.get("device")
+        cpu_triton = "triton_backend" in getattr(item, "fixturenames", ()) and device != "cuda"
+        if (cpu_triton or item.get_closest_marker("interpreter")) and not INTERPRETING:
+            item.add_marker(no_interpreter)

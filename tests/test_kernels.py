@@ -460,6 +460,7 @@ def _cast(seg: LoRASegment, dtype: torch.dtype, device: str) -> LoRASegment:
 # --- the model on the Triton path -----------------------------------------------------------------------------
 
 
+@pytest.mark.interpreter
 def test_model_on_triton_matches_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """A mixed batch of LoRA (q/k/v slices), SSF and Pfeiffer tasks on a ViT: same outputs and gradients whether
     the multi-adapter layers run the Triton kernels (one batched differentiable op per adapter class) or torch."""
