@@ -438,6 +438,29 @@ def test_triton_custom_ops_opcheck() -> None:
     torch.library.opcheck(triton_ops.scale_shift_op, (y.detach().unsqueeze(-1).requires_grad_(), scale, shift, tiles))
 
 
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.parametrize(("down_bias", "up_bias"), [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("rank", [8, 70])
+def test_triton_lowrank_bias_flags(down_bias: bool, up_bias: bool, rank: int) -> None:
+    """Either bias alone on the fused kernel (one flag gated both: a down bias alone read `scale` as the up bias)."""
+    from multitask_peft.kernels import packing, triton_kernels
+
+    g = torch.Generator().manual_seed(rank)
+    ranges, k, n = [(0, 30), (40, 70)], 40, 72
+    down, up = torch.randn(2, 1, rank, k, generator=g) / k**0.5, torch.randn(2, 1, n, rank, generator=g) / rank**0.5
+    db = torch.randn(2, rank, generator=g) if down_bias else None
+    ub = torch.randn(2, n, generator=g) if up_bias else None
+    x, y, scale = torch.randn(70, k, generator=g), torch.randn(70, n, generator=g), torch.tensor([0.5, 2.0])
+    tiles = packing.tiles_for(ranges, x.device)
+    cols, nslices = torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, dtype=torch.int32)
+    got = triton_kernels.lowrank(x, down, up, tiles, nslices, cols, y.clone(), scale, db, ub, "gelu")
+    expected = y.clone()
+    for i, (a, b) in enumerate(ranges):
+        h = torch.nn.functional.gelu(x[a:b] @ down[i, 0].T + (db[i] if down_bias else 0))
+        expected[a:b] += scale[i] * (h @ up[i, 0].T + (ub[i] if up_bias else 0))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.usefixtures("triton_backend")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
