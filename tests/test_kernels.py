@@ -564,3 +564,22 @@ def test_stacked_weights_belong_to_the_model(monkeypatch: pytest.MonkeyPatch) ->
             torch.testing.assert_close(x["logits"], y["logits"])
     models[0].clear_kernel_cache()  # after writes through `.data`
     assert not packs(models[0])
+
+
+@pytest.mark.usefixtures("triton_backend")
+def test_gpu_checks_in_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The helpers of test_kernels_gpu.py at small sizes on the CPU (they run first on a GPU otherwise)."""
+    import test_kernels_gpu as gpu
+
+    row_runs = gpu.runs(6, 11, 3)
+    assert row_runs and all(0 <= s < 3 for *_, s in row_runs) and len({a for a, *_ in row_runs}) == len(row_runs)
+    gpu.check_lora(monkeypatch, *gpu.lora_case(66, 24, 40, row_runs, [4, 1], torch.float32, "cpu"))
+    gpu.check_lora_grads(monkeypatch, *gpu.lora_case(66, 24, 40, row_runs, [4], torch.float32, "cpu"))
+    gpu.check_ranks(monkeypatch, 4 * 9, 20, 24, [1, 16, 65, 130], torch.float32, "cpu")
+    for sequential, dim in ((False, 70), (True, 6)):  # width 70: two rank chunks, the up bias added once
+        z, y, segs = gpu.bottleneck_case(66, 24, row_runs, dim, "gelu", torch.float32, "cpu")
+        gpu.check_bottleneck(monkeypatch, z, y, segs, sequential)
+    for shape, tokens in (((66, 24), 11), ((6, 5, 7, 3), 1)):
+        gpu.check_scale_shift(monkeypatch, *gpu.scale_shift_case(shape, gpu.runs(6, tokens, 3), torch.float32, "cpu"))
+    gpu.check_row_entry(66, row_runs, "cpu")
+    gpu.check_opcheck(4 * 35, 20, 12, "cpu")
