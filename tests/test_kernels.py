@@ -527,6 +527,7 @@ def test_model_on_triton_matches_torch_path(monkeypatch: pytest.MonkeyPatch) -> 
     _close(triton_path, torch_path, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.interpreter  # forces Triton on CPU tensors
 def test_stacked_weights_belong_to_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each adapted layer keeps the stacked kernel weights of its own adapters: reused across batches, rebuilt when
     a task attaches or detaches, and another model's task changes never drop them."""
