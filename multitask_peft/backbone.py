@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .layouts import Layout, layout_for
+from .layouts import Layout, default_image_size, layout_for
 from .peft.layer import MultiAdapterLayer
 from .routing import RoutingContext
 from .weights import NAMED_WEIGHTS, backbone_fingerprint, load_into, load_state_dict_file
@@ -65,10 +65,13 @@ class BackboneHost(nn.Module):
         self.packs = kernels.PackCache()  # stacked kernel weights of every adapted layer (one budget per model)
         model.requires_grad_(False)
         model.eval()
+        _call_fused_qkv_modules(model)
         self._modules_by_name: dict[str, nn.Module] = dict(model.named_modules())
         self._wrappers: dict[str, MultiAdapterLayer] = {}
         self._fingerprint: str | None = None
-        self._shapes = _probe_shapes(model, self.named_targetable())
+        in_parts = {n: m for n, m in self._modules_by_name.items() if n and self.layout.position_of(n) is not None}
+        self._shapes = _probe_shapes(model, in_parts)
+        self._order = {name: k for k, name in enumerate(self._shapes)}  # first-call order in the probe
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -95,8 +98,14 @@ class BackboneHost(nn.Module):
         return super().train(False)
 
     def named_targetable(self) -> dict[str, nn.Module]:
-        """Original module names -> modules that PEFT methods may adapt (those inside a part or the pool step)."""
-        return {n: m for n, m in self._modules_by_name.items() if n and self.layout.position_of(n) is not None}
+        """Original module names -> modules that PEFT methods may adapt: inside a part or the pool step, and called
+        as a module on rows of the batch (not modules whose weights the model reads directly, nor modules run on an
+        image-independent table such as Swin-V2's position-bias MLP), in the order the forward first calls them."""
+        return {n: self._modules_by_name[n] for n in self._shapes}
+
+    def call_order(self, name: str) -> int:
+        """When the forward first calls module `name` (0 first), among the targetable modules."""
+        return self._order[name]
 
     def module(self, name: str) -> nn.Module:
         """The original (unwrapped) module called `name`."""
@@ -145,25 +154,48 @@ class BackboneHost(nn.Module):
         return model
 
 
+PROBE_BATCH = 3  # (odd: a position table's leading dim is rarely a multiple of it)
+
+
 def _probe_shapes(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """Input / output shapes of every targetable module, from one forward of a dummy image (run once, at init)."""
+    """Input / output shapes for one image of every module called on rows of the batch, in first-call order, from
+    one forward of `PROBE_BATCH` dummy images (run once, at init). A module whose input's leading dim is not a
+    multiple of the batch runs on something else (a position table) and is left out, as is one never called."""
     shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
+    skipped: set[str] = set()
 
     def record(name: str):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple, output: object) -> None:
-            if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
-                shapes[name] = (tuple(args[0].shape), tuple(output.shape))
+            if name in shapes or name in skipped:
+                return
+            x = args[0] if args else None
+            tensors = isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor) and x.ndim and output.ndim
+            if tensors and x.shape[0] % PROBE_BATCH == 0 and output.shape[0] % PROBE_BATCH == 0:
+                per_image = (x.shape[0] // PROBE_BATCH, *x.shape[1:])
+                shapes[name] = (per_image, (output.shape[0] // PROBE_BATCH, *output.shape[1:]))
+            else:
+                skipped.add(name)
 
         return hook
 
     handles = [m.register_forward_hook(record(n)) for n, m in modules.items()]
     try:
         with torch.no_grad():
-            model.forward_head(model.forward_features(torch.zeros(1, 3, *default_image_size(model))), pre_logits=True)
+            images = torch.zeros(PROBE_BATCH, 3, *default_image_size(model))
+            model.forward_head(model.forward_features(images), pre_logits=True)
     finally:
         for h in handles:
             h.remove()
     return shapes
+
+
+def _call_fused_qkv_modules(model: nn.Module) -> None:
+    """EVA, BEiT and Swin-V2 attention read `qkv.weight` with `F.linear` (q / v biases concatenated) instead of
+    calling `qkv`, which no adapter wrapping `qkv` would see. timm's `qkv_bias_separate` path calls the module and
+    adds the same biases after it (the same output)."""
+    for module in model.modules():
+        if getattr(module, "q_bias", None) is not None and hasattr(module, "qkv_bias_separate"):
+            module.qkv_bias_separate = True
 
 
 def _wrapped_path(name: str, wrappers: dict[str, MultiAdapterLayer]) -> str:
@@ -175,11 +207,3 @@ def _wrapped_path(name: str, wrappers: dict[str, MultiAdapterLayer]) -> str:
         if ".".join(parts[: i + 1]) in wrappers and i < len(parts) - 1:
             path.append("base")
     return ".".join(path)
-
-
-def default_image_size(model: nn.Module) -> tuple[int, int]:
-    """(H, W) of a timm model's native input: a ViT's patch-embed size, else its pretrained config's."""
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if img_size is None:
-        img_size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-2:]
-    return int(img_size[0]), int(img_size[1])

@@ -91,25 +91,30 @@ def run_backbone(host: BackboneHost, images: torch.Tensor, plan: Plan, checkpoin
     checkpointing = checkpointing and torch.is_grad_enabled()
     layout = host.layout
     num_parts = len(layout.parts)
-    level_at = {lvl.position: k for k, lvl in enumerate(layout.levels)}
+    levels_at: dict[int, list[int]] = {}
+    for k, lvl in enumerate(layout.levels):
+        levels_at.setdefault(lvl.position, []).append(k)
     captures: list[list[tuple[Any, torch.Tensor]]] = [[] for _ in layout.levels]
     streams = plan.start(images)
     for p in range(num_parts):
         streams = plan.branch(p, streams)
+        part = layout.parts[p]
         for stream in streams:
             if stream.prompts:
                 stream.x = _prompt_step(stream, p, num_parts, layout.num_prefix_tokens)
-            args = (layout.parts[p].fn, stream.model, stream.x, stream.routing, host)
+            args = (part.fn, stream.model, stream.x, stream.routing, host)
             # (a checkpointed recomputation is routed too: `_run_part` enters the routing itself)
-            stream.x = checkpoint(_run_part, *args, use_reentrant=False) if checkpointing else _run_part(*args)
-            if p in level_at:
-                captures[level_at[p]].append((stream.rows, stream.x))
+            out = checkpoint(_run_part, *args, use_reentrant=False) if checkpointing else _run_part(*args)
+            stream.x, taps = out if part.maps else (out, ())
+            for k in levels_at.get(p, ()):
+                tap = layout.levels[k].tap
+                captures[k].append((stream.rows, stream.x if tap is None else taps[tap]))
     pooled = []
     for stream in plan.branch(num_parts, streams):
         with host.router.use(stream.routing):
             pooled.append((stream.rows, layout.pool(stream.model, stream.x)))  # (R, D)
     image_size = (images.shape[-2], images.shape[-1])
-    maps = [layout.to_map(plan.assemble(c), image_size) for c in captures]
+    maps = [layout.to_map(lvl, plan.assemble(c), image_size) for lvl, c in zip(layout.levels, captures, strict=True)]
     return Features(maps, plan.assemble(pooled))
 
 

@@ -4,6 +4,11 @@
   stride from it (transposed convs up, max-pool down; odd sizes round up, as CNN stages do).
 - Hierarchical / CNN backbones offer several stages: torchvision's `FeaturePyramidNetwork` fuses the stages at
   the requested strides; strides beyond the deepest stage come from stride-2 max-pooling of the top level.
+
+A backbone stride that is not a power of two (a patch-14 ViT such as DINOv2 or EVA-02, a stage at reduction 12)
+is first resampled (bilinear) to the nearest power of two: a map of h x w cells at stride 14 becomes
+round(h * 14 / 16) x round(w * 14 / 16) cells at stride 16, covering the same input pixels, so every pyramid level
+keeps its nominal stride and boxes and masks stay in input pixels.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
@@ -24,19 +30,37 @@ def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(32, max(1, channels // 4)), channels)
 
 
+def nominal_stride(reduction: int) -> int:
+    """The power of two nearest to a backbone reduction (14 -> 16, 12 -> 16, 8 -> 8)."""
+    return 2 ** round(math.log2(reduction))
+
+
+def resample_to_stride(x: torch.Tensor, reduction: int, stride: int) -> torch.Tensor:
+    """An (N, C, h, w) map at `reduction` resampled to cover the same input pixels at `stride` (bilinear)."""
+    if reduction == stride:
+        return x
+    size = (max(1, round(x.shape[-2] * reduction / stride)), max(1, round(x.shape[-1] * reduction / stride)))
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
 class SimpleFeaturePyramid(nn.Module):
-    """From one (N, C, H, W) map at `in_stride`, maps at every stride of `strides` with `out_channels` channels."""
+    """From one (N, C, H, W) map at `in_stride`, maps at every stride of `strides` with `out_channels` channels
+    (a stride that is not a power of two is resampled to the nearest one first)."""
 
     def __init__(self, in_channels: int, in_stride: int, out_channels: int, strides: tuple[int, ...]) -> None:
         super().__init__()
         self.strides = strides
+        self.in_stride, self.base_stride = in_stride, nominal_stride(in_stride)
         self.scales = nn.ModuleList()
         for stride in strides:
             layers: list[nn.Module] = []
             channels = in_channels
-            steps = math.log2(stride / in_stride)
+            steps = math.log2(stride / self.base_stride)
             if steps != int(steps):
-                raise ValueError(f"stride {stride} is not the backbone stride {in_stride} times a power of two")
+                raise ValueError(
+                    f"stride {stride} is not the backbone stride {self.base_stride} times a power of two"
+                    + (f" (the backbone's {in_stride}, resampled)" if in_stride != self.base_stride else "")
+                )
             for _ in range(max(0, -int(steps))):  # upsample by 2 per step
                 layers += [nn.ConvTranspose2d(channels, channels // 2, 2, stride=2), _norm(channels // 2), nn.GELU()]
                 channels //= 2
@@ -50,7 +74,7 @@ class SimpleFeaturePyramid(nn.Module):
             self.scales.append(nn.Sequential(*layers))
 
     def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
-        x = maps[-1]  # (N, C, H, W)
+        x = resample_to_stride(maps[-1], self.in_stride, self.base_stride)  # (N, C, H, W)
         return [scale(x) for scale in self.scales]
 
 
@@ -62,9 +86,10 @@ class FPNNeck(nn.Module):
     ) -> None:
         super().__init__()
         check_backbone_strides(owner, strides, levels)
-        available = {reduction: k for k, (_, reduction) in enumerate(levels)}
+        available = {nominal_stride(reduction): k for k, (_, reduction) in enumerate(levels)}
         deepest = max(available)
         self.inputs = [available[s] for s in strides if s <= deepest]
+        self.resample = [(levels[k][1], s) for k, s in zip(self.inputs, strides)]  # (reduction, stride) per input
         self.extra = [s for s in strides if s > deepest]
         for k, s in enumerate(self.extra):
             previous = self.extra[k - 1] if k else deepest
@@ -74,7 +99,12 @@ class FPNNeck(nn.Module):
         self.pool = nn.MaxPool2d(1, stride=2)
 
     def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
-        features = self.fpn(OrderedDict((str(k), maps[k]) for k in self.inputs))
+        features = self.fpn(
+            OrderedDict(
+                (str(k), resample_to_stride(maps[k], reduction, stride))
+                for k, (reduction, stride) in zip(self.inputs, self.resample)
+            )
+        )
         outs = list(features.values())
         for _ in self.extra:
             outs.append(self.pool(outs[-1]))
@@ -106,7 +136,7 @@ def check_backbone_strides(owner: str, strides: Sequence[int], levels: Sequence[
     offers a map at every stride up to its deepest stage, and at one stride at least (coarser ones are pooled)."""
     if len(levels) == 1:
         return  # a plain ViT: the simple feature pyramid builds any power-of-two multiple or fraction
-    offered = sorted(reduction for _, reduction in levels)
+    offered = sorted(nominal_stride(reduction) for _, reduction in levels)
     missing = [s for s in strides if s <= offered[-1] and s not in offered]
     if missing:
         raise ValueError(

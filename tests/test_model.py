@@ -374,8 +374,10 @@ def test_families_run_part_by_part_and_route_rows(arch: str) -> None:
 def test_unsupported_family_and_unknown_model() -> None:
     with pytest.raises(ValueError, match="Unknown model"):
         mtp.MultiTaskModel.from_timm("no_such_model_xyz")
-    with pytest.raises(ValueError, match="unsupported backbone family 'ByobNet'"):
-        mtp.MultiTaskModel.from_timm("test_byobnet")
+    from multitask_peft.backbone import BackboneHost
+
+    with pytest.raises(ValueError, match="unsupported backbone 'Sequential'.*forward_intermediates"):
+        BackboneHost(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), "custom")
 
 
 def test_local_weight_files(tmp_path) -> None:  # noqa: ANN001
