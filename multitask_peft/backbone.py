@@ -72,6 +72,7 @@ class BackboneHost(nn.Module):
         in_parts = {n: m for n, m in self._modules_by_name.items() if n and self.layout.position_of(n) is not None}
         self._shapes = _probe_shapes(model, in_parts)
         self._order = {name: k for k, name in enumerate(self._shapes)}  # first-call order in the probe
+        self._attention_inputs: frozenset[str] | None = None
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -102,6 +103,22 @@ class BackboneHost(nn.Module):
         as a module on rows of the batch (not modules whose weights the model reads directly, nor modules run on an
         image-independent table such as Swin-V2's position-bias MLP), in the order the forward first calls them."""
         return {n: self._modules_by_name[n] for n in self._shapes}
+
+    def attention_inputs(self) -> frozenset[str]:
+        """Linear modules that feed an attention inside the parts (its fused qkv, or its q / k / v projections): the
+        direct Linear children of an attention module, except the last one the forward calls (its output
+        projection). Found by module type and call order, so any ViT-like family has them."""
+        if self._attention_inputs is None:
+            children: dict[str, list[str]] = {}
+            for name, module in self.named_targetable().items():
+                if isinstance(module, nn.Linear) and self.position_of(name) < len(self.layout.parts):
+                    children.setdefault(name.rpartition(".")[0], []).append(name)
+            found: set[str] = set()
+            for parent, names in children.items():
+                if len(names) > 1 and "Attention" in type(self.module(parent)).__name__:
+                    found.update(sorted(names, key=self.call_order)[:-1])
+            self._attention_inputs = frozenset(found)
+        return self._attention_inputs
 
     def call_order(self, name: str) -> int:
         """When the forward first calls module `name` (0 first), among the targetable modules."""

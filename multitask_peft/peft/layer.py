@@ -19,6 +19,7 @@ import itertools
 from collections import defaultdict
 from typing import ClassVar
 
+import timm.layers
 import torch
 import torch.nn.functional as F
 from timm.layers import Conv2dSame, pad_same
@@ -27,7 +28,27 @@ from torch import nn
 from .. import kernels
 from ..routing import RoutingContext, Segment
 
-NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)
+# How `norm_forward` recomputes a norm, keyed by the forward its class runs (a subclass that only changes
+# `__init__`, like MetaFormer's LayerNorm2dNoBias, runs its parent's): "last" = layer norm over the last dim,
+# "first" = layer norm over dim 1 of NCHW maps, "batch", "group". Norms running any other forward (RmsNorm,
+# EvoNorm, a subclass with its own forward) are not adapted: recomputing them with another affine could be wrong.
+_NORM_FORWARDS = {
+    nn.LayerNorm.forward: "last",
+    timm.layers.LayerNorm.forward: "last",
+    timm.layers.LayerNormAct.forward: "last",
+    timm.layers.LayerNorm2d.forward: "first",
+    timm.layers.LayerNormAct2d.forward: "first",
+    nn.BatchNorm2d.forward: "batch",
+    timm.layers.BatchNormAct2d.forward: "batch",
+    nn.GroupNorm.forward: "group",
+    timm.layers.GroupNorm1.forward: "group",
+    timm.layers.GroupNormAct.forward: "group",
+}
+
+
+def norm_kind(module: nn.Module) -> str | None:
+    """ "last", "first", "batch" or "group" for a norm `norm_forward` can recompute, else None."""
+    return _NORM_FORWARDS.get(type(module).forward)
 
 
 class LayerAdapter(nn.Module):
@@ -154,7 +175,7 @@ def write_segments(y: torch.Tensor, outputs: list[tuple[Segment, torch.Tensor]])
 
 def channel_dim(module: nn.Module) -> int:
     """The channel dim of a module's output: -1 for token layouts, 1 for NCHW maps."""
-    if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm)) or type(module).__name__ == "LayerNorm2d":
+    if isinstance(module, nn.Conv2d) or norm_kind(module) in ("first", "batch", "group"):
         return 1
     return -1
 
@@ -196,13 +217,14 @@ def conv_like(base: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, groups: in
 
 def norm_forward(base: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """`base`'s normalisation (frozen statistics) with another affine weight / bias, incl. timm's fused act."""
-    if isinstance(base, nn.BatchNorm2d):
+    kind = norm_kind(base)
+    if kind == "batch":
         y = F.batch_norm(x, base.running_mean, base.running_var, weight, bias, False, 0.0, base.eps)
-    elif isinstance(base, nn.GroupNorm):
+    elif kind == "group":
         y = F.group_norm(x, base.num_groups, weight, bias, base.eps)
-    elif type(base).__name__ == "LayerNorm2d":
+    elif kind == "first":
         y = F.layer_norm(x.permute(0, 2, 3, 1), base.normalized_shape, weight, bias, base.eps).permute(0, 3, 1, 2)
-    elif isinstance(base, nn.LayerNorm):
+    elif kind == "last":
         y = F.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
     else:
         raise ValueError(f"unsupported norm layer {type(base).__name__}")

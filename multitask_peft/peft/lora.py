@@ -28,10 +28,12 @@ def _is_pointwise(module: nn.Module) -> bool:
 
 
 def lowrank_default_target(name: str, module: nn.Module, host: BackboneHost) -> bool:
-    """Defaults of the low-rank methods: a ViT's fused qkv; a CNN's pointwise convs and linears (not SE gates)."""
+    """Defaults of the low-rank methods, from module types and shapes (any family): a ViT-like's attention input
+    projections (the fused qkv, or q / k / v); a CNN's pointwise convs and linears, except gates on pooled 1x1 maps
+    (squeeze-excitation)."""
     if host.layout.kind == "vit":
-        return isinstance(module, nn.Linear) and name.endswith("attn.qkv")
-    if ".se." in f".{name}." or "attn_gate" in name:
+        return name in host.attention_inputs()
+    if len(shape := host.input_shape(name)) == 4 and tuple(shape[2:]) == (1, 1):
         return False
     return _is_pointwise(module) or isinstance(module, nn.Linear)
 

@@ -11,14 +11,15 @@ from torch import nn
 from .. import kernels
 from ..routing import Segment
 from .base import PeftConfig, register_method
-from .layer import NORM_TYPES, LayerAdapter, channel_dim, norm_forward, out_channels, per_channel
+from .layer import LayerAdapter, channel_dim, norm_forward, norm_kind, out_channels, per_channel
 
 if TYPE_CHECKING:
     from ..backbone import BackboneHost
 
 
 def is_norm(module: nn.Module) -> bool:
-    return isinstance(module, NORM_TYPES) and getattr(module, "weight", None) is not None
+    """A norm with an affine weight that `norm_forward` can recompute with another one."""
+    return norm_kind(module) is not None and getattr(module, "weight", None) is not None
 
 
 class NormAffine(LayerAdapter):

@@ -49,6 +49,12 @@ class VPT(PeftConfig):
     def build(self, host: BackboneHost) -> MethodModule:
         if host.layout.kind not in self.kinds:
             raise ValueError(f"{self.method} applies to vit backbones; {host.arch} is a {host.layout.kind} backbone")
+        if not host.layout.prompts:
+            raise ValueError(
+                f"{self.method}: {host.arch} ({type(host.model).__name__}) cannot take prompt tokens: its blocks "
+                "fix the token count (rotary embeddings or relative position biases) or it is hosted whole (no "
+                "per-block split); prompts run on plain VisionTransformer models"
+            )
         num_units = len(host.layout.parts) - 2
         dim = host.layout.levels[-1].channels
         patch = host.layout.patch_size
