@@ -60,12 +60,12 @@ class BackboneHost(nn.Module):
         super().__init__()
         self.model = model
         self.arch = arch
-        self.layout: Layout = layout_for(model)
-        self.router = RoutingContext()
-        self.packs = kernels.PackCache()  # stacked kernel weights of every adapted layer (one budget per model)
         model.requires_grad_(False)
         model.eval()
         _call_fused_qkv_modules(model)
+        self.layout: Layout = layout_for(model)
+        self.router = RoutingContext()
+        self.packs = kernels.PackCache()  # stacked kernel weights of every adapted layer (one budget per model)
         self._modules_by_name: dict[str, nn.Module] = dict(model.named_modules())
         self._wrappers: dict[str, MultiAdapterLayer] = {}
         self._fingerprint: str | None = None

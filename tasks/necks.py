@@ -79,7 +79,9 @@ class SimpleFeaturePyramid(nn.Module):
 
 
 class FPNNeck(nn.Module):
-    """torchvision's FPN over the backbone stages at `strides` (extra coarser strides by max-pooling)."""
+    """torchvision's FPN over the backbone stages at `strides`: strides the backbone offers are FPN levels, coarser
+    ones come from max-pooling the top level, finer ones from bilinear upsampling of the finest FPN level (a
+    backbone whose first stage is at stride 16, such as LeViT, still feeds a stride-4 head)."""
 
     def __init__(
         self, levels: tuple[tuple[int, int], ...], out_channels: int, strides: tuple[int, ...], owner: str = "FPNNeck"
@@ -87,9 +89,14 @@ class FPNNeck(nn.Module):
         super().__init__()
         check_backbone_strides(owner, strides, levels)
         available = {nominal_stride(reduction): k for k, (_, reduction) in enumerate(levels)}
-        deepest = max(available)
-        self.inputs = [available[s] for s in strides if s <= deepest]
-        self.resample = [(levels[k][1], s) for k, s in zip(self.inputs, strides)]  # (reduction, stride) per input
+        finest, deepest = min(available), max(available)
+        within = [s for s in strides if finest <= s <= deepest]
+        self.inputs = [available[s] for s in within]
+        self.resample = [(levels[available[s]][1], s) for s in within]  # (reduction, stride) per input
+        self.finer = [within[0] // s for s in strides if s < finest]  # upsampling factor of the finest FPN level
+        for s, factor in zip(strides, self.finer):
+            if within[0] % s or factor & (factor - 1):
+                raise ValueError(f"{owner}: stride {s} is not the finest FPN stride {within[0]} over a power of two")
         self.extra = [s for s in strides if s > deepest]
         for k, s in enumerate(self.extra):
             previous = self.extra[k - 1] if k else deepest
@@ -106,9 +113,13 @@ class FPNNeck(nn.Module):
             )
         )
         outs = list(features.values())
+        finer = [
+            F.interpolate(outs[0], scale_factor=float(factor), mode="bilinear", align_corners=False)
+            for factor in self.finer
+        ]
         for _ in self.extra:
             outs.append(self.pool(outs[-1]))
-        return outs
+        return finer + outs
 
 
 def check_strides(owner: str, strides: object, powers_of_two: bool = True) -> tuple[int, ...]:
@@ -133,20 +144,21 @@ def check_strides(owner: str, strides: object, powers_of_two: bool = True) -> tu
 
 def check_backbone_strides(owner: str, strides: Sequence[int], levels: Sequence[tuple[int, int]]) -> None:
     """A ValueError naming `owner` unless a multi-stage backbone (`levels`: (channels, reduction) per stage)
-    offers a map at every stride up to its deepest stage, and at one stride at least (coarser ones are pooled)."""
+    offers a map at every stride between its finest and deepest stage, and at one stride at least (finer ones
+    are upsampled, coarser ones pooled)."""
     if len(levels) == 1:
         return  # a plain ViT: the simple feature pyramid builds any power-of-two multiple or fraction
     offered = sorted(nominal_stride(reduction) for _, reduction in levels)
-    missing = [s for s in strides if s <= offered[-1] and s not in offered]
+    missing = [s for s in strides if offered[0] <= s <= offered[-1] and s not in offered]
     if missing:
         raise ValueError(
             f"{owner}: `strides` {tuple(strides)!r} include {missing}, but the backbone offers feature maps at "
-            f"strides {offered} (coarser strides than {offered[-1]} are pooled); pick strides from those"
+            f"strides {offered} (finer strides are upsampled, coarser ones pooled); pick strides from those"
         )
-    if not any(s <= offered[-1] for s in strides):
+    if not any(offered[0] <= s <= offered[-1] for s in strides):
         raise ValueError(
-            f"{owner}: `strides` {tuple(strides)!r} are all coarser than the backbone's deepest feature map "
-            f"(stride {offered[-1]}); include one of its strides {offered}"
+            f"{owner}: `strides` {tuple(strides)!r} include none of the backbone's feature map strides {offered}; "
+            "include one of them"
         )
 
 

@@ -72,10 +72,14 @@ def test_config_rejects_bad_values(kwargs: dict, match: str) -> None:
 
 
 def test_strides_the_cnn_does_not_offer_raise_value_error() -> None:
-    model, _ = make_model("cnn")  # stages at strides 2, 4, 8, 16, 32
-    with pytest.raises(ValueError, match="strides"):
-        model.add_task("seg", Segmentation(num_classes=2, strides=(1, 2)))
+    model, size = make_model("cnn")  # stages at strides 2, 4, 8, 16, 32
+    with pytest.raises(ValueError, match=r"include \[12, 24\].*offers feature maps at strides \[2, 4, 8, 16, 32\]"):
+        model.add_task("boxes", mtp.tasks.Detection(num_classes=2, strides=(12, 24)))
     assert model.tasks == []
+    model.add_task("seg", Segmentation(num_classes=2, channels=8, strides=(1, 2)))  # finer than stage 1: upsampled
+    with torch.no_grad():
+        _, logits = model(_images(1, size), [model.slot("seg")])["seg"]
+    assert logits.shape == (1, 2, size, size)
 
 
 # --- shapes ------------------------------------------------------------------------------------------------------

@@ -46,9 +46,14 @@ _NORM_FORWARDS = {
 }
 
 
+_NORM_BASES = {"last": nn.LayerNorm, "first": nn.LayerNorm, "batch": nn.BatchNorm2d, "group": nn.GroupNorm}
+
+
 def norm_kind(module: nn.Module) -> str | None:
-    """ "last", "first", "batch" or "group" for a norm `norm_forward` can recompute, else None."""
-    return _NORM_FORWARDS.get(type(module).forward)
+    """The kind ("last", "first", "batch", "group") of a norm `norm_forward` can recompute, else None. (The base
+    class is checked too: BatchNorm1d runs the same `_BatchNorm.forward` as BatchNorm2d, on other shapes.)"""
+    kind = _NORM_FORWARDS.get(type(module).forward)
+    return kind if kind is not None and isinstance(module, _NORM_BASES[kind]) else None
 
 
 class LayerAdapter(nn.Module):

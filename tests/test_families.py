@@ -1,0 +1,169 @@
+"""Every backbone family the host supports, at reduced depth / width: how it is split, mixed batches equal
+row-by-row runs, gradients reach only the routed task, tasks save and load, dense heads answer in input pixels.
+
+`FAMILIES` is the registry these tests (and the README's backbone table) run over: a timm model name, the
+constructor options that make it small, its input side and the split expected (`family`: written for the class,
+`chain`: the checked chain of top-level modules, `generic`: the whole model as one part).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import multitask_peft as mtp
+from conftest import randomize
+from multitask_peft.tasks import Classification, Detection, Segmentation
+
+FAMILIES: dict[str, tuple[dict, int, str]] = {
+    "vit_base_patch16_224": (dict(img_size=64, embed_dim=64, depth=2, num_heads=2), 64, "family"),
+    "deit3_small_patch16_224": (dict(img_size=64, embed_dim=64, depth=2, num_heads=2), 64, "family"),
+    "vit_small_patch14_dinov2": (dict(img_size=56, embed_dim=64, depth=2, num_heads=2), 56, "family"),
+    "vit_small_patch14_reg4_dinov2": (dict(img_size=56, embed_dim=64, depth=2, num_heads=2), 56, "family"),
+    "eva02_tiny_patch14_224": (
+        dict(img_size=56, embed_dim=64, depth=2, num_heads=2, ref_feat_shape=(4, 4)),
+        56,
+        "family",
+    ),
+    "beit_base_patch16_224": (dict(img_size=64, embed_dim=64, depth=2, num_heads=2), 64, "family"),
+    "resnet18": (dict(layers=(1, 1, 1, 1)), 64, "family"),
+    "convnext_atto": (dict(depths=(1, 1, 1, 1), dims=(24, 32, 48, 64)), 64, "family"),
+    "convnextv2_atto": (dict(depths=(1, 1, 1, 1), dims=(24, 32, 48, 64)), 64, "family"),
+    "test_efficientnet": ({}, 64, "family"),
+    "swin_tiny_patch4_window7_224": (
+        dict(img_size=64, window_size=4, embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
+        64,
+        "family",
+    ),
+    "swinv2_tiny_window8_256": (
+        dict(img_size=64, window_size=4, embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
+        64,
+        "chain",
+    ),
+    "maxvit_tiny_tf_224": (
+        dict(img_size=64, embed_dim=(24, 32, 48, 64), depths=(1, 1, 1, 1), stem_width=16, transformer_dim_head=8),
+        64,
+        "chain",
+    ),
+    "regnety_002": (dict(depth=8, w0=8, wa=8, wm=2.0, group_size=8), 64, "chain"),
+    "mobilenetv3_small_100": ({}, 64, "chain"),
+    "fastvit_t8": (dict(layers=(1, 1, 1, 1), embed_dims=(24, 48, 96, 192)), 64, "chain"),
+    "efficientvit_b0": (
+        dict(widths=(8, 8, 16, 16, 32), depths=(1, 1, 1, 1, 1), head_dim=8, head_widths=(64, 96)),
+        64,
+        "chain",
+    ),
+    "caformer_s18": ({}, 64, "chain"),
+    "mobilevitv2_050": ({}, 64, "chain"),
+    "hgnetv2_b0": ({}, 64, "chain"),
+    "levit_128s": (
+        dict(
+            img_size=64,
+            embed_dim=(32, 48, 64),
+            key_dim=8,
+            num_heads=(2, 2, 2),
+            depth=(1, 1, 1),
+            pretrained_cfg_overlay=dict(input_size=(3, 64, 64)),
+        ),
+        64,
+        "generic",
+    ),
+    "test_mambaout": ({}, 64, "generic"),
+}
+
+
+def build(name: str) -> tuple[mtp.MultiTaskModel, int]:
+    kwargs, size, _ = FAMILIES[name]
+    torch.manual_seed(0)
+    return mtp.MultiTaskModel.from_timm(name, **kwargs).eval(), size
+
+
+def _model_with_tasks(name: str) -> tuple[mtp.MultiTaskModel, int]:
+    """A LoRA classification task, an SSF segmentation task and a BitFit detection task, randomised."""
+    model, size = build(name)
+    model.add_task("cls", Classification(num_classes=3), [mtp.peft.LoRA(r=2, alpha=8)])  # (past layer scales)
+    model.add_task("seg", Segmentation(num_classes=4, channels=16), [mtp.peft.SSF()])
+    model.add_task("det", Detection(num_classes=2, channels=16, strides=(8, 16, 32)), [mtp.peft.BitFit()])
+    for seed, task in enumerate(model.tasks):
+        randomize(model.task(task), std=0.05, seed=seed + 1)
+    return model, size
+
+
+def _images(n: int, size: int) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def test_split_and_plain_equivalence(family: str) -> None:
+    """The split expected for the family; unadapted rows equal timm's own forward_features + forward_head."""
+    model, size = build(family)
+    assert model.backbone.layout.split == FAMILIES[family][2]
+    x = _images(2, size)
+    with torch.no_grad():
+        plain = model.forward_features(x, [-1, -1])
+        timm_model = model.backbone.plain_copy()
+        reference = timm_model.forward_head(timm_model.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(plain.pooled, reference, atol=1e-5, rtol=1e-5)
+    assert [m.shape[1] for m in plain.maps] == [c for c, _ in model.feature_info.levels]
+
+
+def test_mixed_batch_equals_rows_alone(family: str) -> None:
+    model, size = _model_with_tasks(family)
+    slots = [model.slot(t) for t in ("cls", "seg", "det", "cls")] + [-1]
+    x = _images(len(slots), size)
+    with torch.no_grad():
+        mixed = model.forward_features(x, slots)
+        for i, s in enumerate(slots):
+            alone = model.forward_features(x[i : i + 1], [s])
+            torch.testing.assert_close(mixed.pooled[i : i + 1], alone.pooled, atol=1e-4, rtol=1e-4)
+            for a, b in zip(mixed.maps, alone.maps, strict=True):
+                torch.testing.assert_close(a[i : i + 1], b, atol=1e-4, rtol=1e-4)
+        plain = model.forward_features(x, [-1] * len(slots))
+    changed = (mixed.pooled - plain.pooled).abs().amax(dim=1)
+    assert changed[:-1].min() > 1e-6 and changed[-1] == 0  # every task acts (the test can fail); -1 rows are plain
+
+
+def test_gradients_reach_only_the_routed_task(family: str) -> None:
+    model, size = _model_with_tasks(family)
+    model.train()
+    x = _images(2, size)
+    out = model(x, [model.slot("cls")] * 2)
+    out["cls"][1].sum().backward()
+    lora = [p.grad for p in model.task("cls").peft.parameters()]
+    assert lora and all(g is not None for g in lora) and any(g.abs().sum() > 0 for g in lora)
+    for other in ("seg", "det"):
+        assert all(p.grad is None for p in model.trainable_parameters(other))
+    assert all(p.grad is None for p in model.backbone.parameters())
+
+
+def test_dense_heads_answer_in_input_pixels(family: str) -> None:
+    """Segmentation masks at the input size; detection boxes inside the image (patch-14 maps resampled too)."""
+    model, size = _model_with_tasks(family)
+    x = _images(2, size)
+    with torch.no_grad():
+        masks = model.predict(x, "seg")["seg"]
+        boxes = model.predict(x, "det")["det"]
+    assert [tuple(m["mask"].shape) for m in masks] == [(size, size)] * 2
+    assert len(boxes) == 2 and all(b["boxes"].shape[-1] == 4 for b in boxes)
+    if len(boxes[0]["boxes"]):
+        assert float(boxes[0]["boxes"].min()) >= 0 and float(boxes[0]["boxes"].max()) <= size
+
+
+def test_save_and_load_round_trip(family: str, tmp_path) -> None:  # noqa: ANN001
+    model, size = _model_with_tasks(family)
+    x = _images(2, size)
+    with torch.no_grad():
+        before = model.forward_features(x, [model.slot("cls"), model.slot("seg")]).pooled
+    model.save_task("cls", tmp_path / "cls")
+    model.save_task("seg", tmp_path / "seg")
+    model.remove_task("cls")
+    model.remove_task("seg")
+    model.load_task(tmp_path / "cls")
+    model.load_task(tmp_path / "seg")
+    with torch.no_grad():
+        after = model.forward_features(x, [model.slot("cls"), model.slot("seg")]).pooled
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
