@@ -167,3 +167,22 @@ def test_save_and_load_round_trip(family: str, tmp_path) -> None:  # noqa: ANN00
     with torch.no_grad():
         after = model.forward_features(x, [model.slot("cls"), model.slot("seg")]).pooled
     torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
+# One model of each split in the default suite (each export takes 5-15 s on 2 cores); every family with -m slow.
+ONNX_FAST = ("eva02_tiny_patch14_224", "swinv2_tiny_window8_256", "levit_128s", "test_mambaout")
+
+
+@pytest.mark.parametrize(
+    "name", [n if n in ONNX_FAST else pytest.param(n, marks=pytest.mark.slow) for n in sorted(FAMILIES)]
+)
+def test_onnx_export_parity(name: str, tmp_path) -> None:  # noqa: ANN001
+    """A LoRA classification and an SSF segmentation task exported as one graph: ONNX Runtime's outputs equal
+    PyTorch's (`export_onnx` checks parity on random inputs and writes nothing unless it holds)."""
+    model, size = build(name)
+    model.add_task("cls", Classification(num_classes=3), [mtp.peft.LoRA(r=2, alpha=8)])
+    model.add_task("seg", Segmentation(num_classes=4, channels=16), [mtp.peft.SSF()])
+    for seed, task in enumerate(model.tasks):
+        randomize(model.task(task), std=0.05, seed=seed + 1)
+    path = mtp.export_onnx(model, tmp_path / "m.onnx", image_size=size)
+    assert path.exists() and path.stat().st_size > 0
