@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import timm
+import timm.data
 import torch
 from torch import nn
 
@@ -14,7 +16,7 @@ from . import kernels
 from .layouts import Layout, default_image_size, layout_for
 from .peft.layer import MultiAdapterLayer
 from .routing import RoutingContext
-from .weights import NAMED_WEIGHTS, backbone_fingerprint, load_into, load_state_dict_file
+from .weights import NAMED_WEIGHTS, NAMED_WEIGHTS_MEAN_STD, backbone_fingerprint, load_into, load_state_dict_file
 
 
 def create_timm_backbone(arch: str, pretrained: bool | str | os.PathLike = False, **timm_kwargs: Any) -> nn.Module:
@@ -47,7 +49,23 @@ def create_timm_backbone(arch: str, pretrained: bool | str | os.PathLike = False
             )
         state = {k: v for k, v in state.items() if k not in classifier_keys}  # the classifier is not used
         load_into(model, state, source=str(pretrained))
+        if isinstance(pretrained, str) and pretrained in NAMED_WEIGHTS_MEAN_STD:  # what these weights expect
+            mean, std = NAMED_WEIGHTS_MEAN_STD[pretrained]
+            model.pretrained_cfg = {**(model.pretrained_cfg or {}), "mean": tuple(mean), "std": tuple(std)}
     return model
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How images are prepared for a backbone's weights (timm's pretrained config, or the named weight source's):
+    resized to `image_size` (height, width) with `interpolation` (evaluation: `crop_pct` of the resized side is
+    kept), scaled to [0, 1], normalised per channel with `mean` and `std`."""
+
+    image_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
 
 
 class BackboneHost(nn.Module):
@@ -78,6 +96,19 @@ class BackboneHost(nn.Module):
     def image_size(self) -> tuple[int, int]:
         """The model's native input (H, W): a ViT's patch-embed size, else its pretrained config's."""
         return default_image_size(self.model)
+
+    @property
+    def data_config(self) -> DataConfig:
+        """The preprocessing the weights expect, from the model's `pretrained_cfg` (which a named weight source
+        updates: `create_timm_backbone`), at the model's own input size."""
+        cfg = timm.data.resolve_model_data_config(self.model)
+        return DataConfig(
+            self.image_size,
+            tuple(float(v) for v in cfg["mean"]),
+            tuple(float(v) for v in cfg["std"]),
+            str(cfg.get("interpolation", "bicubic")),
+            float(cfg.get("crop_pct", 0.875)),
+        )
 
     def output_shape(self, name: str) -> tuple[int, ...]:
         """Output shape of a module for one image at the model's default input size (batch dim included)."""

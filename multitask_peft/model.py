@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import task_io
-from .backbone import BackboneHost, create_timm_backbone
+from .backbone import BackboneHost, DataConfig, create_timm_backbone
 from .config import check_task_name
 from .executor import RowPlan, SlotPlan, run_backbone
 from .heads import FeatureInfo, Features, HeadConfig
@@ -73,7 +73,7 @@ class MultiTaskModel(nn.Module):
 
     @classmethod
     def from_timm(cls, name: str, pretrained: bool | str | os.PathLike = False, **timm_kwargs: Any) -> MultiTaskModel:
-        """Host a timm model (ViT, EfficientNet, ResNet, ConvNeXt, Swin families).
+        """Host a timm model (any with timm's feature API; see `multitask_peft.layouts` for how each is split).
 
         Args:
             name: timm model name, e.g. "vit_small_patch16_224" or "tf_efficientnet_lite0".
@@ -84,6 +84,12 @@ class MultiTaskModel(nn.Module):
         return cls(BackboneHost(create_timm_backbone(name, pretrained, **timm_kwargs), name))
 
     # --- tasks ---------------------------------------------------------------------------------------------
+    @property
+    def data_config(self) -> DataConfig:
+        """How images are prepared for this backbone's weights (size, mean / std, interpolation): what training,
+        evaluation, serving and the ONNX sidecar use, so no one sets them by hand."""
+        return self.backbone.data_config
+
     @property
     def tasks(self) -> list[str]:
         return list(self.task_modules)

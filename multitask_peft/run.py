@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from .run_config import (
-    RUN_MEAN_STD,
     SOURCES,
     BackboneSpec,
     DataSpec,
@@ -26,7 +25,6 @@ from .run_config import (
 from .tasks.data.multifashion import MultiFashionConfig
 
 __all__ = [
-    "RUN_MEAN_STD",
     "SOURCES",
     "BackboneSpec",
     "DataSpec",
@@ -72,7 +70,7 @@ def train_run(config: RunConfig, resume: bool = False) -> Path:
     model = build_model(config)
     data = {}
     for name, task in config.tasks.items():
-        dataset = task.data.dataset(task.data.train_split, train=True)
+        dataset = task.data.dataset(task.data.train_split, train=True, backbone=model.data_config)
         data[name] = TaskData(dataset, task.loss_weight, task.batch_size)
     start = time.perf_counter()
     Trainer(model, data, config.train, out).fit(resume=resume)
@@ -114,10 +112,9 @@ def export_run(
     if not tasks:
         raise ValueError(f"no task to export: tasks {model.tasks} all use methods without an ONNX form")
     if image_size is None:
-        image_size = config.input_size(tasks)
-    mean, std = RUN_MEAN_STD
+        image_size = config.input_size(model.data_config, tasks)
     start = time.perf_counter()
-    path = export_onnx(model, path, tasks=tasks, image_size=image_size, mean=mean, std=std, **options)
+    path = export_onnx(model, path, tasks=tasks, image_size=image_size, **options)  # mean / std: the backbone's
     checked = ", checked against PyTorch" if options.get("check", True) else ""
     print(f"exported {', '.join(tasks)} to {path} ({time.perf_counter() - start:.0f} s{checked})")
     return path
@@ -131,7 +128,8 @@ def evaluate_run(model: Any, config: RunConfig, out: Path) -> dict[str, Any]:
     rows = {}
     for name, task in config.tasks.items():
         start = time.perf_counter()
-        metrics = evaluate(model, name, task.data.dataset(task.data.eval_split, train=False))
+        dataset = task.data.dataset(task.data.eval_split, train=False, backbone=model.data_config)
+        metrics = evaluate(model, name, dataset)
         head_type = task.head.head_type
         primary = output_kind(task.head).primary_metric
         params = model.num_parameters(name)

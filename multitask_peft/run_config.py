@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -31,6 +31,9 @@ from .config import ConfigBase, check_choice, check_positive_int, check_task_nam
 from .heads import HeadConfig, head_from_dict, head_to_dict
 from .peft import PeftConfig, recipe_from_list, recipe_to_list
 from .tasks.data.multifashion import MultiFashionConfig
+
+if TYPE_CHECKING:
+    from .backbone import DataConfig
 from .training.config import TrainConfig
 
 SOURCES = ("multifashion", "imagefolder", "coco", "segmentation")
@@ -54,7 +57,7 @@ class DataSpec(ConfigBase):
             "segmentation" (image + PNG mask folders).
         root: The dataset folder (for "coco": the folder holding `<split>/` image folders and `<split>.json`).
         task: For "multifashion": "classification", "detection" or "segmentation".
-        image_size: Side of the square training / evaluation images.
+        image_size: Side of the square training / evaluation images (None: the backbone's input size).
         augment: "resized_crop", "scale_jitter" or "none".
         train_split: Split used for training.
         eval_split: Split used for evaluation.
@@ -64,7 +67,7 @@ class DataSpec(ConfigBase):
     source: str = "multifashion"
     root: str = "data/multifashion"
     task: str | None = None
-    image_size: int = 128
+    image_size: int | None = None
     augment: str = "resized_crop"
     train_split: str = "train"
     eval_split: str = "val"
@@ -72,14 +75,21 @@ class DataSpec(ConfigBase):
 
     def __post_init__(self) -> None:
         check_choice("data", "source", self.source, SOURCES)
-        check_positive_int("data", "image_size", self.image_size)
+        if self.image_size is not None:
+            check_positive_int("data", "image_size", self.image_size)
         check_choice("data", "augment", self.augment, ("resized_crop", "scale_jitter", "none"))
         if self.source == "multifashion":
             check_choice("data", "task", self.task, ("classification", "detection", "segmentation"))
         if self.source == "segmentation" and not self.class_names:
             raise ValueError("data: source 'segmentation' needs `class_names` (index = mask value)")
 
-    def dataset(self, split: str, train: bool) -> Any:
+    def size(self, backbone: DataConfig) -> tuple[int, int]:
+        """(height, width) of the task's images: `image_size` square, else the backbone's input size."""
+        return (self.image_size, self.image_size) if self.image_size is not None else tuple(backbone.image_size)
+
+    def dataset(self, split: str, train: bool, backbone: DataConfig) -> Any:
+        """The split's dataset: resized to `size(backbone)` (augmented when training), normalised with the
+        backbone's mean / std (`MultiTaskModel.data_config`: what its weights expect)."""
         from .tasks.data import (
             CocoDetection,
             ImageFolder,
@@ -89,17 +99,18 @@ class DataSpec(ConfigBase):
             train_transforms,
         )
 
-        size = self.image_size
+        size = self.size(backbone)
         transform = train_transforms(size, augment=self.augment) if train and self.augment != "none" else None
         transform = transform or eval_transforms(size)
         root = Path(self.root)
+        norm = {"mean": backbone.mean, "std": backbone.std}
         if self.source == "multifashion":
-            return load_multifashion(root, self.task, split, transform)
+            return load_multifashion(root, self.task, split, transform, **norm)
         if self.source == "imagefolder":
-            return ImageFolder(root / split, transform)
+            return ImageFolder(root / split, transform, **norm)
         if self.source == "coco":
-            return CocoDetection(root / split, root / f"{split}.json", transform)
-        return SegmentationFolder(root / split, self.class_names, transform)
+            return CocoDetection(root / split, root / f"{split}.json", transform, **norm)
+        return SegmentationFolder(root / split, self.class_names, transform, **norm)
 
 
 @dataclasses.dataclass
@@ -140,10 +151,6 @@ class ExportSpec(ConfigBase):
     quantize: str | None = None
 
 
-#: Input normalisation of the run's data pipeline (images in [0, 1], mean = std = 0.5 per channel).
-RUN_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-
-
 @dataclasses.dataclass
 class RunConfig(ConfigBase):
     """A run: the frozen backbone, the tasks trained jointly on it, training, export and where it all goes.
@@ -170,9 +177,10 @@ class RunConfig(ConfigBase):
         for name in self.tasks:
             check_task_name(name)
 
-    def input_size(self, tasks: list[str] | None = None) -> int:
-        """Side of the square input that serves `tasks` (default: all): the largest of their image sizes."""
-        return max(self.tasks[t].data.image_size for t in (self.tasks if tasks is None else tasks))
+    def input_size(self, backbone: DataConfig, tasks: list[str] | None = None) -> tuple[int, int]:
+        """(height, width) of the input that serves `tasks` (default: all): the largest of their image sizes."""
+        sizes = [self.tasks[t].data.size(backbone) for t in (self.tasks if tasks is None else tasks)]
+        return max(h for h, _ in sizes), max(w for _, w in sizes)
 
 
 def load_run_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from .run_config import RUN_MEAN_STD, RunConfig, build_backbone, load_run_config
+from .run_config import RunConfig, build_backbone, load_run_config
 
 if TYPE_CHECKING:
     from .model import MultiTaskModel
@@ -78,11 +78,11 @@ class RunDirectory:
         """Where the run's multi-task ONNX graph is (or goes); its JSON sidecar sits next to it."""
         return self.path / ONNX_FILE
 
-    def input_spec(self) -> InputSpec:
-        """What the run's model is served on: the largest task image size, the run's data normalisation."""
-        side = self.config.input_size()
-        mean, std = RUN_MEAN_STD
-        return InputSpec((side, side), mean, std)
+    def input_spec(self, model: MultiTaskModel | None = None) -> InputSpec:
+        """What the run's model is served on: the largest task image size, normalised as its backbone's weights
+        expect (from `model`, the run's model, else from the run's backbone built here)."""
+        backbone = (model if model is not None else self.build_backbone()).data_config
+        return InputSpec(self.config.input_size(backbone), backbone.mean, backbone.std)
 
     def build_backbone(self) -> MultiTaskModel:
         """The run's model without tasks (random weights come from the run's seed, as in training)."""

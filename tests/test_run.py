@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import multitask_peft as mtp
+from multitask_peft.backbone import DataConfig
 from multitask_peft.cli import main
 from multitask_peft.run import RunConfig, TaskSpec, load_run_config
 from multitask_peft.rundir import RunDirectory
@@ -72,10 +74,10 @@ def test_train_eval_tasks_commands(tmp_path: Path, capsys: pytest.CaptureFixture
     main(["eval", str(run)])
     out = capsys.readouterr().out
     assert "boxes" in out and "map50" in out
-    # the run's ONNX graph (export section): every task, the run's preprocessing, at the largest image size
+    # the run's ONNX graph (export section): every task, the backbone's preprocessing, at the largest image size
     meta = json.loads((run / "model.json").read_text())
     assert sorted(meta["tasks"]) == ["boxes", "garment", "masks"] and meta["input"]["size"] == [64, 64]
-    assert meta["input"]["mean"] == [0.5] * 3 and (run / "model.onnx").is_file()
+    assert meta["input"]["mean"] == [0.485, 0.456, 0.406] and (run / "model.onnx").is_file()  # test_efficientnet's
     main(["export", str(run), str(tmp_path / "garment.onnx"), "--tasks", "garment", "--merge", "--no-optimize"])
     meta = json.loads((tmp_path / "garment.json").read_text())
     assert meta["form"] == "merged" and list(meta["tasks"]) == ["garment"]
@@ -196,7 +198,10 @@ def test_config_sections_are_declared(tmp_path: Path) -> None:
     config = load_run_config(path)
     task = config.tasks["garment"]
     assert isinstance(task, TaskSpec) and task.head == mtp.tasks.Classification(num_classes=10)
-    assert task.peft == [mtp.peft.LoRA(r=2)] and task.data.image_size == 32 and config.input_size() == 64
+    backbone = DataConfig((48, 40), (0.5,) * 3, (0.5,) * 3)
+    assert task.peft == [mtp.peft.LoRA(r=2)] and task.data.image_size == 32 and config.input_size(backbone) == (64, 64)
+    config.tasks["masks"].data.image_size = None  # the backbone's size
+    assert config.tasks["masks"].data.size(backbone) == (48, 40) and config.input_size(backbone) == (64, 64)
     assert config.train.steps == 3 and config.export.optimize is False and config.multifashion is None
     assert {f.name for f in dataclasses.fields(config)} >= set(vars(config))  # nothing undeclared
     assert all({f.name for f in dataclasses.fields(t)} >= set(vars(t)) for t in config.tasks.values())
@@ -248,7 +253,9 @@ def test_run_directory(tmp_path: Path) -> None:
     assert run.config == load_run_config(path) and RunDirectory(run.path).config == run.config
     assert run.tasks_dir == tmp_path / "run" / "tasks" and run.onnx_path == tmp_path / "run" / "model.onnx"
     spec = run.input_spec()
-    assert spec.size == (64, 64) and spec.mean == spec.std == (0.5, 0.5, 0.5)
+    backbone = run.build_backbone().data_config  # test_efficientnet: timm's ImageNet mean / std
+    assert spec.size == (64, 64) and (spec.mean, spec.std) == (backbone.mean, backbone.std)
+    assert spec.mean == (0.485, 0.456, 0.406) and spec.std == (0.229, 0.224, 0.225)
     with pytest.raises(ValueError, match=r"no trained task folder for \['boxes', 'garment', 'masks'\].*--resume"):
         run.load_model()
 
@@ -261,3 +268,23 @@ def test_commands_need_a_run_directory(tmp_path: Path, command: str, capsys: pyt
     with pytest.raises(SystemExit):
         main(argv)
     assert "is not a run directory (no config.yaml); train one with `mtpeft train" in capsys.readouterr().err
+
+
+def test_backbone_preprocessing_flows_into_datasets(tmp_path: Path) -> None:
+    """A task's dataset is normalised with the backbone's mean / std and, without `image_size`, resized to the
+    backbone's input size."""
+    from PIL import Image
+
+    from multitask_peft.run import DataSpec
+
+    folder = tmp_path / "train" / "red"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (10, 10), (255, 0, 0)).save(folder / "a.png")
+    spec = DataSpec(source="imagefolder", root=str(tmp_path), augment="none")
+    backbone = DataConfig((24, 20), (0.2, 0.3, 0.4), (0.5, 0.25, 0.125))
+    image, _ = spec.dataset("train", train=False, backbone=backbone)[0]
+    assert image.shape == (3, 24, 20)
+    expected = torch.tensor([(1 - 0.2) / 0.5, (0 - 0.3) / 0.25, (0 - 0.4) / 0.125])
+    torch.testing.assert_close(image[:, 12, 10], expected)
+    model = mtp.MultiTaskModel.from_timm("test_vit", img_size=48)  # timm's config for test_vit: mean = std = 0.5
+    assert model.data_config.image_size == (48, 48) and model.data_config.mean == (0.5, 0.5, 0.5)

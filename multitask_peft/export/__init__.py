@@ -68,7 +68,7 @@ def export_onnx(
         fp16: Export half-precision weights and activations (inputs and float outputs stay float32 at the graph
             boundary); parity is then checked with a looser tolerance.
         merge: See above.
-        mean, std: Input normalisation recorded in the sidecar (default: the timm backbone's pretrained config).
+        mean, std: Input normalisation recorded in the sidecar (default: `model.data_config`, what the weights expect).
         check: Run `onnx.checker` (full check) and a parity run against PyTorch on random example inputs.
         atol: Largest allowed difference of float outputs in the parity run (fp32), relative to their scale.
         optimize: Run the exporter's graph optimiser (onnxscript; most of the export time on small models; off for

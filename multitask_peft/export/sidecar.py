@@ -33,7 +33,6 @@ def build_sidecar(
     std: Sequence[float] | None,
     seconds: float,
 ) -> dict[str, Any]:
-    cfg = getattr(model.backbone.model, "pretrained_cfg", {}) or {}
     prefixes = graph.output_prefixes if len(graph.output_prefixes) == len(names) else graph.output_prefixes * len(names)
     tasks = {}
     for name, prefix in zip(names, prefixes, strict=True):
@@ -55,8 +54,8 @@ def build_sidecar(
             "layout": "NCHW",
             "size": list(image_size),
             "dynamic_batch": dynamic_batch,
-            "mean": list(mean if mean is not None else cfg.get("mean", (0.485, 0.456, 0.406))),
-            "std": list(std if std is not None else cfg.get("std", (0.229, 0.224, 0.225))),
+            "mean": list(mean if mean is not None else model.data_config.mean),
+            "std": list(std if std is not None else model.data_config.std),
             "dtype": "float32",
         },
         "precision": "fp16" if fp16 else "fp32",
