@@ -186,3 +186,17 @@ def test_onnx_export_parity(name: str, tmp_path) -> None:  # noqa: ANN001
         randomize(model.task(task), std=0.05, seed=seed + 1)
     path = mtp.export_onnx(model, tmp_path / "m.onnx", image_size=size)
     assert path.exists() and path.stat().st_size > 0
+
+
+def test_prefix_sharing_benchmark_quick() -> None:
+    """`benchmarks/prefix_sharing.py --quick` (tiny EVA-02): one call equals one call per task, and is faster."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "prefix_sharing.py"
+    spec = importlib.util.spec_from_file_location("prefix_sharing", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--quick"])
+    assert result["family"] == "Eva" and result["split"] == "family" and result["parity_max_abs_diff"] <= 1e-4
+    assert result["block_floor"] == 2.0 and result["speedup"] > 1.0
