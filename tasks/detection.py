@@ -43,7 +43,8 @@ class Detection(HeadConfig):
         num_classes: Number of object classes (no background class).
         channels: Width of the neck and of the towers.
         strides: Strides of the pyramid levels (increasing; plain ViTs: any power-of-two multiple or fraction of
-            the patch size; CNNs: stages of the backbone, coarser levels by max-pooling the deepest one).
+            the patch size, patch 14 counting as 16; multi-stage backbones: their stages, finer levels by
+            upsampling the first, coarser ones by max-pooling the deepest).
         num_convs: Conv + GroupNorm + ReLU layers in each tower.
         score_thresh: Minimum score sqrt(sigmoid(class logit) * sigmoid(centerness)) of a kept detection.
         nms_thresh: IoU above which `batched_nms` suppresses a lower-scoring box of the same class.

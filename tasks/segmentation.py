@@ -34,8 +34,9 @@ class Segmentation(HeadConfig):
         num_classes: Number of classes (class ids 0 .. num_classes - 1; 0 is usually the background).
         channels: Width of the neck and of the semantic branch.
         strides: Pyramid strides, increasing powers of two; the finest one sets the decoder resolution. For
-            plain ViTs a simple feature pyramid builds them from the patch-stride map; CNNs must offer every
-            stride up to their deepest stage (coarser ones come from max-pooling).
+            plain ViTs a simple feature pyramid builds them from the patch-stride map (patch 14: resampled to
+            16 first); multi-stage backbones must offer every stride between their first and deepest stage
+            (finer ones are upsampled, coarser ones max-pooled).
         dice_weight: Weight of the soft dice term added to the cross-entropy (0 = cross-entropy only).
         ignore_index: Target value of pixels that count in neither loss term (nor in mIoU).
         class_names: Optional names of the classes, saved with the task.
