@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import multitask_peft as mtp
-from conftest import randomize
+from conftest import example_config, randomize
+from multitask_peft.peft import METHODS
 from multitask_peft.tasks import Classification, Detection, Segmentation
 
 FAMILIES: dict[str, tuple[dict, int, str]] = {
@@ -200,3 +201,32 @@ def test_prefix_sharing_benchmark_quick() -> None:
     result = bench.main(["--quick"])
     assert result["family"] == "Eva" and result["split"] == "family" and result["parity_max_abs_diff"] <= 1e-4
     assert result["block_floor"] == 2.0 and result["speedup"] > 1.0
+
+
+NEW_FAMILIES = ("eva02_tiny_patch14_224", "beit_base_patch16_224", "swinv2_tiny_window8_256", "levit_128s")
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("name", NEW_FAMILIES)
+def test_every_method_on_the_new_splits(name: str, method: str) -> None:
+    """Each registered method on EVA-02, BEiT (family splits), Swin-V2 (chain) and LeViT (generic): a mixed batch
+    equals rows alone, or the method says clearly why it cannot apply."""
+    model, size = build(name)
+    config = example_config(method, model.backbone.layout.kind)
+    if config is None:
+        pytest.skip(f"{method} does not apply to {model.backbone.layout.kind} backbones")
+    if method == "vpt" and not model.backbone.layout.prompts:
+        with pytest.raises(ValueError, match="cannot take prompt tokens"):
+            model.add_task("m", Classification(num_classes=3), [config])
+        return
+    if config.method in ("houlsby", "pfeiffer") and model.backbone.layout.split == "generic":
+        with pytest.raises(ValueError, match="no default target modules"):  # no blocks to put adapters after
+            model.add_task("m", Classification(num_classes=3), [config])
+        return
+    model.add_task("m", Classification(num_classes=3), [config])
+    randomize(model.task("m"), std=0.05)
+    x = _images(3, size)
+    with torch.no_grad():
+        mixed = model.forward_features(x, [0, -1, 0]).pooled
+        alone = torch.cat([model.forward_features(x[i : i + 1], [s]).pooled for i, s in enumerate([0, -1, 0])])
+    torch.testing.assert_close(mixed, alone, atol=1e-4, rtol=1e-4)
