@@ -348,6 +348,9 @@ def _feature_levels(model: nn.Module) -> list[tuple[int, int, int]]:
     return sorted(deepest.values())
 
 
+_ANNOUNCED: set[str] = set()  # classes the generic layout has been announced for
+
+
 def generic_layout(model: nn.Module, reason: str | None = None) -> Layout:
     """Any timm model with the feature API: `forward_features` as one part (through `forward_intermediates`, which
     returns the same output plus the feature maps, (N, C, H, W) at each level's reduction), pooled by the model's
@@ -361,12 +364,14 @@ def generic_layout(model: nn.Module, reason: str | None = None) -> Layout:
         return final, list(maps)
 
     tokens = probe.output.ndim == 3 and len({r for _, _, r in levels}) == 1
-    logger.info(
-        "%s has no part-by-part split (%s): hosting it whole through timm's forward_intermediates; mixed batches, "
-        "dense heads and layer methods work, prefix sharing only at the input, no prompt tokens",
-        type(model).__name__,
-        reason or "none registered for its class",
-    )
+    if type(model).__name__ not in _ANNOUNCED:  # once per class and process
+        _ANNOUNCED.add(type(model).__name__)
+        logger.info(
+            "%s has no part-by-part split (%s): hosting it whole through timm's forward_intermediates; mixed "
+            "batches, dense heads and layer methods work, prefix sharing only at the input, no prompt tokens",
+            type(model).__name__,
+            reason or "none registered for its class",
+        )
     return Layout(
         kind="vit" if tokens else "cnn",
         parts=[Part("body", tuple(probe.features), body, maps=True)],

@@ -230,3 +230,14 @@ def test_every_method_on_the_new_splits(name: str, method: str) -> None:
         mixed = model.forward_features(x, [0, -1, 0]).pooled
         alone = torch.cat([model.forward_features(x[i : i + 1], [s]).pooled for i, s in enumerate([0, -1, 0])])
     torch.testing.assert_close(mixed, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_generic_host_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    from multitask_peft import layouts
+
+    layouts._ANNOUNCED.discard("MambaOut")
+    with caplog.at_level("INFO", logger="multitask_peft.layouts"):
+        build("test_mambaout")
+        build("test_mambaout")
+    said = [r for r in caplog.records if "MambaOut has no part-by-part split" in r.getMessage()]
+    assert len(said) == 1 and "prefix sharing only at the input" in said[0].getMessage()
