@@ -9,6 +9,8 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+import yaml
+
 C = TypeVar("C", bound="ConfigBase")
 T = TypeVar("T")
 
@@ -76,24 +78,61 @@ class ConfigBase:
         return dataclass_to_dict(self)
 
 
+class ConfigError(ValueError):
+    """Every error found in a nested config at once, each with the path of the key it is about
+    (`tasks.garment.head: ...`). A ValueError, so callers that catch one keep working."""
+
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        self.errors = errors
+        lines = [f"{path}: {message}" if path else message for path, message in errors]
+        super().__init__(lines[0] if len(lines) == 1 else f"{len(lines)} config errors:\n" + "\n".join(lines))
+
+
+def _join(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if path else prefix
+
+
+def _collect(errors: list[tuple[str, str]], path: str, fn: Callable[[], T]) -> T | None:
+    """`fn()`, or None with its error(s) recorded under `path` (nested ConfigErrors keep their own paths)."""
+    try:
+        return fn()
+    except ConfigError as e:
+        errors.extend((_join(path, p), m) for p, m in e.errors)
+    except (ValueError, TypeError, KeyError) as e:
+        errors.append((path, str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)))
+    return None
+
+
 def dataclass_from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
-    """Build the dataclass `cls` from a mapping; unknown or missing keys are errors that list the valid ones."""
+    """Build the dataclass `cls` from a mapping; unknown or missing keys are errors that list the valid ones. Every
+    error of the mapping and of the configs nested in it is reported at once (`ConfigError`)."""
     if not isinstance(data, Mapping):
         raise TypeError(f"{cls.__name__}.from_dict expects a mapping, got {type(data).__name__}: {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    errors: list[tuple[str, str]] = []
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
+        errors.append(("", f"{cls.__name__}: unknown key(s) {unknown}; valid keys: {sorted(fields)}"))
     required = [n for n, f in fields.items() if f.default is f.default_factory is dataclasses.MISSING]
     missing = [n for n in required if n not in data]
     if missing:
-        raise ValueError(f"{cls.__name__}: missing key(s) {missing}; valid keys: {sorted(fields)}")
+        errors.append(("", f"{cls.__name__}: missing key(s) {missing}; valid keys: {sorted(fields)}"))
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
+        if key not in fields:
+            continue
         parse = fields[key].metadata.get("parse")
-        kwargs[key] = parse(value) if parse is not None else _coerce(hints.get(key), value)
-    return cls(**kwargs)
+        before = len(errors)
+        result = _collect(errors, key, lambda p=parse, k=key, v=value: p(v) if p else _coerce(hints.get(k), v))
+        if len(errors) == before:
+            kwargs[key] = result
+    if errors:
+        raise ConfigError(errors)
+    built = _collect(errors, "", lambda: cls(**kwargs))
+    if errors:
+        raise ConfigError(errors)
+    return built
 
 
 def dataclass_to_dict(config: Any) -> dict[str, Any]:
@@ -118,14 +157,40 @@ def _coerce(hint: Any, value: Any) -> Any:
     if origin is list and args and dataclasses.is_dataclass(args[0]):
         if not isinstance(value, list):
             raise ValueError(f"expected a list of {args[0].__name__} entries, got {value!r}")
-        return [_coerce(args[0], v) for v in value]
+        return _each(args[0], dict(enumerate(value)), list)
     if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
         if not isinstance(value, Mapping):
             raise ValueError(f"expected a mapping of name -> {args[1].__name__}, got {value!r}")
-        return {k: _coerce(args[1], v) for k, v in value.items()}
+        return _each(args[1], value, dict)
     if isinstance(value, list) and "tuple" in str(hint).lower():
         return tuple(value)
     return value
+
+
+def _each(hint: Any, items: Mapping[Any, Any], container: type) -> Any:
+    """Every item coerced, the errors of all of them reported together (each under its key or index)."""
+    errors: list[tuple[str, str]] = []
+    out = {k: _collect(errors, str(k), lambda v=v: _coerce(hint, v)) for k, v in items.items()}
+    if errors:
+        raise ConfigError(errors)
+    return list(out.values()) if container is list else out
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader plus YAML 1.2 floats: `1e-3` and `1.0e3` are numbers, not strings (YAML 1.1 wants a dot
+    and a signed exponent)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as configs are read everywhere (files and `--set` values): numbers in every usual form."""
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: no arbitrary objects
 
 
 def _plain(value: Any) -> Any:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .config import ConfigBase, check_choice, check_positive_int, check_task_name, custom
+from .config import ConfigBase, check_choice, check_positive_int, check_task_name, custom, load_yaml
 from .heads import HeadConfig, head_from_dict, head_to_dict
 from .peft import PeftConfig, recipe_from_list, recipe_to_list
 from .tasks.data.multifashion import MultiFashionConfig
@@ -186,7 +186,7 @@ class RunConfig(ConfigBase):
 def load_run_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config and apply `key.sub=value` overrides (values parsed as YAML)."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = load_yaml(Path(path).read_text())
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(data, dict):
@@ -201,7 +201,7 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunCo
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"--set {item!r}: {part!r} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = load_yaml(value)
     return RunConfig.from_dict(data)
 
 

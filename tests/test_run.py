@@ -207,8 +207,8 @@ def test_config_sections_are_declared(tmp_path: Path) -> None:
     assert all({f.name for f in dataclasses.fields(t)} >= set(vars(t)) for t in config.tasks.values())
     for path_, value, error, match in [
         ("tasks.garment.data", {"source": "multifashion"}, ValueError, "`task` must be one of"),
-        ("tasks.garment.data", None, TypeError, "DataSpec.from_dict expects a mapping"),
-        ("train", [1], TypeError, "TrainConfig.from_dict expects a mapping"),
+        ("tasks.garment.data", None, ValueError, "tasks.garment.data: DataSpec.from_dict expects a mapping"),
+        ("train", [1], ValueError, "train: TrainConfig.from_dict expects a mapping"),
         ("tasks.garment.head", {"num_classes": 3}, ValueError, "needs a 'type' key"),
         ("tasks.garment.peft", {"method": "lora"}, ValueError, "is a list of"),
         ("tasks.garment.head.type", "nope", ValueError, "Unknown head 'nope'"),
