@@ -11,9 +11,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from multitask_peft.outputs import MASK_FORMATS, OUTPUT_KINDS, JsonContext, ResultOptions
+from multitask_peft.tasks.data.common import image_tensor, normalize, upright_rgb
+from multitask_peft.tasks.data.transforms import eval_transforms
 from multitask_peft.tasks.segmentation_output import decode_mask_png, encode_mask_png
 
 from .errors import BadRequest
@@ -78,7 +80,7 @@ class Preprocess:
                 if width * height > self.max_pixels:
                     raise BadRequest(f"image of {width}x{height} pixels is over the limit of {self.max_pixels} pixels")
                 image.load()
-                image = ImageOps.exif_transpose(image).convert("RGB")  # phone photos: upright, as they are shown
+                image = upright_rgb(image)  # phone photos: upright, as they are shown (as training data)
                 width, height = image.size
         except BadRequest:
             raise
@@ -91,16 +93,10 @@ class Preprocess:
         return self.tensor(image), (height, width)
 
     def tensor(self, image: Image.Image) -> torch.Tensor:
-        """A decoded RGB image -> (3, H, W) normalised float tensor at `size`."""
-        h, w = self.size
-        if image.size != (w, h):
-            image = image.resize((w, h), Image.Resampling.BILINEAR)
-        x = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)  # (3, H, W)
-        scale = np.float32(1 / 255) / np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
-        shift = np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1) / np.asarray(
-            self.std, dtype=np.float32
-        ).reshape(3, 1, 1)
-        return torch.from_numpy(np.ascontiguousarray(x * scale - shift))
+        """A decoded RGB image -> (3, H, W) normalised float tensor at `size`: the evaluation transform and the
+        normalisation of the training datasets, so a photo gives the model the same tensor in both."""
+        x = eval_transforms(self.size)(image_tensor(image))
+        return normalize(x, torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1))
 
 
 def decode_base64(text: object) -> bytes:

@@ -364,3 +364,30 @@ def test_multifashion_10k_scenes_under_a_minute(tmp_path: Path) -> None:
         tmp_path, MultiFashionConfig(num_scenes=(10_000, 0, 0), num_crops=0, workers=2), progress=False
     )
     assert time.perf_counter() - start < 60
+
+
+def test_exif_rotated_photo_gives_one_tensor_in_training_and_serving(tmp_path: Path) -> None:
+    """A phone JPEG stored sideways with an EXIF orientation: training data and the server both see it upright, and
+    feed the model the same tensor (one decoder, one resize, one normalisation)."""
+    import io
+
+    from PIL import Image
+
+    from multitask_peft.serving import Preprocess
+    from multitask_peft.tasks.data import ImageFolder, eval_transforms
+
+    rng = np.random.default_rng(0)
+    stored = Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))  # 50 wide, 30 high as stored
+    exif = stored.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display (displayed 30 wide, 50 high)
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif, quality=95)
+    (tmp_path / "train" / "a" / "photo.jpg").write_bytes(buffer.getvalue())
+    mean, std = (0.2, 0.3, 0.4), (0.5, 0.6, 0.7)
+    dataset = ImageFolder(tmp_path / "train", eval_transforms((40, 24)), mean=mean, std=std)
+    trained, _ = dataset[0]
+    served, (height, width) = Preprocess((40, 24), mean, std).decode(buffer.getvalue())
+    assert (height, width) == (50, 30)  # upright, as displayed
+    assert trained.shape == served.shape == (3, 40, 24)
+    torch.testing.assert_close(served, trained, atol=0, rtol=0)

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
@@ -113,14 +113,32 @@ def probe_image(
     return size, None
 
 
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """A decoded image as it is shown: EXIF orientation applied (phone photos), RGB. Training data, `predict` and
+    the server all decode through this, so one photo gives one tensor everywhere."""
+    return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def image_tensor(image: Image.Image) -> tv_tensors.Image:
+    """An RGB PIL image as a uint8 (3, H, W) tensor."""
+    return tv_tensors.Image(torch.from_numpy(np.array(image)).permute(2, 0, 1))
+
+
+def normalize(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (or float in [0, 1]) (3, H, W) -> float32 (3, H, W) scaled to [0, 1] and normalised per channel
+    (`mean` / `std`: (3, 1, 1))."""
+    x = image.as_subclass(torch.Tensor)
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    return (x - mean) / std
+
+
 def read_image(path: Path) -> tv_tensors.Image:
-    """Decode an image file as RGB uint8 (3, H, W); a `DataError` names the file if that fails."""
+    """Decode an image file as RGB uint8 (3, H, W), upright; a `DataError` names the file if that fails."""
     try:
         with Image.open(path) as im:
-            array = np.array(im.convert("RGB"))  # (H, W, 3)
+            return image_tensor(upright_rgb(im))
     except Exception as e:
         raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})", [DataIssue(str(path), str(e))]) from e
-    return tv_tensors.Image(torch.from_numpy(array).permute(2, 0, 1))  # (3, H, W)
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -162,9 +180,7 @@ class FolderDataset(Dataset):
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 (or float in [0, 1]) (3, H, W) -> float32 (3, H, W) normalised with the dataset's mean/std."""
-        x = image.as_subclass(torch.Tensor)
-        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-        return (x - self.mean) / self.std
+        return normalize(image, self.mean, self.std)
 
 
 def _stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
