@@ -33,7 +33,10 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # pragma: no cover - depends on the environment
-                warnings.warn("tensorboard is not installed; writing log.jsonl only", stacklevel=2)
+                warnings.warn(
+                    "tensorboard is not installed (pip install 'multitask-peft[tensorboard]'); writing log.jsonl only",
+                    stacklevel=2,
+                )
             else:
                 self._tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=resume_step)
 

@@ -36,7 +36,10 @@ def load_backgrounds() -> list[np.ndarray]:
     try:
         from skimage import data
     except ImportError as e:
-        raise ImportError("MultiFashion needs scikit-image for its background photos: pip install scikit-image") from e
+        raise ImportError(
+            "MultiFashion needs scikit-image for its background photos: pip install 'multitask-peft[data]' "
+            "(or the demo extra)"
+        ) from e
     photos = []
     for name in BACKGROUNDS:
         image = np.asarray(getattr(data, name)())
