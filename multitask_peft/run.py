@@ -67,11 +67,14 @@ def train_run(config: RunConfig, resume: bool = False) -> Path:
         run = RunDirectory.create(out, config)
         prepare_data(config)
     dist.barrier()
-    model = build_model(config)
+    model = build_backbone(config)
     data = {}
     for name, task in config.tasks.items():
         dataset = task.data.dataset(task.data.train_split, train=True, backbone=model.data_config)
+        adopt_class_names(task.head, dataset)
         data[name] = TaskData(dataset, task.loss_weight, task.batch_size)
+    for name, task in config.tasks.items():  # (after the datasets, which draw no random numbers: same init)
+        model.add_task(name, task.head, task.peft)
     start = time.perf_counter()
     Trainer(model, data, config.train, out).fit(resume=resume)
     train_time = time.perf_counter() - start
@@ -118,6 +121,15 @@ def export_run(
     checked = ", checked against PyTorch" if options.get("check", True) else ""
     print(f"exported {', '.join(tasks)} to {path} ({time.perf_counter() - start:.0f} s{checked})")
     return path
+
+
+def adopt_class_names(head: Any, dataset: Any) -> None:
+    """A head config without class names takes its training data's (ImageFolder folders, COCO categories,
+    segmentation classes, MultiFashion's garment names) when there is one per class, so the saved task, `predict`,
+    the server and the ONNX sidecar report names next to class ids."""
+    names = getattr(dataset, "class_names", None)
+    if names and getattr(head, "class_names", ()) is None and len(names) == getattr(head, "num_classes", None):
+        head.class_names = tuple(str(n) for n in names)
 
 
 def evaluate_run(model: Any, config: RunConfig, out: Path) -> dict[str, Any]:

@@ -68,6 +68,12 @@ def test_train_eval_tasks_commands(tmp_path: Path, capsys: pytest.CaptureFixture
     assert (run / "report.md").read_text().count("|") > 20
     assert (run / "log.jsonl").is_file() and (run / "checkpoints" / "latest").is_file()
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["lr"] == 0.002
+    # the tasks keep their data's class names (MultiFashion's garments; background first for the masks)
+    from multitask_peft.tasks.data.multifashion import CLASSES
+
+    saved = {t: json.loads((run / "tasks" / t / "adapter_config.json").read_text()) for t in ("garment", "masks")}
+    assert saved["garment"]["head"]["class_names"] == list(CLASSES)
+    assert saved["masks"]["head"]["class_names"] == ["background", *CLASSES]
     capsys.readouterr()
     main(["tasks", str(run)])
     assert "garment" in capsys.readouterr().out
@@ -77,6 +83,7 @@ def test_train_eval_tasks_commands(tmp_path: Path, capsys: pytest.CaptureFixture
     # the run's ONNX graph (export section): every task, the backbone's preprocessing, at the largest image size
     meta = json.loads((run / "model.json").read_text())
     assert sorted(meta["tasks"]) == ["boxes", "garment", "masks"] and meta["input"]["size"] == [64, 64]
+    assert meta["tasks"]["boxes"]["head_config"]["class_names"] == list(CLASSES)
     assert meta["input"]["mean"] == [0.485, 0.456, 0.406] and (run / "model.onnx").is_file()  # test_efficientnet's
     main(["export", str(run), str(tmp_path / "garment.onnx"), "--tasks", "garment", "--merge", "--no-optimize"])
     meta = json.loads((tmp_path / "garment.json").read_text())
@@ -98,6 +105,7 @@ def _check_serve(run: Path) -> None:
     from PIL import Image
 
     from multitask_peft import serving
+    from multitask_peft.tasks.data.multifashion import CLASSES
 
     buffer = io.BytesIO()
     Image.fromarray(skimage.data.astronaut()).save(buffer, format="JPEG")
@@ -115,8 +123,11 @@ def _check_serve(run: Path) -> None:
                 assert proc.poll() is None and time.monotonic() < deadline, f"mtpeft serve --backend {backend} failed"
                 time.sleep(0.1)
             with serving.Client(url) as client:
-                assert {t["name"] for t in client.tasks()} == {"garment", "boxes", "masks"}
+                listed = {t["name"]: t for t in client.tasks()}
+                assert set(listed) == {"garment", "boxes", "masks"}
+                assert listed["garment"]["class_names"][0] == CLASSES[0]  # names, not "label 0"
                 outs[backend] = client.predict(buffer.getvalue(), ["garment", "boxes", "masks"], logits=True)
+                assert outs[backend]["results"]["garment"]["class_name"] in listed["garment"]["class_names"]
         finally:
             proc.terminate()
             proc.wait(timeout=30)

@@ -329,7 +329,9 @@ def load_multifashion(
         raise FileNotFoundError(f"{root} has no multifashion.json; build it with `mtpeft data multifashion {root}`")
     meta = json.loads((root / "multifashion.json").read_text())
     if task == "classification":
-        return ImageFolder(root / task / split, transform, classes=meta["classification_folders"], **kwargs)
+        dataset = ImageFolder(root / task / split, transform, classes=meta["classification_folders"], **kwargs)
+        dataset.class_names = tuple(meta["classes"])  # the garments' names, not their folder names
+        return dataset
     if task == "detection":
         return CocoDetection(root / task / split / "images", root / task / f"{split}.json", transform, **kwargs)
     return SegmentationFolder(root / task / split, meta["segmentation_classes"], transform, **kwargs)
