@@ -226,6 +226,8 @@ def format_result(
 
 @dataclass
 class Summary:
+    """Images processed and images skipped (unreadable, undecodable) by `predict_files`."""
+
     done: int = 0
     skipped: int = 0
 
@@ -268,7 +270,10 @@ def predict_files(
     def skip(path: Path, reason: str) -> None:
         summary.skipped += 1
         message = f"mtpeft predict: skipped {path}: {reason}"
-        report(message) if report is not None else tqdm.write(message, file=sys.stderr)
+        if report is not None:
+            report(message)
+        else:
+            tqdm.write(message, file=sys.stderr)  # above the bar, which stays intact
 
     with (out / RESULTS_FILE).open("w") as lines, bar:
         for start in range(0, len(images), batch_size):
