@@ -91,6 +91,50 @@ def _serve(args: argparse.Namespace) -> None:
     )
 
 
+def _predict(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .serving.predict import (
+        IMAGE_EXTENSIONS,
+        RESULTS_FILE,
+        find_images,
+        load_predictor,
+        predict_files,
+        select_tasks,
+    )
+
+    out = Path(args.out)
+    images, missing = find_images(args.images, exclude=out)
+    for item, reason in missing:
+        print(f"mtpeft predict: skipped {item}: {reason}", file=sys.stderr)
+    if not images:
+        print(
+            f"mtpeft predict: no image files in {' '.join(args.images)} ({' '.join(IMAGE_EXTENSIONS)})", file=sys.stderr
+        )
+        sys.exit(1)
+    predictor = load_predictor(args.source, onnx=args.onnx, device=args.device)
+    tasks = select_tasks(predictor, args.tasks)
+    for name in tasks:
+        own = predictor.tasks[name].score_threshold
+        if args.score_threshold is not None and own is not None and args.score_threshold < own:
+            print(
+                f"mtpeft predict: note: task {name!r} already drops detections scoring under its head's "
+                f"score_thresh {own}; --score-threshold {args.score_threshold} keeps no more than that",
+                file=sys.stderr,
+            )
+    summary = predict_files(
+        predictor, images, out, tasks, args.score_threshold, args.batch_size, draw=not args.no_pictures
+    )
+    skipped = summary.skipped + len(missing)
+    pictures = ", pictures" if not args.no_pictures else ""
+    print(
+        f"predicted {summary.done} image(s) with {', '.join(tasks)} on {predictor.source}, {skipped} skipped; "
+        f"{out / RESULTS_FILE}{pictures} in {out}"
+    )
+    if not summary.done:
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mtpeft", description="Parameter-efficient multi-task vision.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +188,30 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--admin-token", help="enables POST/DELETE /v1/tasks (or set MTPEFT_ADMIN_TOKEN)")
     srv.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     srv.set_defaults(fn=_serve)
+    pred = sub.add_parser(
+        "predict",
+        help="run a run's tasks on image files and folders: results.jsonl and a picture per image",
+        description="Run the tasks of a run directory (PyTorch), of its model.onnx (--onnx) or of an exported .onnx "
+        "graph on image files and folders (searched recursively). Images are decoded as the server does (EXIF "
+        "orientation applied) and resized to the model's input; results come back in each image's own pixels. "
+        "Writes OUT/results.jsonl (one JSON line per image), OUT/<stem>.png (the results drawn on the image) and "
+        "OUT/masks/<stem>.<task>.png (segmentation class ids). Unreadable images are reported and skipped; the exit "
+        "status is 1 when no image could be processed.",
+    )
+    pred.add_argument("source", help="run directory (config.yaml + tasks/), or an exported .onnx graph")
+    pred.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders")
+    pred.add_argument("--tasks", help="comma-separated tasks (default: every task of SOURCE)")
+    pred.add_argument("--out", default="predictions", help="output folder (default: predictions)")
+    pred.add_argument(
+        "--score-threshold",
+        type=float,
+        help="drop detections scoring under it (default: the head's own threshold, which the model applies)",
+    )
+    pred.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    pred.add_argument("--device", help="torch device (default: cuda if available, else cpu); cpu keeps ONNX on CPU")
+    pred.add_argument("--onnx", action="store_true", help="run the run directory's model.onnx on ONNX Runtime")
+    pred.add_argument("--no-pictures", action="store_true", help="write results.jsonl and masks only")
+    pred.set_defaults(fn=_predict)
     args, rest = parser.parse_known_args(argv)
     if args.command == "data":
         from .tasks.data.cli import main as data_main

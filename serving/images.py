@@ -70,6 +70,15 @@ class Preprocess:
 
         Raises `BadRequest` for anything that is not a whole, decodable image within `max_pixels`.
         """
+        image = self.open(data)
+        return self.tensor(image), (image.height, image.width)
+
+    def open(self, data: bytes) -> Image.Image:
+        """Image file bytes -> the RGB image as it is shown (EXIF orientation applied), at its own size: what
+        `decode` resizes and normalises, and what `mtpeft predict` draws its results on (one decoder for both).
+
+        Raises `BadRequest` for anything that is not a whole, decodable image within `max_pixels`.
+        """
         if not data:
             raise BadRequest("the image is empty")
         try:
@@ -90,7 +99,7 @@ class Preprocess:
             raise BadRequest(f"cannot decode the image ({'/'.join(FORMATS)} accepted): {type(e).__name__}: {e}") from e
         if width == 0 or height == 0:
             raise BadRequest("the image has no pixels")
-        return self.tensor(image), (height, width)
+        return image
 
     def tensor(self, image: Image.Image) -> torch.Tensor:
         """A decoded RGB image -> (3, H, W) normalised float tensor at `size`: the evaluation transform and the
