@@ -63,6 +63,7 @@ def evaluate(
     batch_size: int = 32,
     num_workers: int = 0,
     progress: bool = True,
+    on_batch: Callable[[list[dict[str, Any]], Any], None] | None = None,
 ) -> dict[str, float]:
     """Evaluate one task of a model on a dataset of (image, target) pairs.
 
@@ -80,6 +81,8 @@ def evaluate(
         batch_size: Images per `model.predict` call.
         num_workers: DataLoader worker processes.
         progress: Show a tqdm progress bar.
+        on_batch: Called with each batch's results and targets after the metric saw them, so that a caller can
+            collect more than the metric (a confusion matrix for a report) without a second pass over the data.
 
     Returns:
         {metric name: value} as plain Python numbers.
@@ -95,6 +98,8 @@ def evaluate(
     for images, targets in tqdm(loader, desc=f"evaluate {task}", unit="batch", disable=not progress):
         results = model.predict(images.to(device), [task])[task]
         metric.update(results, targets)
+        if on_batch is not None:
+            on_batch(results, targets)
         num_images += len(results)
     if num_images == 0:
         raise ValueError(f"evaluate: the dataset for task {task!r} is empty")
