@@ -23,20 +23,29 @@ def _info(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .run import load_run_config, train_run
+    from .run import format_report, load_run_config, train_run
 
     out = train_run(load_run_config(args.config, args.set), resume=args.resume)
-    print((out / "report.md").read_text())
+    print(format_report(json.loads((out / "report.json").read_text())))
     onnx = ", model.onnx + model.json" if (out / "model.onnx").is_file() else ""
-    print(f"run directory: {out} (tasks/, report.md, report.json, log.jsonl, checkpoints/{onnx})")
+    files = f"tasks/, report.md, report.html, figures/, report.json, log.jsonl, checkpoints/{onnx}"
+    print(f"run directory: {out} ({files})")
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .run import evaluate_run, format_report
+    from .report import read_report
+    from .run import evaluate_run, format_report, write_report
     from .rundir import RunDirectory
 
     run = RunDirectory(args.run_dir)
-    print(format_report(evaluate_run(run.load_model(), run.config, run.path)))
+    model = run.load_model()
+    report = evaluate_run(model, run.config, run.path)
+    previous = read_report(run.path) or {}
+    if "train_time_s" in previous:  # evaluating again does not change how long training took
+        report["train_time_s"] = previous["train_time_s"]
+    write_report(report, run.path, model, run.config)
+    print(format_report(report))
+    print(f"refreshed {run.path}/report.md, report.html, report.json and figures/")
 
 
 def _tasks(args: argparse.Namespace) -> None:
@@ -149,7 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     train.set_defaults(fn=_train)
-    evaluate = sub.add_parser("eval", help="evaluate the tasks of a finished run on their eval splits")
+    evaluate = sub.add_parser(
+        "eval", help="evaluate the tasks of a finished run on their eval splits; refresh its report and figures"
+    )
     evaluate.add_argument("run_dir")
     evaluate.set_defaults(fn=_eval)
     tasks = sub.add_parser("tasks", help="list a run's tasks: metric, trainable parameters, PPT")

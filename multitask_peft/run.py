@@ -55,7 +55,7 @@ def prepare_data(config: RunConfig) -> None:
 
 
 def train_run(config: RunConfig, resume: bool = False) -> Path:
-    """Train every task of the run jointly, evaluate them, and write tasks, report.md and report.json."""
+    """Train every task of the run jointly, evaluate them, and write tasks, report.md / .html / .json and figures/."""
     import torch
 
     from .rundir import RunDirectory
@@ -84,7 +84,7 @@ def train_run(config: RunConfig, resume: bool = False) -> Path:
         model.save_task(name, run.tasks_dir / name)
     report = evaluate_run(model, config, out)
     report["train_time_s"] = round(train_time, 1)
-    write_report(report, out)
+    write_report(report, out, model, config)
     spec = config.export
     if spec is not None and spec.onnx:
         export_run(
@@ -135,13 +135,15 @@ def adopt_class_names(head: Any, dataset: Any) -> None:
 def evaluate_run(model: Any, config: RunConfig, out: Path) -> dict[str, Any]:
     from .outputs import output_kind
     from .ppt import ppt
+    from .report import ConfusionCounter
     from .tasks import evaluate
 
     rows = {}
     for name, task in config.tasks.items():
         start = time.perf_counter()
         dataset = task.data.dataset(task.data.eval_split, train=False, backbone=model.data_config)
-        metrics = evaluate(model, name, dataset)
+        confusion = ConfusionCounter.for_head(task.head)  # classification: the report's confusion matrix
+        metrics = evaluate(model, name, dataset, on_batch=confusion)
         head_type = task.head.head_type
         primary = output_kind(task.head).primary_metric
         params = model.num_parameters(name)
@@ -157,12 +159,18 @@ def evaluate_run(model: Any, config: RunConfig, out: Path) -> dict[str, Any]:
             "ppt": ppt(value, params["peft"]),
             "eval_time_s": round(time.perf_counter() - start, 1),
         }
+        if confusion is not None:
+            rows[name]["confusion"] = confusion.counts.tolist()
     return {"backbone": config.backbone.name, "tasks": rows}
 
 
-def write_report(report: dict[str, Any], out: Path) -> None:
+def write_report(report: dict[str, Any], out: Path, model: Any = None, config: RunConfig | None = None) -> None:
+    """report.json, report.md and report.html; given the run's model and config, also the figures (`figures/`)
+    that report.md and report.html show (`multitask_peft.report`)."""
+    from .report import write_report_files
+
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(format_report(report) + "\n")
+    write_report_files(report, format_report(report), out, model, config)
 
 
 def format_report(report: dict[str, Any]) -> str:
