@@ -5,7 +5,7 @@ RUN_DIR/
   config.yaml        the run config (`RunConfig.to_dict()`)
   tasks/<name>/      one task folder per trained task (`model.save_task`)
   model.onnx         the multi-task ONNX graph (+ model.json), when the run exports one
-  report.md, report.json, log.jsonl, checkpoints/
+  report.md, report.html, figures/, report.json, log.jsonl, checkpoints/
 ```
 
     run = RunDirectory("runs/demo")
