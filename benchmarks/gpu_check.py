@@ -120,18 +120,11 @@ def build_model(name: str, kwargs: dict[str, Any], seed: int = 0) -> Any:
     return model
 
 
-@contextlib.contextmanager
-def kernel_backend(name: str) -> Iterator[None]:
-    """`MULTITASK_PEFT_KERNELS=name` while inside (read at every kernel dispatch)."""
-    saved = os.environ.get("MULTITASK_PEFT_KERNELS")
-    os.environ["MULTITASK_PEFT_KERNELS"] = name
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["MULTITASK_PEFT_KERNELS"]
-        else:
-            os.environ["MULTITASK_PEFT_KERNELS"] = saved
+def kernel_backend(name: str) -> contextlib.AbstractContextManager[None]:
+    """`MULTITASK_PEFT_KERNELS=name` while inside (imported late: the package is loaded after the environment)."""
+    from multitask_peft.kernels import use_backend
+
+    return use_backend(name)
 
 
 @contextlib.contextmanager

@@ -27,14 +27,13 @@ Parity comes first: ours (each backend), HF PEFT's mixed batch and the loop comp
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import multitask_peft as mtp
 from multitask_peft import kernels
+from multitask_peft.kernels import use_backend as kernel_backend
 
 TARGETS = ("qkv", "proj", "fc1", "fc2")  # suffix matches in both libraries (incl. the patch_embed.proj conv)
 GOAL_VS_BACKBONE, GOAL_VS_HF = 0.95, 1.15  # CPU
@@ -151,20 +151,6 @@ def count_flops(fn: Callable[[], object]) -> int:
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
-
-
-@contextlib.contextmanager
-def kernel_backend(name: str) -> Iterator[None]:
-    """`MULTITASK_PEFT_KERNELS=name` while inside (read by every kernel dispatch)."""
-    saved = os.environ.get("MULTITASK_PEFT_KERNELS")
-    os.environ["MULTITASK_PEFT_KERNELS"] = name
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["MULTITASK_PEFT_KERNELS"]
-        else:
-            os.environ["MULTITASK_PEFT_KERNELS"] = saved
 
 
 def with_backend(name: str, fn: Callable[[], object]) -> Callable[[], object]:

@@ -16,9 +16,10 @@ the kernel tests run without a GPU).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -39,6 +40,7 @@ __all__ = [
     "lora_",
     "scale_shift",
     "scale_shift_",
+    "use_backend",
 ]
 
 BACKENDS = ("auto", "reference", "torch", "triton")
@@ -76,6 +78,22 @@ def backend(tensor: torch.Tensor | None = None) -> str:
                 "and fp32 only; use MULTITASK_PEFT_KERNELS=torch (or auto, which picks it) for other dtypes"
             )
     return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """`MULTITASK_PEFT_KERNELS=name` while inside (read at every dispatch; benchmarks and checks compare paths)."""
+    if name not in BACKENDS:
+        raise ValueError(f"kernel backend must be one of {BACKENDS}, got {name!r}")
+    saved = os.environ.get("MULTITASK_PEFT_KERNELS")
+    os.environ["MULTITASK_PEFT_KERNELS"] = name
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["MULTITASK_PEFT_KERNELS"]
+        else:
+            os.environ["MULTITASK_PEFT_KERNELS"] = saved
 
 
 def batched_training(tensor: torch.Tensor) -> bool:

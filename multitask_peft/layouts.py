@@ -179,19 +179,7 @@ def _vit(model: nn.Module) -> Layout:
         return m.norm_pre(x)  # (N, T, C)
 
     stem_part = Part("stem", ("patch_embed", "cls_token", "reg_token", "pos_embed", "patch_drop", "norm_pre"), stem)
-    parts = [stem_part, *_units(model, ["blocks"]), Part("final", ("norm",), _seq("norm"))]
-    patch = model.patch_embed.patch_size
-    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
-    return Layout(
-        kind="vit",
-        parts=parts,
-        levels=[FeatureLevel(len(parts) - 1, model.embed_dim, patch)],
-        pooled_dim=_pooled_dim(model),
-        num_prefix_tokens=model.num_prefix_tokens,
-        patch_size=patch,
-        pool_prefixes=("fc_norm", "attn_pool", "head_drop"),
-        prompts=True,
-    )
+    return _token_layout(model, stem_part, lambda i: _seq(f"blocks.{i}"), prompts=True)
 
 
 @LAYOUTS.register("EfficientNet")

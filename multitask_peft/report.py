@@ -11,9 +11,8 @@ RUN_DIR/
 
 `run.write_report` calls `write_report_files` after training and from `mtpeft eval RUN`, so the figures always
 show the weights the metrics were measured on. Plots are drawn with matplotlib (the `report` extra); without it
-the report is written without figures and a warning names the extra. The drawing helpers (`draw_boxes`,
-`draw_masks`) are deliberately small, on `torchvision.utils`, so they can later move into a shared
-visualisation module.
+the report is written without figures and a warning names the extra. Boxes, masks and class colours are drawn by
+`multitask_peft.visualize`, as `mtpeft predict` draws them.
 """
 
 from __future__ import annotations
@@ -31,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .visualize import class_color, class_text, draw_detections, draw_mask, painted_classes
+
 if TYPE_CHECKING:
     from .model import MultiTaskModel
     from .run_config import RunConfig
@@ -45,13 +46,6 @@ BOX_SCORE_THRESHOLD = 0.4
 MAX_BOXES = 10
 #: Gallery images are upscaled (nearest) to this side, so that box labels and small garments stay readable.
 DISPLAY_SIDE = 256
-#: Colour of class k: PALETTE[k % len(PALETTE)] (matplotlib's tab20, fixed here so figures do not depend on styles).
-PALETTE = (
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194),
-    (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120), (152, 223, 138),
-    (255, 152, 150), (197, 176, 213), (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141),
-    (158, 218, 229),
-)  # fmt: skip
 MATPLOTLIB_MISSING = (
     "report figures need matplotlib, which the `report` extra installs: pip install 'multitask-peft[report]' "
     "(from a checkout: pip install -e '.[report]'; the `demo` and `dev` extras include it)"
@@ -81,52 +75,6 @@ def upscale(image: torch.Tensor, side: int = DISPLAY_SIDE) -> tuple[torch.Tensor
     scale = side / max(image.shape[-2:])
     size = [round(image.shape[-2] * scale), round(image.shape[-1] * scale)]
     return torch.nn.functional.interpolate(image[None].float(), size=size, mode="nearest")[0].to(torch.uint8), scale
-
-
-def class_color(label: int) -> tuple[int, int, int]:
-    return PALETTE[int(label) % len(PALETTE)]
-
-
-def class_name(label: int, class_names: Sequence[str] | None) -> str:
-    label = int(label)
-    return class_names[label] if class_names and 0 <= label < len(class_names) else str(label)
-
-
-def draw_boxes(
-    image: torch.Tensor,
-    boxes: torch.Tensor,
-    labels: torch.Tensor,
-    class_names: Sequence[str] | None = None,
-    scores: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Boxes (K, 4) xyxy in the pixels of uint8 `image` (3, H, W), coloured by class, labelled with the class name
-    (and the score, when given)."""
-    from torchvision.utils import draw_bounding_boxes
-
-    if len(boxes) == 0:
-        return image
-    names = [class_name(label, class_names) for label in labels.tolist()]
-    if scores is not None:
-        names = [f"{name} {score:.2f}" for name, score in zip(names, scores.tolist())]
-    colors = [class_color(label) for label in labels.tolist()]
-    return draw_bounding_boxes(image, boxes.float(), labels=names, colors=colors, width=2, fill_labels=True)
-
-
-def draw_masks(image: torch.Tensor, mask: torch.Tensor, skip: Sequence[int] = (), alpha: float = 0.5) -> torch.Tensor:
-    """Class-id `mask` (H, W) as translucent class colours over uint8 `image` (3, H, W); ids in `skip`
-    (background, the ignore index) stay clear."""
-    from torchvision.utils import draw_segmentation_masks
-
-    ids = [k for k in _present(mask) if k not in skip]
-    if not ids:
-        return image
-    masks = torch.stack([mask == k for k in ids])  # (K, H, W) bool
-    return draw_segmentation_masks(image, masks, alpha=alpha, colors=[class_color(k) for k in ids])
-
-
-def _present(mask: torch.Tensor) -> list[int]:
-    """The ids in a class-id mask (bincount: far cheaper than `unique`'s sort on a whole mask)."""
-    return torch.bincount(mask.flatten().clamp(min=0)).nonzero().flatten().tolist()
 
 
 def _plural(count: int, noun: str) -> str:
@@ -252,7 +200,7 @@ def plot_gallery(
         for ax, (image, _), (_, target), result in zip(axes, shown, items, results):
             truth, pred = int(target), int(result["label"])
             ax.imshow(image.permute(1, 2, 0).numpy())
-            title = f"truth: {class_name(truth, class_names)}\npred: {class_name(pred, class_names)} "
+            title = f"truth: {class_text(truth, class_names)}\npred: {class_text(pred, class_names)} "
             ax.set_title(title + f"({result['score']:.2f})", fontsize=9, color="green" if truth == pred else "red")
         fig.suptitle(f"{task}: predictions on validation images (green: right, red: wrong)", fontsize=10)
     else:
@@ -261,10 +209,12 @@ def plot_gallery(
         present: set[int] = set()
         for col, ((image, scale), (_, target), result) in enumerate(zip(shown, items, results)):
             if kind == "detection":
-                truth = draw_boxes(image, torch.as_tensor(target["boxes"]) * scale, target["labels"], class_names)
+                truth = draw_detections(
+                    image, torch.as_tensor(target["boxes"]) * scale, None, target["labels"], class_names
+                )
                 keep = result["scores"] >= BOX_SCORE_THRESHOLD
                 boxes, labels, scores = (result[k][keep][:MAX_BOXES].cpu() for k in ("boxes", "labels", "scores"))
-                pred = draw_boxes(image, boxes * scale, labels, class_names, scores)
+                pred = draw_detections(image, boxes * scale, scores, labels, class_names)
                 notes = (
                     _plural(len(target["labels"]), "box"),
                     f"{_plural(len(labels), 'box')} scoring >= {BOX_SCORE_THRESHOLD}",
@@ -274,8 +224,8 @@ def plot_gallery(
                 size = image.shape[-2:]
                 masks = [torch.as_tensor(m).long().cpu() for m in (target, result["mask"])]
                 masks = [torch.nn.functional.interpolate(m[None, None].float(), size=size)[0, 0].long() for m in masks]
-                truth, pred = (draw_masks(image, m, skip) for m in masks)
-                present |= {k for m in masks for k in _present(m) if k not in skip}
+                truth, pred = (draw_mask(image, m, class_names, alpha=0.5, skip=skip) for m in masks)
+                present |= {k for m in masks for k in painted_classes(m, class_names, skip)}
                 notes = ("ground truth", "prediction")
             for row, (drawn, note) in enumerate(zip((truth, pred), notes)):
                 axes[row, col].imshow(drawn.permute(1, 2, 0).numpy())
@@ -286,7 +236,7 @@ def plot_gallery(
             from matplotlib.patches import Patch
 
             colors = {k: [c / 255 for c in class_color(k)] for k in sorted(present)}
-            handles = [Patch(color=color, label=class_name(k, class_names)) for k, color in colors.items()]
+            handles = [Patch(color=color, label=class_text(k, class_names)) for k, color in colors.items()]
             fig.legend(handles=handles, loc="outside lower center", ncols=min(6, len(handles)), fontsize="small")
         fig.suptitle(f"{task}: ground truth (top) and prediction (bottom) on validation images", fontsize=10)
     for ax in fig.axes:
@@ -324,7 +274,7 @@ class ConfusionCounter:
 def plot_confusion(counts: torch.Tensor, task: str, class_names: Sequence[str] | None, path: Path) -> None:
     """Counts, and rows normalised per true class (each row sums to 1: the recall of every class on the diagonal)."""
     c = counts.shape[0]
-    names = [class_name(k, class_names) for k in range(c)]
+    names = [class_text(k, class_names) for k in range(c)]
     rows = counts.sum(1, keepdim=True)
     normalised = counts.double() / rows.clamp(min=1)
     side = max(4.0, 0.45 * c + 2.0)

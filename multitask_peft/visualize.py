@@ -101,28 +101,42 @@ def draw_detections(
     labels: Any,
     class_names: Sequence[str] | None = None,
 ) -> torch.Tensor:
-    """Boxes (K, 4) xyxy in `image`'s pixels, labelled "name score" in their class colour."""
+    """Boxes (K, 4) xyxy in `image`'s pixels, labelled "name score" in their class colour (`scores` None: names
+    only, e.g. ground truth)."""
     image = _check_image(image)
     boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).cpu()
-    scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1).tolist()
     labels = [int(v) for v in torch.as_tensor(labels).reshape(-1).tolist()]
     if not len(boxes):
         return image
-    texts = [f"{class_text(label, class_names)} {score:.2f}" for label, score in zip(labels, scores, strict=True)]
+    texts = [class_text(label, class_names) for label in labels]
+    if scores is not None:
+        scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1).tolist()
+        texts = [f"{text} {score:.2f}" for text, score in zip(texts, scores, strict=True)]
     colors = [class_color(label) for label in labels]
     return draw_bounding_boxes(image, boxes, texts, colors, width=_line_width(image), **_FILL_LABELS)
 
 
-def painted_classes(mask: Any, class_names: Sequence[str] | None = None) -> list[int]:
-    """The class ids present in `mask` that are painted (all but a class named "background"), ascending."""
-    present = torch.as_tensor(np.asarray(mask)).unique().tolist()
-    return [int(c) for c in present if class_text(c, class_names).lower() not in UNPAINTED]
+def present_classes(mask: Any) -> list[int]:
+    """The class ids in a class-id mask, ascending (a bincount: far cheaper than `unique`'s sort on a whole mask)."""
+    ids = torch.as_tensor(np.asarray(mask)).flatten().long().clamp(min=0)
+    return torch.bincount(ids).nonzero().flatten().tolist() if ids.numel() else []
+
+
+def painted_classes(mask: Any, class_names: Sequence[str] | None = None, skip: Sequence[int] = ()) -> list[int]:
+    """The class ids present in `mask` that are painted (all but a class named "background" and the ids in `skip`,
+    such as an ignore index), ascending."""
+    return [c for c in present_classes(mask) if c not in skip and class_text(c, class_names).lower() not in UNPAINTED]
 
 
 def draw_mask(
-    image: torch.Tensor, mask: Any, class_names: Sequence[str] | None = None, alpha: float = 0.45
+    image: torch.Tensor,
+    mask: Any,
+    class_names: Sequence[str] | None = None,
+    alpha: float = 0.45,
+    skip: Sequence[int] = (),
 ) -> torch.Tensor:
-    """A class-id mask (H, W) at `image`'s size, painted translucent in its class colours (background left out)."""
+    """A class-id mask (H, W) at `image`'s size, painted translucent in its class colours (background and the ids in
+    `skip` left out)."""
     image = _check_image(image)
     mask = torch.as_tensor(np.asarray(mask)).cpu()
     if tuple(mask.shape) != tuple(image.shape[-2:]):
@@ -130,7 +144,7 @@ def draw_mask(
             f"mask of shape {tuple(mask.shape)} for an image of {tuple(image.shape[-2:])}: resize the mask to the "
             f"image first (nearest), as `mtpeft predict` does"
         )
-    classes = painted_classes(mask, class_names)
+    classes = painted_classes(mask, class_names, skip)
     if not classes:
         return image
     masks = torch.stack([mask == c for c in classes])  # (K, H, W) bool
