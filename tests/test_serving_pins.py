@@ -164,13 +164,16 @@ def _form(data: bytes, tasks: list[str], **options: Any) -> dict[str, Any]:
 def _expected(
     model: mtp.MultiTaskModel, upright: np.ndarray, tasks: list[str], options: dict[str, Any] | None = None
 ) -> dict[str, dict[str, Any]]:
-    """The answer for an image whose upright pixels are `upright` (h, w, 3): resized bilinearly (PIL) to the model
-    size, normalised, `model.predict`; then options applied and results put in the image's pixels as documented
-    (boxes: x * w / 64, y * h / 64; masks: nearest-resized to (h, w))."""
+    """The answer for an image whose upright pixels are `upright` (h, w, 3): resized to the model size by the
+    training data's evaluation transform (torchvision's antialiased bilinear resize), normalised, `model.predict`;
+    then options applied and results put in the image's pixels as documented (boxes: x * w / 64, y * h / 64;
+    masks: nearest-resized to (h, w))."""
+    from multitask_peft.tasks.data import eval_transforms
+
     options = options or {}
     h, w = upright.shape[:2]
-    small = Image.fromarray(upright).resize((SIZE, SIZE), Image.Resampling.BILINEAR)
-    x = torch.from_numpy(np.asarray(small, dtype=np.float32) / 255).permute(2, 0, 1)
+    small = eval_transforms((SIZE, SIZE))(torch.from_numpy(np.ascontiguousarray(upright)).permute(2, 0, 1))
+    x = small.float() / 255
     x = (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
     raw = model.predict(x[None], tasks)
     out: dict[str, dict[str, Any]] = {}
