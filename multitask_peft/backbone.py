@@ -58,8 +58,9 @@ def create_timm_backbone(arch: str, pretrained: bool | str | os.PathLike = False
 @dataclass(frozen=True)
 class DataConfig:
     """How images are prepared for a backbone's weights (timm's pretrained config, or the named weight source's):
-    resized to `image_size` (height, width) with `interpolation` (evaluation: `crop_pct` of the resized side is
-    kept), scaled to [0, 1], normalised per channel with `mean` and `std`."""
+    resized to `image_size` (height, width), scaled to [0, 1], normalised per channel with `mean` and `std`.
+    `interpolation` and `crop_pct` are timm's, recorded for other tools (this project's evaluation resizes the
+    whole image, so boxes and masks map back to it exactly)."""
 
     image_size: tuple[int, int]
     mean: tuple[float, float, float]
