@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_run import _config
 
 from multitask_peft import report as rp
 from multitask_peft.cli import main
@@ -40,28 +41,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         MultiFashionConfig(num_scenes=(8, 4, 4), num_crops=(20, 12, 8), image_size=64, crop_size=32, workers=1),
         progress=False,
     )
-    data = {"source": "multifashion", "root": str(root), "image_size": 64}
-    config = {
-        "backbone": {"name": "test_efficientnet"},
-        "tasks": {
-            "garment": {
-                "head": {"type": "classification", "num_classes": 10},
-                "peft": [{"method": "lora", "r": 2}],
-                "data": {**data, "task": "classification", "image_size": 32},
-            },
-            "boxes": {
-                "head": {"type": "detection", "num_classes": 10, "channels": 16},
-                "data": {**data, "task": "detection"},
-            },
-            "masks": {
-                "head": {"type": "segmentation", "num_classes": 11, "channels": 16},
-                "peft": [{"method": "ssf"}],
-                "data": {**data, "task": "segmentation"},
-            },
-        },
-        "train": {"steps": 4, "batch_size": 4, "log_every": 1, "tensorboard": False, "progress": False},
-        "output": str(tmp / "run"),
-    }
+    config = _config(root, tmp / "run")  # the end-to-end run's three tasks, shorter, logged every step, no export
+    config["train"] = {"steps": 4, "batch_size": 4, "log_every": 1, "tensorboard": False, "progress": False}
+    del config["export"]
     path = tmp / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     main(["train", str(path)])
