@@ -14,7 +14,7 @@ from .detection import Detection, DetectionHead
 from .detection_output import DetectionOutput
 from .embedding import Embedding, EmbeddingHead
 from .embedding_output import EmbeddingOutput
-from .evaluate import collate_pairs, evaluate
+from .evaluate import collate_pairs, evaluate, evaluate_tasks
 from .metrics import ClassificationMetric, DetectionMetric, SegmentationMetric, TaskMetric, metric_for
 from .openmmlab import MMDetDenseHead, MMDetHead, MMSegDecodeHead, MMSegHead
 from .segmentation import Segmentation, SegmentationHead, soft_dice_loss
@@ -51,6 +51,7 @@ __all__ = [
     "TensorSpec",
     "collate_pairs",
     "evaluate",
+    "evaluate_tasks",
     "metric_for",
     "output_kind",
     "register_head",

@@ -87,20 +87,48 @@ def evaluate(
     Returns:
         {metric name: value} as plain Python numbers.
     """
+    hooks = {task: on_batch} if on_batch is not None else None
+    return evaluate_tasks(model, [task], dataset, batch_size, num_workers, progress, hooks)[task]
+
+
+def evaluate_tasks(
+    model: MultiTaskModel,
+    tasks: Sequence[str],
+    dataset: Sequence[Any] | torch.utils.data.Dataset,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    progress: bool = True,
+    on_batch: dict[str, Callable[[list[dict[str, Any]], Any], None]] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Evaluate several tasks that share a label space and a dataset in one pass over it: each batch is ONE
+    `model.predict(images, tasks)` call, so the backbone prefix the tasks have in common runs once per image (a
+    sweep's configurations, an ensemble and its members, one task at several WiSE alphas).
+
+    Args:
+        tasks: Task names (at least one); the other arguments as in `evaluate` (`on_batch` per task).
+
+    Returns:
+        {task: {metric name: value}}.
+    """
     check_positive_int("evaluate", "batch_size", batch_size)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"evaluate: `num_workers` should be an int >= 0 but the value passed is {num_workers!r}")
-    metric = metric_for(model.task(task).head_config)  # unknown task or head type: ValueError
+    names = [tasks] if isinstance(tasks, str) else list(dict.fromkeys(tasks))
+    if not names:
+        raise ValueError(f"evaluate: name at least one task; tasks: {model.tasks}")
+    metrics = {t: metric_for(model.task(t).head_config) for t in names}  # unknown task or head type: ValueError
     collate: Collate = getattr(dataset, "collate", None) or collate_pairs
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     device = next(model.parameters()).device
     num_images = 0
-    for images, targets in tqdm(loader, desc=f"evaluate {task}", unit="batch", disable=not progress):
-        results = model.predict(images.to(device), [task])[task]
-        metric.update(results, targets)
-        if on_batch is not None:
-            on_batch(results, targets)
-        num_images += len(results)
+    label = names[0] if len(names) == 1 else f"{len(names)} tasks"
+    for images, targets in tqdm(loader, desc=f"evaluate {label}", unit="batch", disable=not progress):
+        results = model.predict(images.to(device), names)
+        for t in names:
+            metrics[t].update(results[t], targets)
+            if on_batch is not None and t in on_batch:
+                on_batch[t](results[t], targets)
+        num_images += images.shape[0]
     if num_images == 0:
-        raise ValueError(f"evaluate: the dataset for task {task!r} is empty")
-    return {**metric.compute(), "num_images": num_images}
+        raise ValueError(f"evaluate: the dataset for task(s) {names} is empty")
+    return {t: {**metrics[t].compute(), "num_images": num_images} for t in names}
