@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -188,3 +189,30 @@ def test_fp16_export(tmp_path: Path) -> None:
     )
     raw = mtp.OnnxRunner(merged).run(images)["cls.logits"]
     torch.testing.assert_close(torch.from_numpy(raw), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_detection_parity_tolerates_near_tie_swaps_only() -> None:
+    """Post-NMS detections compare as sets: two near-tied candidates swapping across the top-k cut pass, a moved
+    box or a changed label does not."""
+    from multitask_peft.export.checks import compare
+
+    names = ["det.boxes", "det.scores", "det.labels", "det.num_detections"]
+    k = 20
+    boxes = torch.arange(k * 4, dtype=torch.float32).reshape(1, k, 4) * 3  # (1, K, 4)
+    scores = torch.linspace(0.9, 0.1, k)[None]  # best first
+    labels = torch.arange(k)[None] % 3
+    expected = [boxes, scores, labels, torch.tensor([k])]
+
+    def run(b: torch.Tensor, s: torch.Tensor, lab: torch.Tensor) -> None:
+        compare(names, [b.numpy(), s.numpy(), lab.numpy(), np.array([k])], expected, 1e-4, "test")
+
+    run(boxes.clone(), scores.clone(), labels.clone())
+    swapped = boxes.clone()
+    swapped[0, -1] = torch.tensor([500.0, 500.0, 540.0, 540.0])  # the last slot went to a tied candidate elsewhere
+    run(swapped, scores.clone(), labels.clone())
+    moved = boxes.clone()
+    moved[0, :5] += 10.0  # five of twenty boxes moved: more than near-ties explain
+    with pytest.raises(RuntimeError, match="no partner"):
+        run(moved, scores.clone(), labels.clone())
+    with pytest.raises(RuntimeError, match="no partner"):
+        run(boxes.clone(), scores.clone(), (labels + 1) % 3)
