@@ -229,6 +229,38 @@ class MultiTaskModel(nn.Module):
                 out[name] = (rows, task.head(features.select(rows)))
         return out
 
+    def forward_rows(
+        self, images: torch.Tensor, rows: Sequence[tuple[int, int]]
+    ) -> dict[str, tuple[torch.Tensor, Any]]:
+        """Routed forward of (image index, task slot) rows, an image may appear under several slots: it runs the
+        backbone prefix those tasks share once and fans out where each task starts to change the backbone (how
+        training runs a sweep's configurations on one batch). Differentiable like `forward`.
+
+        Args:
+            images: (N, 3, H, W) float, already normalised.
+            rows: Distinct (image, slot) pairs; slot -1 = the plain backbone (no head runs for it).
+
+        Returns:
+            {task: (positions in `rows` of the task's rows, head outputs for them in that order)}.
+        """
+        self._check_images(images)
+        pairs = [(int(i), int(s)) for i, s in rows]
+        if len(set(pairs)) != len(pairs):
+            raise ValueError("rows must be distinct (image, slot) pairs")
+        n = images.shape[0]
+        bad = [r for r in pairs if not 0 <= r[0] < n]
+        if bad:
+            raise ValueError(f"rows {bad[:5]} name images outside [0, {n})")
+        self._check_slots([s for _, s in pairs], len(pairs))
+        plan = RowPlan(self.backbone, pairs, self._plans)
+        features = run_backbone(self.backbone, images, plan, checkpointing=self.grad_checkpointing)
+        out = {}
+        for name, task in self.task_modules.items():
+            index = [k for k, (_, s) in enumerate(pairs) if s == task.slot]
+            if index:
+                out[name] = (torch.tensor(index, device=features.pooled.device), task.head(features.select(index)))
+        return out
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor, tasks: Sequence[str] | str) -> dict[str, list[dict[str, Any]]]:
         """Run every listed task on every image, sharing the backbone prefix the tasks have in common.

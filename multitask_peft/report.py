@@ -106,8 +106,9 @@ def read_curves(log: Sequence[Mapping[str, Any]], task: str) -> dict[str, Any]:
     """A task's curves from log.jsonl records: {"loss": [(step, value)], "lr": {group: [(step, value)]},
     "eval": {metric: [(step, value)]}}.
 
-    Learning rates are per optimizer group, shared by the tasks. Evaluations are records with an `eval` key,
-    {"step": s, "eval": {task: {metric: value}}}.
+    Learning rates are per optimizer group: the task's own "<task>/<group>" groups (shown without the prefix), and
+    groups without a task prefix (logs of older runs, shared by the tasks). Evaluations are records with an `eval`
+    key, {"step": s, "eval": {task: {metric: value}}}.
     """
     loss: list[tuple[int, float]] = []
     lr: dict[str, list[tuple[int, float]]] = {}
@@ -117,7 +118,9 @@ def read_curves(log: Sequence[Mapping[str, Any]], task: str) -> dict[str, Any]:
         if task in record.get("loss", {}):
             loss.append((step, float(record["loss"][task])))
             for group, value in record.get("lr", {}).items():
-                lr.setdefault(group, []).append((step, float(value)))
+                owner, sep, short = group.rpartition("/")
+                if not sep or owner == task:
+                    lr.setdefault(short, []).append((step, float(value)))
         for metric, value in record.get("eval", {}).get(task, {}).items():
             if isinstance(value, (int, float)):
                 evals.setdefault(metric, []).append((step, float(value)))

@@ -18,6 +18,7 @@ from .run_config import (
     ExportSpec,
     RunConfig,
     TaskSpec,
+    add_tasks,
     build_backbone,
     build_model,
     load_run_config,
@@ -39,6 +40,7 @@ __all__ = [
     "load_run_config",
     "prepare_data",
     "train_run",
+    "train_tasks",
     "write_report",
 ]
 
@@ -56,6 +58,28 @@ def prepare_data(config: RunConfig) -> None:
 
 def train_run(config: RunConfig, resume: bool = False) -> Path:
     """Train every task of the run jointly, evaluate them, and write tasks, report.md / .html / .json and figures/."""
+    trained = train_tasks(config, resume)
+    if trained is None:  # (not the main process of a data-parallel run)
+        return Path(config.output)
+    model, run, train_time = trained
+    report = evaluate_run(model, config, run.path)
+    report["train_time_s"] = round(train_time, 1)
+    write_report(report, run.path, model, config)
+    spec = config.export
+    if spec is not None and spec.onnx:
+        export_run(
+            model, config, run.onnx_path, spec.tasks, spec.image_size, optimize=spec.optimize, quantize=spec.quantize
+        )
+    return run.path
+
+
+def train_tasks(config: RunConfig, resume: bool = False) -> tuple[Any, Any, float] | None:
+    """Make the run directory (config, data), train the run's tasks jointly and save them (`tasks/<name>/`).
+
+    Returns:
+        (model, RunDirectory, training seconds) in the main process; None in the other processes of a
+        data-parallel run (`torchrun`).
+    """
     import torch
 
     from .rundir import RunDirectory
@@ -68,29 +92,30 @@ def train_run(config: RunConfig, resume: bool = False) -> Path:
         prepare_data(config)
     dist.barrier()
     model = build_backbone(config)
-    data = {}
+    data, datasets = {}, {}
     for name, task in config.tasks.items():
-        dataset = task.data.dataset(task.data.train_split, train=True, backbone=model.data_config)
-        adopt_class_names(task.head, dataset)
-        data[name] = TaskData(dataset, task.loss_weight, task.batch_size)
-    for name, task in config.tasks.items():  # (after the datasets, which draw no random numbers: same init)
-        model.add_task(name, task.head, task.peft)
+        stream = task.stream or name
+        if stream not in datasets:  # (tasks of one stream share one dataset)
+            datasets[stream] = task.data.dataset(task.data.train_split, train=True, backbone=model.data_config)
+        adopt_class_names(task.head, datasets[stream])
+        data[name] = TaskData(
+            datasets[stream],
+            task.loss_weight,
+            task.batch_size,
+            lr=task.lr,
+            head_lr=task.head_lr,
+            weight_decay=task.weight_decay,
+            stream=task.stream,
+        )
+    add_tasks(model, config)
     start = time.perf_counter()
     Trainer(model, data, config.train, out).fit(resume=resume)
     train_time = time.perf_counter() - start
     if not dist.is_main:
-        return out
+        return None
     for name in model.tasks:
         model.save_task(name, run.tasks_dir / name)
-    report = evaluate_run(model, config, out)
-    report["train_time_s"] = round(train_time, 1)
-    write_report(report, out, model, config)
-    spec = config.export
-    if spec is not None and spec.onnx:
-        export_run(
-            model, config, run.onnx_path, spec.tasks, spec.image_size, optimize=spec.optimize, quantize=spec.quantize
-        )
-    return out
+    return model, run, train_time
 
 
 def export_run(

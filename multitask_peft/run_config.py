@@ -25,9 +25,18 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 import yaml
 
-from .config import ConfigBase, check_choice, check_positive_int, check_task_name, custom, load_yaml
+from .config import (
+    ConfigBase,
+    check_choice,
+    check_positive_float,
+    check_positive_int,
+    check_task_name,
+    custom,
+    load_yaml,
+)
 from .heads import HeadConfig, head_from_dict, head_to_dict
 from .peft import PeftConfig, recipe_from_list, recipe_to_list
 from .tasks.data.multifashion import MultiFashionConfig
@@ -36,7 +45,8 @@ if TYPE_CHECKING:
     from .backbone import DataConfig
 from .training.config import TrainConfig
 
-SOURCES = ("multifashion", "imagefolder", "coco", "segmentation")
+SOURCES = ("multifashion", "imagefolder", "coco", "segmentation", "fashion_mnist")
+HOLDOUT = "holdout"  # the split name of the part of the training split that `DataSpec.holdout` sets aside
 
 
 @dataclasses.dataclass
@@ -53,15 +63,21 @@ class DataSpec(ConfigBase):
     """Where a task's data comes from.
 
     Args:
-        source: "multifashion" (a folder written by `mtpeft data multifashion`), "imagefolder", "coco" or
-            "segmentation" (image + PNG mask folders).
-        root: The dataset folder (for "coco": the folder holding `<split>/` image folders and `<split>.json`).
+        source: "multifashion" (a folder written by `mtpeft data multifashion`), "imagefolder", "coco",
+            "segmentation" (image + PNG mask folders) or "fashion_mnist" (the IDX files of Debian's
+            `dataset-fashion-mnist`; splits "train" and "test").
+        root: The dataset folder (for "coco": the folder holding `<split>/` image folders and `<split>.json`; for
+            "fashion_mnist": the folder of the IDX files, e.g. /usr/share/datasets/fashion-mnist).
         task: For "multifashion": "classification", "detection" or "segmentation".
         image_size: Side of the square training / evaluation images (None: the backbone's input size).
         augment: "resized_crop", "scale_jitter" or "none".
         train_split: Split used for training.
         eval_split: Split used for evaluation.
         class_names: For "segmentation": class names, index = mask value.
+        holdout: Fraction of the training split set aside for model selection (a draw fixed by the data's root and
+            split, so every run and seed holds out the same items): training uses the rest, and split "holdout"
+            is the set-aside part with evaluation transforms. 0 = none.
+        limit: Use this many items of every split, a fixed random draw (None: all); applied before `holdout`.
     """
 
     source: str = "multifashion"
@@ -72,11 +88,21 @@ class DataSpec(ConfigBase):
     train_split: str = "train"
     eval_split: str = "val"
     class_names: tuple[str, ...] | None = None
+    holdout: float = 0.0
+    limit: int | None = None
 
     def __post_init__(self) -> None:
         check_choice("data", "source", self.source, SOURCES)
+        h = self.holdout
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0.0 <= h < 1.0:
+            raise ValueError(f"data: `holdout` should be a fraction in [0, 1) but the value passed is {h!r}")
         if self.image_size is not None:
             check_positive_int("data", "image_size", self.image_size)
+        if self.limit is not None:
+            check_positive_int("data", "limit", self.limit)
+        if self.source == "fashion_mnist":
+            for field in ("train_split", "eval_split"):
+                check_choice("data", field, getattr(self, field), ("train", "test"))
         check_choice("data", "augment", self.augment, ("resized_crop", "scale_jitter", "none"))
         if self.source == "multifashion":
             check_choice("data", "task", self.task, ("classification", "detection", "segmentation"))
@@ -89,7 +115,31 @@ class DataSpec(ConfigBase):
 
     def dataset(self, split: str, train: bool, backbone: DataConfig) -> Any:
         """The split's dataset: resized to `size(backbone)` (augmented when training), normalised with the
-        backbone's mean / std (`MultiTaskModel.data_config`: what its weights expect)."""
+        backbone's mean / std (`MultiTaskModel.data_config`: what its weights expect). With `holdout`, the training
+        split loses its held-out items and split "holdout" gives them."""
+        if split == HOLDOUT or (self.holdout and split == self.train_split):
+            from .tasks.data.common import IndexedSubset, holdout_indices
+            from .training.sampling import stable_seed
+
+            if not self.holdout:
+                raise ValueError(f"data: split {HOLDOUT!r} needs `holdout` > 0 (the fraction of the training split)")
+            full = self._read(self.train_split, train and split != HOLDOUT, backbone)
+            seed = stable_seed(HOLDOUT, self.source, Path(self.root).resolve(), self.train_split, self.task)
+            kept, held = holdout_indices(len(full), self.holdout, seed)
+            return IndexedSubset(full, held if split == HOLDOUT else kept)
+        return self._read(split, train, backbone)
+
+    def _read(self, split: str, train: bool, backbone: DataConfig) -> Any:
+        dataset = self._source(split, train, backbone)
+        if self.limit is not None and self.limit < len(dataset):
+            from .tasks.data.common import IndexedSubset
+            from .training.sampling import stable_seed
+
+            gen = torch.Generator().manual_seed(stable_seed("limit", self.source, Path(self.root).resolve(), split))
+            dataset = IndexedSubset(dataset, sorted(torch.randperm(len(dataset), generator=gen)[: self.limit].tolist()))
+        return dataset
+
+    def _source(self, split: str, train: bool, backbone: DataConfig) -> Any:
         from .tasks.data import (
             CocoDetection,
             ImageFolder,
@@ -110,6 +160,10 @@ class DataSpec(ConfigBase):
             return ImageFolder(root / split, transform, **norm)
         if self.source == "coco":
             return CocoDetection(root / split, root / f"{split}.json", transform, **norm)
+        if self.source == "fashion_mnist":
+            from .tasks.data.fashion_mnist import FashionMNIST
+
+            return FashionMNIST(split, transform, root=root, **norm)
         return SegmentationFolder(root / split, self.class_names, transform, **norm)
 
 
@@ -123,6 +177,10 @@ class TaskSpec(ConfigBase):
         peft: The PEFT recipe (in YAML: a list of `{method: lora, ...options}`; empty: linear probe).
         loss_weight: Fixed weight of the task's loss.
         batch_size: Per-task batch size (None: `train.batch_size`).
+        lr: The task's peak learning rate (None: `train.lr`); `head_lr`, `weight_decay` likewise.
+        stream: Tasks naming one stream train on the same batches (a sweep's configurations; they need the same
+            `data` and `batch_size`). None: a stream of its own, named after the task. The stream's name also seeds
+            the task's initial weights, so a configuration starts (and trains) alike alone and in a sweep.
     """
 
     head: HeadConfig = custom(parse=head_from_dict, dump=head_to_dict)
@@ -130,6 +188,20 @@ class TaskSpec(ConfigBase):
     peft: list[PeftConfig] = custom(parse=recipe_from_list, dump=recipe_to_list, default_factory=list)
     loss_weight: float = 1.0
     batch_size: int | None = None
+    lr: float | None = None
+    head_lr: float | None = None
+    weight_decay: float | None = None
+    stream: str | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("lr", "head_lr"):
+            if getattr(self, field) is not None:
+                check_positive_float("task", field, getattr(self, field))
+        wd = self.weight_decay
+        if wd is not None and (isinstance(wd, bool) or not isinstance(wd, (int, float)) or wd < 0):
+            raise ValueError(f"task: `weight_decay` should be a number >= 0 but the value passed is {wd!r}")
+        if self.stream is not None:
+            check_task_name(self.stream)
 
 
 @dataclasses.dataclass
@@ -176,6 +248,15 @@ class RunConfig(ConfigBase):
             raise ValueError("run config: `tasks` must define at least one task")
         for name in self.tasks:
             check_task_name(name)
+        streams: dict[str, str] = {}
+        for name, task in self.tasks.items():
+            key = task.stream or name
+            first = self.tasks[streams.setdefault(key, name)]
+            if first is not task and (first.data != task.data or first.batch_size != task.batch_size):
+                raise ValueError(
+                    f"run config: tasks {streams[key]!r} and {name!r} share stream {key!r} (the same batches) and "
+                    "so need the same `data` and `batch_size`"
+                )
 
     def input_size(self, backbone: DataConfig, tasks: list[str] | None = None) -> tuple[int, int]:
         """(height, width) of the input that serves `tasks` (default: all): the largest of their image sizes."""
@@ -185,6 +266,11 @@ class RunConfig(ConfigBase):
 
 def load_run_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config and apply `key.sub=value` overrides (values parsed as YAML)."""
+    return RunConfig.from_dict(read_config_dict(path, overrides))
+
+
+def read_config_dict(path: str | os.PathLike, overrides: list[str] = ()) -> dict[str, Any]:
+    """A YAML config file as a plain mapping, with `key.sub=value` overrides applied (values parsed as YAML)."""
     try:
         data = load_yaml(Path(path).read_text())
     except yaml.YAMLError as e:
@@ -202,13 +288,11 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunCo
             if not isinstance(node, dict):
                 raise ValueError(f"--set {item!r}: {part!r} is not a mapping")
         node[parts[-1]] = load_yaml(value)
-    return RunConfig.from_dict(data)
+    return data
 
 
 def build_backbone(config: RunConfig) -> Any:
     """The run's model without tasks; random weights are drawn from the run's seed, so `eval` rebuilds them."""
-    import torch
-
     from .model import MultiTaskModel
 
     spec = config.backbone
@@ -216,8 +300,18 @@ def build_backbone(config: RunConfig) -> Any:
     return MultiTaskModel.from_timm(spec.name, pretrained=spec.pretrained, **spec.kwargs)
 
 
+def add_tasks(model: Any, config: RunConfig) -> None:
+    """Add the run's tasks to `model`, each initialised from a seed of its own (the run's seed and its stream, see
+    `TaskSpec.stream`): a task starts alike whatever else the run trains."""
+    from .training.sampling import stable_seed
+
+    for name, task in config.tasks.items():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(stable_seed(config.train.seed, "init", task.stream or name))
+            model.add_task(name, task.head, task.peft)
+
+
 def build_model(config: RunConfig) -> Any:
     model = build_backbone(config)
-    for name, task in config.tasks.items():
-        model.add_task(name, task.head, task.peft)
+    add_tasks(model, config)
     return model

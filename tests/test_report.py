@@ -133,12 +133,13 @@ def test_curves_from_log(tmp_path: Path) -> None:
         {"step": 10, "loss": {"a": 2.0, "b": 1.0}, "lr": {"peft_decay": 1e-3, "head_decay": 1e-3}},
         {"step": 20, "loss": {"b": 0.5}, "lr": {"peft_decay": 5e-4, "head_decay": 5e-4}},
         {"step": 20, "eval": {"b": {"top1": 0.5}}},
-        {"step": 30, "loss": {"a": 1.0, "b": 0.4}, "lr": {"peft_decay": 1e-4, "head_decay": 2e-4}},
+        {"step": 30, "loss": {"a": 1.0, "b": 0.4}, "lr": {"b/peft_decay": 1e-4, "b/head_decay": 2e-4, "a/x": 1.0}},
         {"step": 30, "eval": {"b": {"top1": 0.7, "top5": 0.9}}},
     ]
     curves = rp.read_curves(log, "b")
     assert curves["loss"] == [(10, 1.0), (20, 0.5), (30, 0.4)]
     assert curves["lr"]["head_decay"] == [(10, 1e-3), (20, 5e-4), (30, 2e-4)]
+    assert "x" not in curves["lr"] and rp.read_curves(log, "a")["lr"]["x"] == [(30, 1.0)]  # another task's group
     assert curves["eval"] == {"top1": [(20, 0.5), (30, 0.7)], "top5": [(30, 0.9)]}
     assert rp.read_curves(log, "a")["loss"] == [(10, 2.0), (30, 1.0)]  # tasks drawn only on some steps
     assert rp.plot_curves(curves, "b", "top1", tmp_path / "b.png")

@@ -110,9 +110,9 @@ def test_backbone_bit_identical_and_only_task_params_change(tmp_path: Path) -> N
     idle = task_state(model, "idle")
     assert all(torch.equal(idle[k], before["idle"][k]) for k in idle)
     groups = {g["name"]: g for g in trainer.optimizer.param_groups}
-    assert groups["peft_no_decay"]["weight_decay"] == 0.0 and groups["head_no_decay"]["weight_decay"] == 0.0
-    assert groups["head_decay"]["weight_decay"] == 0.1
-    no_decay = {id(p) for p in groups["peft_no_decay"]["params"]}
+    assert groups["ssf/peft_no_decay"]["weight_decay"] == 0.0 and groups["cls/head_no_decay"]["weight_decay"] == 0.0
+    assert groups["cls/head_decay"]["weight_decay"] == 0.1
+    no_decay = {id(p) for p in groups["ssf/peft_no_decay"]["params"]}
     for name, p in model.task("ssf").named_parameters():  # every SSF tensor is exempt from decay
         assert name.startswith("head.") or id(p) in no_decay, name
 
@@ -265,8 +265,8 @@ def test_bf16_autocast_and_schedule(tmp_path: Path) -> None:
     summary = Trainer(two_task_model(), two_task_data(), cfg, tmp_path).fit()
     assert all(torch.isfinite(torch.tensor(v)) for v in summary["losses"].values())
     lrs = [r["lr"] for r in read_log(tmp_path)]
-    assert [round(r["peft_decay"], 6) for r in lrs] == [0.005, 0.01, 0.01, 0.0055]  # lr each step used: warm-up, cosine
-    assert lrs[1]["head_decay"] == pytest.approx(1e-3)
+    assert [round(r["cls/peft_decay"], 6) for r in lrs] == [0.005, 0.01, 0.01, 0.0055]  # each step's: warm-up, cosine
+    assert lrs[1]["cls/head_decay"] == pytest.approx(1e-3) and lrs[1]["ssf/head_decay"] == pytest.approx(1e-3)
     record = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
     assert set(record) >= {"step", "loss", "lr", "time"}
 

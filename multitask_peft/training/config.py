@@ -10,6 +10,7 @@ from ..config import ConfigBase, check_choice, check_positive_float, check_posit
 
 SAMPLING = ("round_robin", "proportional", "temperature")
 LOSS_WEIGHTING = ("fixed", "uncertainty")
+CLIP_SCOPES = ("global", "task")
 AMP = ("none", "bf16")
 
 
@@ -26,8 +27,9 @@ class TrainConfig(ConfigBase):
 
     Args:
         steps: Total optimizer steps.
-        tasks_per_step: How many tasks each step draws (None = all tasks).
-        sampling: How tasks are drawn when `tasks_per_step` < number of tasks: "round_robin", "proportional"
+        tasks_per_step: How many tasks each step draws (None = all tasks). Tasks sharing a batch stream
+            (`TaskData.stream`: a sweep's configurations) are drawn together and count once.
+        sampling: How tasks are drawn when `tasks_per_step` < number of streams: "round_robin", "proportional"
             (to dataset size) or "temperature" (p ~ size ** (1 / temperature)).
         temperature: Temperature of "temperature" sampling (1 = proportional, large = uniform).
         loss_weighting: "fixed" (each task's `TaskData.loss_weight`) or "uncertainty" (Kendall et al. 2018:
@@ -38,7 +40,10 @@ class TrainConfig(ConfigBase):
         warmup_steps: Linear warm-up steps before the cosine decay.
         min_lr_ratio: Final learning rate as a fraction of the peak.
         grad_accum: Micro-batches per optimizer step (each micro-batch draws a batch of every chosen task).
-        clip_norm: Clip the global gradient norm to this value (None = off).
+        clip_norm: Clip the gradient norm to this value (None = off).
+        clip_scope: "global" (one norm over every trained parameter) or "task" (each task's parameters clipped on
+            their own, so that no task's gradients change another's update: what a sweep uses; learned loss weights are
+            not clipped then).
         amp: "none" or "bf16" (bf16 autocast; allowed on CPU but off by default).
         grad_checkpointing: Recompute backbone activations in the backward pass (needs model support).
         seed: Seed of data order, task sampling and the global RNGs.
@@ -63,6 +68,7 @@ class TrainConfig(ConfigBase):
     min_lr_ratio: float = 0.0
     grad_accum: int = 1
     clip_norm: float | None = None
+    clip_scope: str = "global"
     amp: str = "none"
     grad_checkpointing: bool = False
     seed: int = 0
@@ -97,6 +103,7 @@ class TrainConfig(ConfigBase):
             raise ValueError(f"{owner}: `min_lr_ratio` should be in [0, 1] but the value passed is {ratio!r}")
         if self.clip_norm is not None:
             check_positive_float(owner, "clip_norm", self.clip_norm)
+        check_choice(owner, "clip_scope", self.clip_scope, CLIP_SCOPES)
         check_choice(owner, "amp", self.amp, AMP)
         for field in ("grad_checkpointing", "tensorboard", "progress"):
             if not isinstance(getattr(self, field), bool):
@@ -116,12 +123,23 @@ class TaskData:
         loss_weight: Fixed weight of the task's loss (also scales the task's term under uncertainty weighting).
         batch_size: Per-task batch size (None = `TrainConfig.batch_size`).
         collate: Explicit collate function (overrides the dataset's).
+        lr: Peak learning rate of the task's PEFT parameters (None = `TrainConfig.lr`).
+        head_lr: Peak learning rate of the task's head (None = `lr` if given, else `TrainConfig.head_lr` / `lr`).
+        weight_decay: The task's AdamW weight decay (None = `TrainConfig.weight_decay`).
+        stream: Name of the batch stream the task draws from. Tasks naming one stream train on the SAME batches
+            (one load, one forward with the shared backbone prefix; a sweep's configurations) and must share one
+            dataset object and batch size. None = a stream of its own, named after the task. The stream's name
+            seeds its data order, so a task trained alone on stream "s" sees the batches it sees in a sweep.
     """
 
     dataset: Any
     loss_weight: float = 1.0
     batch_size: int | None = None
     collate: Callable[[list], Any] | None = None
+    lr: float | None = None
+    head_lr: float | None = None
+    weight_decay: float | None = None
+    stream: str | None = None
 
     def __post_init__(self) -> None:
         if not hasattr(self.dataset, "__getitem__") or not hasattr(self.dataset, "__len__"):
@@ -134,6 +152,13 @@ class TaskData:
         check_positive_float("TaskData", "loss_weight", self.loss_weight)
         if self.batch_size is not None:
             check_positive_int("TaskData", "batch_size", self.batch_size)
+        for field in ("lr", "head_lr"):
+            if getattr(self, field) is not None:
+                check_positive_float("TaskData", field, getattr(self, field))
+        if self.weight_decay is not None:
+            _check_non_negative("TaskData", "weight_decay", self.weight_decay)
+        if self.stream is not None and (not isinstance(self.stream, str) or not self.stream):
+            raise ValueError(f"TaskData: `stream` should be a non-empty name but the value passed is {self.stream!r}")
         if self.collate is not None and not callable(self.collate):
             raise TypeError(f"TaskData: `collate` must be callable, got {self.collate!r}")
 

@@ -17,11 +17,12 @@ def no_weight_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def param_groups(
-    named: Iterable[tuple[str, nn.Parameter, bool]], lr: float, head_lr: float, weight_decay: float
+    named: Iterable[tuple[str, nn.Parameter, bool]], lr: float, head_lr: float, weight_decay: float, prefix: str = ""
 ) -> list[dict]:
     """AdamW parameter groups from (name, parameter, is_head) triples: {peft, head} x {decay, no_decay}.
 
-    Empty groups are left out; each group carries a "name" (kept in the optimizer state for inspection).
+    Empty groups are left out; each group carries a "name" (kept in the optimizer state, and the key of the learning
+    rates in the training log): "peft_decay", ..., or "<prefix>/peft_decay", ... with a `prefix` (a task's name).
     """
     groups: dict[str, dict] = {}
     for name, param, is_head in named:
@@ -37,7 +38,11 @@ def param_groups(
             }
         groups[key]["params"].append(param)
     order = ("peft_decay", "peft_no_decay", "head_decay", "head_no_decay")
-    return [groups[k] for k in order if k in groups]
+    kept = [groups[k] for k in order if k in groups]
+    if prefix:
+        for group in kept:
+            group["name"] = f"{prefix}/{group['name']}"
+    return kept
 
 
 class WarmupCosine:

@@ -32,11 +32,17 @@ class NonFiniteLossError(FloatingPointError):
 class Trainer:
     """Trains a set of tasks of a `MultiTaskModel` jointly; the backbone never changes.
 
-    Each optimizer step picks tasks (`TrainConfig.sampling`), draws the next batch of each from its own
-    resumable stream, runs the images of tasks whose image shapes match as ONE routed forward
-    (`model(images, slots)`), weights the per-task head losses, and back-propagates; `grad_accum` such
+    Each optimizer step picks tasks (`TrainConfig.sampling`), draws the next batch of each from its resumable
+    stream (tasks sharing a stream, `TaskData.stream`, get the same batch), runs the images of tasks whose image
+    shapes match as ONE routed forward (`model.forward_rows`: an image asked by several tasks runs the backbone
+    prefix they share once), weights the per-task head losses, and back-propagates; `grad_accum` such
     micro-batches make a step. Only the tasks' `model.trainable_parameters(name)` (and uncertainty weights)
-    are optimised, with AdamW (no decay on norms / biases / prompts / SSF / BitFit) and warm-up + cosine.
+    are optimised, with AdamW (no decay on norms / biases / prompts / SSF / BitFit) and warm-up + cosine; each task
+    has parameter groups of its own (its `TaskData.lr` / `head_lr` / `weight_decay`, else the run's).
+
+    Tasks do not influence each other's updates (each one's loss reaches only its own parameters; with
+    `clip_scope="task"` clipping is per task too), so a task trained among others on a shared stream ends with the
+    weights it gets trained alone on that stream with the same seed (a sweep relies on it).
 
     Data-parallel (`torchrun --nproc_per_node=W`, or any initialised default process group): each rank draws its
     1/W share of every task's global batch (the per-task batch size is per rank; global = W x that), and the
@@ -63,9 +69,13 @@ class Trainer:
             model.task(name)  # raises for an unknown task, listing the model's tasks
             if not isinstance(data, TaskData):
                 raise TypeError(f"tasks[{name!r}] must be a TaskData(dataset, ...), got {type(data).__name__}")
-        k = config.tasks_per_step or len(tasks)
-        if k > len(tasks):
-            raise ValueError(f"TrainConfig: `tasks_per_step` is {k} but only {len(tasks)} tasks are trained")
+        self.stream_tasks = _stream_groups(tasks)
+        k = config.tasks_per_step or len(self.stream_tasks)
+        if k > len(self.stream_tasks):
+            raise ValueError(
+                f"TrainConfig: `tasks_per_step` is {k} but only {len(self.stream_tasks)} tasks (batch streams) "
+                "are trained"
+            )
         trainable_backbone = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
         if trainable_backbone:
             raise ValueError(
@@ -87,25 +97,32 @@ class Trainer:
         self.dist = setup(self.device)
         self.weighting = LossWeighting(self.names, {n: d.loss_weight for n, d in tasks.items()}, config.loss_weighting)
         self.weighting.to(self.device)
+        self._task_params = {n: list(model.trainable_parameters(n)) for n in self.names}
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, WarmupCosine(config.steps, config.warmup_steps, config.min_lr_ratio)
         )
         self.step = 0
         self._step_lrs: dict[str, float] = {}
-        self.streams = {n: self._stream(n) for n in self.names}
+        self.streams = {n: self._stream(n) for n in self.stream_tasks}
 
     # --- set-up --------------------------------------------------------------------------------------------
     def _param_groups(self) -> list[dict]:
+        """Each task's own {peft, head} x {decay, no_decay} groups, named "<task>/peft_decay", ..."""
         cfg = self.config
-        named = []
+        groups = []
         for task in self.names:
+            data = self.tasks[task]
             module = self.model.task(task)
             names = {id(p): n for n, p in module.named_parameters()}
+            named = []
             for p in self.model.trainable_parameters(task):
                 name = names[id(p)]
-                named.append((f"{task}.{name}", p, name.startswith("head.")))
-        groups = param_groups(named, cfg.lr, cfg.head_lr or cfg.lr, cfg.weight_decay)
+                named.append((name, p, name.startswith("head.")))
+            lr = data.lr or cfg.lr
+            head_lr = data.head_lr or (data.lr if data.lr is not None else cfg.head_lr or cfg.lr)
+            decay = cfg.weight_decay if data.weight_decay is None else data.weight_decay
+            groups += param_groups(named, lr, head_lr, decay, prefix=task)
         if self.weighting.mode == "uncertainty":
             groups.append(
                 {"name": "loss_weights", "params": list(self.weighting.parameters()), "lr": cfg.lr, "weight_decay": 0}
@@ -116,11 +133,11 @@ class Trainer:
         """Every parameter the optimizer updates."""
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
-    def _stream(self, task: str, epoch: int = 0, position: int = 0) -> TaskStream:
-        data, cfg, world = self.tasks[task], self.config, self.dist.world_size
+    def _stream(self, name: str, epoch: int = 0, position: int = 0) -> TaskStream:
+        data, cfg, world = self.tasks[self.stream_tasks[name][0]], self.config, self.dist.world_size
         bs = (data.batch_size or cfg.batch_size) * world  # global batch: the per-rank batch on each of `world` ranks
         return TaskStream(
-            task, data.dataset, bs, data.collate_fn(), cfg.seed, cfg.num_workers, epoch, position, self.dist.rank, world
+            name, data.dataset, bs, data.collate_fn(), cfg.seed, cfg.num_workers, epoch, position, self.dist.rank, world
         )
 
     # --- state ---------------------------------------------------------------------------------------------
@@ -164,8 +181,8 @@ class Trainer:
                 "task's data stream restarts at its next epoch (data order differs from an uninterrupted run)",
                 stacklevel=2,
             )
-            streams = {n: {"epoch": streams[n]["epoch"] + 1, "position": 0} for n in self.names}
-        self.streams = {n: self._stream(n, **streams[n]) for n in self.names}
+            streams = {n: {"epoch": streams[n]["epoch"] + 1, "position": 0} for n in self.stream_tasks}
+        self.streams = {n: self._stream(n, **streams[n]) for n in self.stream_tasks}
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
@@ -260,15 +277,14 @@ class Trainer:
     def _train_step(self) -> dict[str, float]:
         """One optimizer step (grad_accum micro-batches); returns the mean loss of each task."""
         cfg = self.config
-        sizes = [len(self.tasks[n].dataset) for n in self.names]
-        chosen = sample_tasks(
-            self.names, sizes, self.step, self.tasks_per_step, cfg.sampling, cfg.temperature, cfg.seed
-        )
+        streams = list(self.stream_tasks)
+        sizes = [len(self.tasks[self.stream_tasks[s][0]].dataset) for s in streams]
+        drawn = sample_tasks(streams, sizes, self.step, self.tasks_per_step, cfg.sampling, cfg.temperature, cfg.seed)
+        chosen = [t for s in drawn for t in self.stream_tasks[s]]
         self.optimizer.zero_grad(set_to_none=True)
         totals = dict.fromkeys(chosen, 0.0)
         for _ in range(cfg.grad_accum):
-            batches = {t: next(self.streams[t]) for t in chosen}
-            losses = self._losses(batches)
+            losses = self._losses({s: next(self.streams[s]) for s in drawn})
             for task, loss in losses.items():
                 if not self.dist.enabled:  # distributed: checked after averaging, so that every rank stops
                     self._check_finite(task, loss.item())
@@ -281,12 +297,14 @@ class Trainer:
             for task, value in totals.items():
                 self._check_finite(task, value)
         if cfg.clip_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), cfg.clip_norm)
-            if not torch.isfinite(norm):
-                raise NonFiniteLossError(
-                    f"gradient norm is {norm.item()} at step {self.step + 1}; training stopped before the optimizer "
-                    f"step, the last good checkpoint is {latest_checkpoint(self.out_dir)}"
-                )
+            scopes = [self.parameters()] if cfg.clip_scope == "global" else [self._task_params[t] for t in chosen]
+            for params in scopes:
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+                if not torch.isfinite(norm):
+                    raise NonFiniteLossError(
+                        f"gradient norm is {norm.item()} at step {self.step + 1}; training stopped before the "
+                        f"optimizer step, the last good checkpoint is {latest_checkpoint(self.out_dir)}"
+                    )
         self._step_lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
         self.optimizer.step()
         self.scheduler.step()
@@ -301,28 +319,29 @@ class Trainer:
             )
 
     def _losses(self, batches: Mapping[str, tuple[torch.Tensor, Any]]) -> dict[str, torch.Tensor]:
-        """Each task's head loss; tasks whose images have one shape share one routed forward."""
+        """Each task's head loss, from {stream: batch}; streams whose images have one shape share one routed
+        forward, in which every task of a stream runs on that stream's images (rows (image, task slot))."""
         groups: dict[tuple, list[str]] = {}
-        for task, (images, _) in batches.items():
-            groups.setdefault((tuple(images.shape[1:]), images.dtype), []).append(task)
+        for stream, (images, _) in batches.items():
+            groups.setdefault((tuple(images.shape[1:]), images.dtype), []).append(stream)
         losses: dict[str, torch.Tensor] = {}
         use_amp = self.config.amp == "bf16"
-        for tasks in groups.values():
-            images = torch.cat([batches[t][0] for t in tasks]).to(self.device)  # (sum N_t, 3, H, W)
-            slots = torch.cat(
-                [torch.full((batches[t][0].shape[0],), self.model.slot(t), dtype=torch.int64) for t in tasks]
-            )
+        for streams in groups.values():
+            images = torch.cat([batches[s][0] for s in streams]).to(self.device)  # (sum N_s, 3, H, W)
+            rows: dict[str, list[tuple[int, int]]] = {}
+            offset = 0
+            for s in streams:
+                n = batches[s][0].shape[0]
+                for t in self.stream_tasks[s]:
+                    rows[t] = [(offset + i, self.model.slot(t)) for i in range(n)]
+                offset += n
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = self.model(images, slots.to(self.device))
-                offset = 0
-                for t in tasks:
-                    n = batches[t][0].shape[0]
-                    rows, outputs = out[t]
-                    if rows.tolist() != list(range(offset, offset + n)):  # model.forward keeps input order
-                        raise RuntimeError(f"routed rows of task {t!r} came back out of order: {rows.tolist()}")
-                    offset += n
-                    losses[t] = self.model.task(t).head.loss(outputs, _to_device(batches[t][1], self.device))
-        return {t: losses[t] for t in batches}
+                out = self.model.forward_rows(images, [r for t in rows for r in rows[t]])
+                for s in streams:
+                    for t in self.stream_tasks[s]:
+                        target = _to_device(batches[s][1], self.device)
+                        losses[t] = self.model.task(t).head.loss(out[t][1], target)
+        return {t: losses[t] for s in batches for t in self.stream_tasks[s]}
 
     def _record(self, losses: Mapping[str, float], seconds: float) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -334,6 +353,25 @@ class Trainer:
         if self.weighting.mode == "uncertainty":
             record["loss_weight"] = self.weighting.effective_weights()
         return record
+
+
+def _stream_groups(tasks: Mapping[str, TaskData]) -> dict[str, list[str]]:
+    """{stream name: its tasks}, in task order; the tasks of one stream must share a dataset and a batch size."""
+    groups: dict[str, list[str]] = {}
+    for name, data in tasks.items():
+        groups.setdefault(data.stream or name, []).append(name)
+    for stream, names in groups.items():
+        first = tasks[names[0]]
+        for other in names[1:]:
+            data = tasks[other]
+            if data.dataset is not first.dataset or data.batch_size != first.batch_size:
+                raise ValueError(
+                    f"tasks {names[0]!r} and {other!r} share batch stream {stream!r} and so must share one dataset "
+                    f"object and batch size (got batch sizes {first.batch_size} and {data.batch_size})"
+                )
+            if data.collate is not first.collate:
+                raise ValueError(f"tasks {names[0]!r} and {other!r} share batch stream {stream!r} but not `collate`")
+    return groups
 
 
 def _to_device(value: Any, device: torch.device) -> Any:

@@ -209,3 +209,34 @@ def collate_segmentation(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> 
     """[(image, mask)] -> images (N, 3, H, W), masks int64 (N, H, W)."""
     images, masks = zip(*batch)
     return _stack_images(images), torch.stack(list(masks))  # (N, H, W)
+
+
+class IndexedSubset(Dataset):
+    """Items `indices` of `dataset`, keeping what our datasets expose (`collate`, `class_names`, `num_classes`, ...:
+    every attribute not found here is the dataset's)."""
+
+    def __init__(self, dataset: Any, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> Any:
+        return self.dataset[self.indices[k]]
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("dataset", "indices"):  # (unpickling in DataLoader workers)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def holdout_indices(size: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split `range(size)` into (kept, held out) with round(fraction * size) items held out, drawn by `seed`; both
+    parts ascending. A `ValueError` if either part would be empty."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction!r}")
+    held = round(fraction * size)
+    if not 0 < held < size:
+        raise ValueError(f"holding out {fraction} of {size} items leaves {held} held out and {size - held} kept")
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[held:]), sorted(order[:held])
