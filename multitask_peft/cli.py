@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _methods(args: argparse.Namespace) -> None:
@@ -30,6 +31,24 @@ def _train(args: argparse.Namespace) -> None:
     onnx = ", model.onnx + model.json" if (out / "model.onnx").is_file() else ""
     files = f"tasks/, report.md, report.html, figures/, report.json, log.jsonl, checkpoints/{onnx}"
     print(f"run directory: {out} ({files})")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    import yaml
+
+    from .run_config import read_config_dict
+    from .sweep import SWEEP_FILE, expand_sweep, format_results, run_sweep
+
+    raw = read_config_dict(args.config, args.set)
+    config, members, spec = expand_sweep(raw)
+    print(f"sweep: {len(members)} configurations of {len({m.task for m in members})} task(s), trained together")
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SWEEP_FILE).write_text(yaml.safe_dump(raw, sort_keys=False))
+    path = run_sweep(config, members, spec, resume=args.resume)
+    if path is not None:
+        print(format_results(json.loads((path / "sweep.json").read_text())))
+        print(f"sweep directory: {path} (sweep.md, sweep.json, figures/, tasks/, config.yaml: the expanded run)")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -158,6 +177,14 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     train.set_defaults(fn=_train)
+    sweep = sub.add_parser(
+        "sweep",
+        help="train every configuration of a sweep config (lists of candidates) in one run; choose on held-out data",
+    )
+    sweep.add_argument("config")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    sweep.add_argument("--resume", action="store_true", help="continue from the sweep's latest checkpoint")
+    sweep.set_defaults(fn=_sweep)
     evaluate = sub.add_parser(
         "eval", help="evaluate the tasks of a finished run on their eval splits; refresh its report and figures"
     )
