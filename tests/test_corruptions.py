@@ -4,21 +4,30 @@ corruptions` on a tiny trained run (multitask_peft/robustness.py)."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
+from test_run import _config
 from torch.utils.data import DataLoader
 
+from multitask_peft import robustness
+from multitask_peft.cli import main
+from multitask_peft.rundir import RunDirectory
 from multitask_peft.tasks.data import (
     CORRUPTIONS,
     CocoDetection,
     Corrupted,
+    MultiFashionConfig,
     SegmentationFolder,
     check_corruption_names,
     check_severities,
     eval_transforms,
+    generate_multifashion,
 )
 from multitask_peft.tasks.data.corruptions import disk_kernel, motion_kernel
 
@@ -260,3 +269,142 @@ def test_wrapper_errors(square_data: dict) -> None:
         Corrupted(data, "jpeg", 1, MEAN, (0.2, 0.2))
     with pytest.raises(ValueError, match=r"`seed` should be an int but the value passed is 1.5"):
         Corrupted(data, "jpeg", 1, MEAN, STD, seed=1.5)
+
+
+# --- mtpeft eval RUN --shift corruptions ------------------------------------------------------------------------------
+fashion = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_fashion = pytest.mark.skipif(not fashion.is_file(), reason="needs Debian's dataset-fashion-mnist")
+PNG = b"\x89PNG\r\n\x1a\n"
+SHIFT = ["--shift", "corruptions", "--corruptions", "gaussian_noise,elastic", "--severities", "5,1"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run of one training step: test_run's three tasks, plus a linear probe that shares the garment
+    task's data (so that one evaluation pass serves two tasks)."""
+    if not fashion.is_file():
+        pytest.skip("needs Debian's dataset-fashion-mnist")
+    tmp = tmp_path_factory.mktemp("shift")
+    root = tmp / "mf"
+    generate_multifashion(
+        root,
+        MultiFashionConfig(num_scenes=(4, 4, 2), num_crops=(10, 12, 2), image_size=64, crop_size=32, workers=1),
+        progress=False,
+    )
+    config = _config(root, tmp / "run")
+    garment = config["tasks"]["garment"]
+    config["tasks"]["probe"] = {"head": dict(garment["head"]), "data": dict(garment["data"])}
+    config["train"] = {"steps": 1, "batch_size": 2, "tensorboard": False, "progress": False}
+    del config["export"]
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["train", str(path)])
+    return tmp / "run"
+
+
+@needs_fashion
+def test_eval_shift_writes_json_markdown_and_figure(run: Path, capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    main(["eval", str(run), *SHIFT])
+    out = capsys.readouterr().out
+    assert "| task | head | metric | images | clean | mean corrupted | relative robustness |" in out
+    assert f"wrote {run / 'robustness.json'}, {run / 'robustness.md'}, {run / 'figures' / 'robustness.png'}" in out
+    data = json.loads((run / "robustness.json").read_text())
+    plain = json.loads((run / "report.json").read_text())["tasks"]  # `evaluate_run`'s numbers, after training
+    assert data["corruptions"] == ["gaussian_noise", "elastic"] and data["severities"] == [1, 5]
+    assert list(data["tasks"]) == list(RunDirectory(run).config.tasks) and data["max_images"] is None
+    assert set(data["tasks"]) == {"garment", "boxes", "masks", "probe"}
+    changed = 0
+    for name, row in data["tasks"].items():
+        assert row["metric"] == plain[name]["metric"] and row["head"] == plain[name]["head"]
+        assert row["clean"] == plain[name]["value"]  # the clean pass is plain evaluation
+        assert row["num_images"] == plain[name]["metrics"]["num_images"]
+        assert set(row["corrupted"]) == set(data["corruptions"])
+        grid = [v for by_severity in row["corrupted"].values() for v in by_severity.values()]
+        assert len(grid) == 4 and all(0.0 <= v <= 1.0 for v in grid)
+        assert row["mean_corrupted"] == pytest.approx(sum(grid) / 4)
+        for corruption, by_severity in row["corrupted"].items():
+            assert set(by_severity) == {"1", "5"}
+            assert row["per_corruption"][corruption] == pytest.approx((by_severity["1"] + by_severity["5"]) / 2)
+        if row["clean"] > 0:
+            assert row["relative_robustness"] == pytest.approx(row["mean_corrupted"] / row["clean"])
+        else:
+            assert row["relative_robustness"] is None
+        changed += sum(v != row["clean"] for v in grid)
+    assert any(row["clean"] > 0 for row in data["tasks"].values())
+    assert changed > 0  # the corrupted images reached the model
+    markdown = (run / "robustness.md").read_text()
+    assert "](figures/robustness.png)" in markdown
+    for name, row in data["tasks"].items():
+        assert f"\n## {name}: {row['metric']}" in markdown
+    assert markdown.count("| elastic | ") == 4
+    figure = run / "figures" / "robustness.png"
+    assert figure.read_bytes().startswith(PNG) and figure.stat().st_size > 5000
+    # plain `mtpeft eval` keeps doing what it did: the report is refreshed, the robustness files are left alone
+    stamp = (run / "robustness.json").stat().st_mtime_ns
+    main(["eval", str(run)])
+    assert "refreshed" in capsys.readouterr().out and figure.is_file()
+    assert (run / "robustness.json").stat().st_mtime_ns == stamp and "robustness" not in (run / "report.md").read_text()
+
+
+@needs_fashion
+def test_max_images(run: Path) -> None:
+    directory = RunDirectory(run)
+    model = directory.load_model()
+    options = {"corruptions": ["shot_noise"], "severities": [5], "progress": False}
+    report = robustness.evaluate_robustness(model, directory.config, max_images=3, **options)
+    assert report["max_images"] == 3 and {row["num_images"] for row in report["tasks"].values()} == {3}
+    with pytest.raises(ValueError, match=r"`max_images` should be a positive integer value but the value passed is 0"):
+        robustness.evaluate_robustness(model, directory.config, max_images=0, **options)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--shift", "weather"], "--shift must be one of corruptions but the value passed is 'weather'"),
+        (
+            ["--shift", "corruptions", "--corruptions", "jpeg,fog"],
+            "Unknown corruption 'fog'; available: brightness, contrast, defocus_blur, elastic, gaussian_blur, ",
+        ),
+        (
+            ["--shift", "corruptions", "--severities", "0,3"],
+            "severity must be an int in 1..5 but the value passed is 0",
+        ),
+        (["--shift", "corruptions", "--severities", "1,x"], "--severities expects comma-separated ints but the value "),
+        (["--shift", "corruptions", "--severities", ","], "--severities expects a comma-separated list but the value"),
+        (["--shift", "corruptions", "--max-images", "0"], "--max-images should be a positive integer but the value"),
+        (["--corruptions", "jpeg"], "--corruptions needs `--shift corruptions`: add it, or leave it out"),
+        (
+            ["--severities", "1", "--seed", "2"],
+            "--severities, --seed need `--shift corruptions`: add it, or leave them",
+        ),
+        (["--shift", "corruptions"], "is not a run directory (no config.yaml)"),
+    ],
+)
+def test_eval_shift_errors(tmp_path: Path, capsys: pytest.CaptureFixture, options: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(tmp_path), *options])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def _report(clean: float) -> dict:
+    row = robustness._row("classification", "top1", 10, clean, {"jpeg": {"1": 0.5, "5": 0.25}})
+    options = {"corruptions": ["jpeg"], "severities": [1, 5], "seed": 0, "max_images": None, "eval_time_s": 0.0}
+    return {"shift": "corruptions", "backbone": "test_vit", **options, "tasks": {"cls": row}}
+
+
+def test_markdown_and_a_missing_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    report = _report(0.8)
+    row = report["tasks"]["cls"]
+    assert row["mean_corrupted"] == 0.375 and row["relative_robustness"] == pytest.approx(0.375 / 0.8)
+    text = robustness.format_robustness(report, "figures/robustness.png")
+    assert "| cls | classification | top1 | 10 | 80.00 % | 37.50 % | 0.469 |" in text
+    assert "| jpeg | 50.00 % | 25.00 % | 37.50 % |" in text
+    assert "n/a (clean is 0)" in robustness.format_summary(_report(0.0))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # find_spec answers None: as if not installed
+    with pytest.warns(UserWarning, match=r"multitask-peft\[report\].*robustness.md is written without its figure"):
+        written = robustness.write_robustness(report, tmp_path)
+    assert written == [tmp_path / "robustness.json", tmp_path / "robustness.md"]
+    assert "![" not in (tmp_path / "robustness.md").read_text() and not (tmp_path / "figures").exists()
+    assert json.loads((tmp_path / "robustness.json").read_text()) == report
