@@ -158,6 +158,8 @@ def test_bad_inputs_give_clear_errors() -> None:
         check_severities([1, 9])
     with pytest.raises(ValueError, match=r"apply takes one image \(3, H, W\), got \(2, 3, 16, 16\)"):
         noise.apply(x.expand(2, 3, 16, 16), 0, 1, _gen())
+    for label in (3, np.int64(3), torch.tensor(3)):  # labels pass through the pixel-moving corruption
+        assert CORRUPTIONS.get("elastic").apply(x, label, 3, _gen())[1] is label
     with pytest.raises(TypeError, match=r"'elastic' moves pixels and cannot move a target of type list"):
         CORRUPTIONS.get("elastic").apply(x, [1, 2], 3, _gen())
     with pytest.raises(TypeError, match=r"with shape \(8, 8\); it moves int labels, \(H, W\) = \(16, 16\) masks"):

@@ -408,7 +408,11 @@ def elastic(rms: float, size: tuple[int, int], generator: torch.Generator | None
 
 def warp_target(target: Any, field: torch.Tensor, size: tuple[int, int], name: str = "elastic") -> Any:
     """Move a target with a displacement field (1, H, W, 2) as `F.elastic` moves its image (see `Corruption.apply`)."""
-    if target is None or isinstance(target, (int, str)) or (isinstance(target, torch.Tensor) and target.ndim == 0):
+    if (
+        target is None
+        or isinstance(target, (int, np.integer, str))
+        or (isinstance(target, (torch.Tensor, np.ndarray)) and target.ndim == 0)
+    ):
         return target  # a label: nothing moves
     if isinstance(target, torch.Tensor) and target.ndim == 2 and tuple(target.shape) == size:
         return _warp_masks(target, field, IGNORE_INDEX)  # (H, W)
