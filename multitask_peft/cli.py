@@ -56,6 +56,16 @@ def _eval(args: argparse.Namespace) -> None:
     from .run import evaluate_run, format_report, write_report
     from .rundir import RunDirectory
 
+    if args.shift is not None:
+        _eval_shift(args)
+        return
+    given = [flag for flag, value in _shift_options(args).items() if value is not None]
+    if given:
+        one = len(given) == 1
+        raise ValueError(
+            f"{', '.join(given)} need{'s' if one else ''} `--shift corruptions`: add it, or leave "
+            f"{'it' if one else 'them'} out"
+        )
     run = RunDirectory(args.run_dir)
     model = run.load_model()
     report = evaluate_run(model, run.config, run.path)
@@ -65,6 +75,51 @@ def _eval(args: argparse.Namespace) -> None:
     write_report(report, run.path, model, run.config)
     print(format_report(report))
     print(f"refreshed {run.path}/report.md, report.html, report.json and figures/")
+
+
+def _shift_options(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "--corruptions": args.corruptions,
+        "--severities": args.severities,
+        "--max-images": args.max_images,
+        "--seed": args.seed,
+    }
+
+
+def _eval_shift(args: argparse.Namespace) -> None:
+    """`mtpeft eval RUN --shift corruptions`: every task clean and under the corruption suite."""
+    from .robustness import SHIFTS, evaluate_robustness, format_summary, write_robustness
+    from .rundir import RunDirectory
+    from .tasks.data import SEVERITIES, check_corruption_names, check_severities
+
+    if args.shift not in SHIFTS:
+        raise ValueError(f"--shift must be one of {', '.join(SHIFTS)} but the value passed is {args.shift!r}")
+    corruptions = None
+    if args.corruptions is not None:
+        corruptions = check_corruption_names(_split(args.corruptions, "--corruptions", str))
+    severities = SEVERITIES
+    if args.severities is not None:
+        severities = check_severities(_split(args.severities, "--severities", int))
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"--max-images should be a positive integer but the value passed is {args.max_images}")
+    run = RunDirectory(args.run_dir)
+    model = run.load_model()
+    seed = 0 if args.seed is None else args.seed
+    report = evaluate_robustness(model, run.config, corruptions, severities, args.max_images, seed)
+    written = write_robustness(report, run.path)
+    print(format_summary(report))
+    print(f"wrote {', '.join(str(p) for p in written)}")
+
+
+def _split(text: str, flag: str, kind: type) -> list:
+    """A comma-separated option as a list of `kind` values; a ValueError quotes what does not parse."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError(f"{flag} expects a comma-separated list but the value passed is {text!r}")
+    try:
+        return [kind(item) for item in items]
+    except ValueError:
+        raise ValueError(f"{flag} expects comma-separated {kind.__name__}s but the value passed is {text!r}") from None
 
 
 def _tasks(args: argparse.Namespace) -> None:
@@ -189,6 +244,20 @@ def main(argv: list[str] | None = None) -> None:
         "eval", help="evaluate the tasks of a finished run on their eval splits; refresh its report and figures"
     )
     evaluate.add_argument("run_dir")
+    evaluate.add_argument(
+        "--shift",
+        metavar="KIND",
+        help="evaluate under distribution shift instead: 'corruptions' (ImageNet-C-style suite; writes "
+        "robustness.json, robustness.md and figures/robustness.png; the report is left as it is)",
+    )
+    evaluate.add_argument("--corruptions", help="with --shift corruptions: comma-separated names (default: all)")
+    evaluate.add_argument(
+        "--severities", help="with --shift corruptions: comma-separated, in 1..5 (default: 1,2,3,4,5)"
+    )
+    evaluate.add_argument(
+        "--max-images", type=int, help="with --shift corruptions: at most N images per task, spread over its split"
+    )
+    evaluate.add_argument("--seed", type=int, help="with --shift corruptions: corruption seed (default 0)")
     evaluate.set_defaults(fn=_eval)
     tasks = sub.add_parser("tasks", help="list a run's tasks: metric, trainable parameters, PPT")
     tasks.add_argument("run_dir")

@@ -44,6 +44,8 @@ GALLERY_SIZE = {"classification": 6, "detection": 4, "segmentation": 4}
 #: Predicted boxes below this score are left out of the gallery (the metric still counts them).
 BOX_SCORE_THRESHOLD = 0.4
 MAX_BOXES = 10
+#: The figures drawn per task, `figures/<task>_<kind>.png`.
+TASK_FIGURES = ("curves", "gallery", "confusion")
 #: Gallery images are upscaled (nearest) to this side, so that box labels and small garments stay readable.
 DISPLAY_SIDE = 256
 MATPLOTLIB_MISSING = (
@@ -311,8 +313,9 @@ def write_figures(
     """Draw every task's figures into `out/figures/`; returns {task: [figures]} in report order. Confusion
     matrices are drawn from the report's counts (`confusion` of a classification task, see `ConfusionCounter`).
 
-    PNG files in `figures/` that this call did not write (a task since removed) are deleted, so the folder
-    matches the report.
+    Task figures (`<task>_curves.png`, `_gallery.png`, `_confusion.png`) in `figures/` that this call did not write
+    (a task since removed) are deleted, so the folder matches the report; other figures (`robustness.png` of
+    `mtpeft eval --shift`) are kept.
 
     Raises:
         ImportError: matplotlib is missing (the message names the extra).
@@ -352,7 +355,7 @@ def write_figures(
             files.append(confusion)
     written = {out / f.path for files in figures.values() for f in files}
     for stale in folder.glob("*.png"):
-        if stale not in written:
+        if stale not in written and stale.stem.rpartition("_")[2] in TASK_FIGURES:
             stale.unlink()
     return figures
 

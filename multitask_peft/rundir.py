@@ -6,6 +6,7 @@ RUN_DIR/
   tasks/<name>/      one task folder per trained task (`model.save_task`)
   model.onnx         the multi-task ONNX graph (+ model.json), when the run exports one
   report.md, report.html, figures/, report.json, log.jsonl, checkpoints/
+  robustness.json, robustness.md, figures/robustness.png    `mtpeft eval RUN --shift corruptions`
 ```
 
     run = RunDirectory("runs/demo")

@@ -38,6 +38,7 @@ ABOVE_CORE = (
     "multitask_peft",
     "multitask_peft.cli",
     "multitask_peft.report",
+    "multitask_peft.robustness",
     "multitask_peft.run",
     "multitask_peft.run_config",
     "multitask_peft.rundir",
