@@ -3,7 +3,7 @@
 - `kernels/` is a leaf: it imports nothing of ours.
 - `tasks/` needs only the small base of the core: registry, config, the head base (`heads`: `Head`, `HeadConfig`,
   `FeatureInfo`, `Features`) and the output-kind base (`outputs`).
-- The core (everything in `multitask_peft/` but the package entry point, the CLI, run configs, run directories and
+- The core (everything in `multitask_peft/` but the package entry point, the CLI, run configs, run directories, sweeps and
   reports, training and the integrations) never imports `tasks/` or `serving/`; only the CLI reaches into `serving/`.
 - No import circle among the library's modules.
 
@@ -42,6 +42,7 @@ ABOVE_CORE = (
     "multitask_peft.run",
     "multitask_peft.run_config",
     "multitask_peft.rundir",
+    "multitask_peft.sweep",
 )
 ABOVE_CORE_PACKAGES = ("multitask_peft.training", "multitask_peft.integrations")
 
