@@ -124,9 +124,7 @@ class MultiTaskModel(nn.Module):
 
         With `replace`, a task of that name may exist (the built task is meant to replace it later).
         """
-        check_task_name(name)
-        if name in self.task_modules and not replace:
-            raise ValueError(f"task {name!r} already exists; tasks: {self.tasks} (remove_task it first)")
+        self._check_free_name(name, replace)
         if not isinstance(head, HeadConfig):
             raise TypeError(f"head must be a head config such as mtp.tasks.Classification(...), got {head!r}")
         configs = [peft] if isinstance(peft, PeftConfig) else list(peft)
@@ -152,12 +150,21 @@ class MultiTaskModel(nn.Module):
         forward passes while the slow part (building, reading files) ran elsewhere."""
         if not isinstance(task, Task):
             raise TypeError(f"task must be a Task from build_task / read_task, got {type(task).__name__}")
-        if task.name in self.task_modules:
-            raise ValueError(f"task {task.name!r} already exists; tasks: {self.tasks} (remove_task it first)")
+        self._check_free_name(task.name)
         if task.slot != PLAIN_SLOT:
             raise ValueError(f"task {task.name!r} is attached to a model already")
         self._commit(task)
         return task
+
+    def _check_free_name(self, name: str, replace: bool = False) -> None:
+        check_task_name(name)
+        if name in self.task_modules and not replace:
+            raise ValueError(f"task {name!r} already exists; tasks: {self.tasks} (remove_task it first)")
+        if name not in self.task_modules and hasattr(self.task_modules, name):
+            raise ValueError(
+                f"task name {name!r} is reserved (a torch.nn.ModuleDict attribute such as train, eval, half, to); "
+                "pick another name"
+            )
 
     def _commit(self, task: Task) -> None:
         used = {t.slot for t in self.task_modules.values()}
@@ -339,6 +346,70 @@ class MultiTaskModel(nn.Module):
         for module_name, adapter in sorted(adapters, key=lambda na: (na[1].order, na[1].compose_order)):
             adapter.fold(model.get_submodule(module_name))
         return model.eval()
+
+    # --- WiSE ----------------------------------------------------------------------------------------------
+    def wise_task(self, name: str, alpha: float, reference: str | None = None) -> Task:
+        """WiSE for PETL: task `name` at weight-space coefficient `alpha`, as a new task that is not attached.
+
+        Its change of the backbone is scaled by alpha (LoRA / DoRA / FacT deltas and adapter outputs scaled; SSF,
+        BitFit and norm affines moved toward identity; a full fine-tune's weights toward the frozen ones, WiSE-FT),
+        and its head is `ref + alpha (head - ref)`, `ref` the head of `reference` (a linear-probe task of the same
+        label space) or zeros. alpha = 1 is the task, alpha = 0 the reference (the frozen backbone + its head).
+        Methods whose change cannot be scaled (prompts) are refused by name. The result folds and exports like any
+        task (`add_wise` attaches it).
+
+        Raises:
+            ValueError: alpha outside [0, 1], an unknown task, a method without WiSE form, a reference that adapts
+                the backbone or whose head differs in type or shape.
+        """
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"WiSE alpha must be a number in [0, 1], got {alpha!r}")
+        task = self.task(name)
+        refused = [c.method for c in task.peft_configs if not c.wise]
+        if refused:
+            config = next(c for c in task.peft_configs if not c.wise)
+            raise ValueError(f"task {name!r}: {refused[0]} has no WiSE form: {config.wise_refusal}")
+        ref_state = self._wise_reference(name, reference)
+        wise = copy.deepcopy(task)
+        wise.slot = PLAIN_SLOT
+        with torch.no_grad():
+            for method in wise.peft.values():
+                method.wise_(float(alpha), self.backbone)
+            for key, tensor in wise.head.state_dict(keep_vars=True).items():
+                if not tensor.is_floating_point():
+                    continue
+                if ref_state is not None:
+                    tensor.copy_(ref_state[key] + alpha * (tensor - ref_state[key]))
+                elif isinstance(tensor, nn.Parameter):  # zeros reference: parameters only (buffers are statistics)
+                    tensor.mul_(alpha)
+        return wise
+
+    def add_wise(self, new_name: str, name: str, alpha: float, reference: str | None = None) -> Task:
+        """Attach `wise_task(name, alpha, reference)` as task `new_name` (saved, served, folded and exported like
+        any task: how a fixed alpha leaves the process)."""
+        self._check_free_name(new_name)
+        wise = self.wise_task(name, alpha, reference)
+        wise.name = new_name
+        return self.attach_task(wise)
+
+    def _wise_reference(self, name: str, reference: str | None) -> dict[str, torch.Tensor] | None:
+        if reference is None:
+            return None
+        ref, task = self.task(reference), self.task(name)
+        changes = [c.method for c in ref.peft_configs if c.method != "linear_probe"]
+        if changes:
+            raise ValueError(
+                f"WiSE reference {reference!r} must leave the backbone frozen (a linear-probe task), but it uses "
+                f"{changes}"
+            )
+        mine, theirs = task.head.state_dict(), ref.head.state_dict()
+        same = type(ref.head_config) is type(task.head_config) and mine.keys() == theirs.keys()
+        if not same or any(mine[k].shape != theirs[k].shape for k in mine):
+            raise ValueError(
+                f"WiSE reference {reference!r} must have a head like task {name!r}'s (same type, classes and "
+                f"shapes); got {ref.head_config!r} for {task.head_config!r}"
+            )
+        return {k: v.detach() for k, v in theirs.items()}
 
     # --- validation ----------------------------------------------------------------------------------------
     def _check_images(self, images: object) -> None:

@@ -62,6 +62,11 @@ class Bottleneck(LayerAdapter):
             getattr(self, f"{p}_up_bias"),
         )
 
+    def wise_(self, alpha: float, base: nn.Module) -> None:
+        _, _, up, up_b = self.params()  # the adapter's output (its delta) is linear in the up projection
+        up.mul_(alpha)
+        up_b.mul_(alpha)
+
     def bottleneck(self, z: torch.Tensor) -> torch.Tensor:
         down, down_b, up, up_b = self.params()
         if self.channel_dim == -1:

@@ -55,6 +55,9 @@ class PeftConfig(ConfigBase):
     #: Tasks using only this method (same options, same head) can share one ONNX graph whose factors ONNX Runtime
     #: swaps per run from `.onnx_adapter` files (`export_onnx(..., merge=True)` with several tasks).
     adapter_files: ClassVar[bool] = False
+    #: WiSE (`MultiTaskModel.wise_task`): whether scaling the method's change by alpha is defined; if not, why.
+    wise: ClassVar[bool] = True
+    wise_refusal: ClassVar[str] = ""
 
     targets: str | tuple[str, ...] | None = None
 
@@ -113,6 +116,15 @@ class MethodModule(nn.Module):
         """First backbone position whose output this method changes (`host.layout.num_positions` if none)."""
         positions = [host.position_of(name) for name in self.adapters()]
         return min(positions, default=host.layout.num_positions)
+
+    @torch.no_grad()
+    def wise_(self, alpha: float, host: BackboneHost) -> None:
+        """WiSE: scale this method's change of the backbone by `alpha` in [0, 1], in place (0: the frozen
+        backbone, 1: unchanged); see `LayerAdapter.wise_`. Methods without a WiSE form raise a ValueError."""
+        if not self.config.wise:
+            raise ValueError(f"{self.config.method} has no WiSE form: {self.config.wise_refusal}")
+        for name, adapter in self.adapters().items():
+            adapter.wise_(alpha, host.module(name))
 
 
 class PromptTokens(nn.Module):

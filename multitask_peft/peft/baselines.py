@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, ClassVar
 
+import torch
 from torch import nn
 
 from .base import MethodModule, PeftConfig, register_method
@@ -59,3 +60,14 @@ class FullBackboneModule(MethodModule):
 
     def first_position(self, host: BackboneHost) -> int:
         return 0
+
+    @torch.no_grad()
+    def wise_(self, alpha: float, host: BackboneHost) -> None:
+        """WiSE-FT (Wortsman et al., 2022): every weight and float buffer (BatchNorm statistics included) of the
+        fine-tuned copy moved toward the frozen backbone's, `w0 + alpha (w - w0)`."""
+        for name, module in self.full_backbone.named_modules():
+            frozen = host.module(name)
+            state = dict(frozen.named_parameters(recurse=False)) | dict(frozen.named_buffers(recurse=False))
+            for key, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if tensor.is_floating_point():
+                    tensor.copy_(state[key] + alpha * (tensor - state[key]))

@@ -96,6 +96,10 @@ class FacTLayer(LoRALinear):
         else:
             self.fact_mix = nn.Parameter(torch.zeros(config.r))
 
+    def wise_(self, alpha: float, base: nn.Module) -> None:
+        """The update is linear in the layer's own core (tt) or mixing weights (tk); the shared factors stay."""
+        (self.fact_core if hasattr(self, "fact_core") else self.fact_mix).mul_(alpha)
+
     def core(self) -> torch.Tensor:
         if hasattr(self, "fact_core"):
             return self.fact_core  # (r, r)

@@ -106,6 +106,12 @@ class LayerAdapter(nn.Module):
         """Fold this adaptation into `module`'s weights (a plain copy of the base module), in place."""
         raise ValueError(f"{type(self).__name__} cannot be folded into the backbone weights")
 
+    def wise_(self, alpha: float, base: nn.Module) -> None:
+        """WiSE: change this adapter's parameters in place so that its effect is scaled by `alpha` in [0, 1]
+        (0: the frozen `base` module as it is, 1: unchanged). Reparameterisations and adapters scale their delta;
+        scale / shift / bias / affine changes move toward identity."""
+        raise ValueError(f"{type(self).__name__} has no WiSE form (scaling its change by alpha is not defined)")
+
 
 class MultiAdapterLayer(nn.Module):
     """Wraps a frozen backbone module; applies each routed slot's adapters to that slot's rows.

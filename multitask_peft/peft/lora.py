@@ -159,6 +159,9 @@ class LoRALinear(LayerAdapter):
             for a, b, col in self.factors():
                 module.weight[col : col + b.shape[0]] += self.scale * (b @ a)
 
+    def wise_(self, alpha: float, base: nn.Module) -> None:
+        self.lora_b.mul_(alpha)  # delta = scale * B A is linear in B (fused qkv: every slice's B)
+
 
 class LoRAQKV(LoRALinear):
     """Per-slice LoRA on a fused qkv projection: each listed slice of q / k / v gets its own (A, B)."""
@@ -234,6 +237,9 @@ class LoRAConv2d(LayerAdapter):
         with torch.no_grad():
             module.weight += self.scale * (self.lora_b @ self.lora_a).view_as(module.weight)
 
+    def wise_(self, alpha: float, base: nn.Module) -> None:
+        self.lora_b.mul_(alpha)  # delta = scale * B A is linear in B
+
 
 def _is_patchify(conv: nn.Module) -> bool:
     return (
@@ -290,6 +296,13 @@ class DoRAAdapter(LayerAdapter):
             xs = F.dropout(x, self.lowrank.dropout, True) if self.lowrank.dropout and self.training else x
             delta = (xs @ self.lowrank.lora_a.t()) @ self.lowrank.lora_b.t() * self.lowrank.scale
         return (y - bias + delta) * per_channel(ratio, dim, y.ndim) + bias
+
+    def wise_(self, alpha: float, base: nn.Module) -> None:
+        """The low-rank update scaled by alpha, the magnitude moved toward the frozen weight's row norms: alpha = 0
+        gives back `base` exactly."""
+        self.lowrank.wise_(alpha, base)
+        frozen = base.weight.detach().flatten(1).norm(dim=1)  # (out,)
+        self.dora_magnitude.copy_(frozen + alpha * (self.dora_magnitude - frozen))
 
     def fold(self, module: nn.Module) -> None:
         with torch.no_grad():

@@ -138,6 +138,9 @@ class BitFitBias(OutputScaleShift):
     def scale_shift(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return None, self.bitfit_bias
 
+    def wise_(self, alpha: float, base: nn.Module) -> None:
+        self.bitfit_bias.mul_(alpha)  # a bias delta
+
 
 class BitFitNorm(NormAffine):
     compose_order: ClassVar[int] = 1
@@ -148,6 +151,9 @@ class BitFitNorm(NormAffine):
 
     def update_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return weight, bias + self.bitfit_bias
+
+    def wise_(self, alpha: float, base: nn.Module) -> None:
+        self.bitfit_bias.mul_(alpha)  # a bias delta
 
 
 # --- norm tuning ----------------------------------------------------------------------------------------------
@@ -184,6 +190,12 @@ class NormTune(NormAffine):
 
     def update_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.norm_weight, self.norm_bias
+
+    def wise_(self, alpha: float, base: nn.Module) -> None:
+        """The tuned affine moved toward the frozen one (the task owns the whole affine, not a delta)."""
+        frozen_bias = base.bias if base.bias is not None else torch.zeros_like(base.weight)
+        self.norm_weight.copy_(base.weight + alpha * (self.norm_weight - base.weight))
+        self.norm_bias.copy_(frozen_bias + alpha * (self.norm_bias - frozen_bias))
 
 
 # --- SSF ------------------------------------------------------------------------------------------------------
@@ -227,9 +239,15 @@ class _SSFParams(nn.Module):
         self.ssf_scale = nn.Parameter(1.0 + init_std * torch.randn(channels))
         self.ssf_shift = nn.Parameter(init_std * torch.randn(channels))
 
+    def wise_(self, alpha: float, base: nn.Module) -> None:
+        """Scale toward 1 and shift toward 0 (the identity)."""
+        self.ssf_scale.copy_(1.0 + alpha * (self.ssf_scale - 1.0))
+        self.ssf_shift.mul_(alpha)
+
 
 class SSFOutput(OutputScaleShift, _SSFParams):
     order: ClassVar[int] = 40
+    wise_ = _SSFParams.wise_
 
     def __init__(self, channels: int, init_std: float) -> None:
         super().__init__()
@@ -241,6 +259,7 @@ class SSFOutput(OutputScaleShift, _SSFParams):
 
 class SSFNorm(NormAffine, _SSFParams):
     compose_order: ClassVar[int] = 2
+    wise_ = _SSFParams.wise_
 
     def __init__(self, channels: int, init_std: float) -> None:
         super().__init__()

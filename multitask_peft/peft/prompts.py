@@ -27,6 +27,12 @@ class VPT(PeftConfig):
         dropout: Dropout on the prompts during training.
     """
 
+    wise: ClassVar[bool] = False
+    wise_refusal: ClassVar[str] = (
+        "prompt tokens are extra attention inputs, not a change of weights; scaling their share of the attention "
+        "is not built yet (use lora, adapters, ssf, bitfit, norm or full for WiSE)"
+    )
+
     onnx: ClassVar[bool] = False  # prompt tokens change the sequence length: not in the multi-task graph
 
     kinds: ClassVar[tuple[str, ...]] = ("vit",)

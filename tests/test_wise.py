@@ -1,0 +1,83 @@
+"""WiSE for PETL: a task at weight-space coefficient alpha, between a reference (alpha = 0) and itself (1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import multitask_peft as mtp
+from conftest import example_config, make_model, randomize
+from multitask_peft.peft import METHODS
+
+WISE_METHODS = sorted(m for m in METHODS.names() if METHODS.get(m).wise)
+
+
+def _logits(model: mtp.MultiTaskModel, images: torch.Tensor, task: str) -> torch.Tensor:
+    return torch.stack([r["logits"] for r in model.predict(images, [task])[task]])
+
+
+@pytest.mark.parametrize("method", WISE_METHODS)
+def test_alpha_ends_are_task_and_reference_and_half_lies_between(kind: str, method: str) -> None:
+    config = example_config(method, kind)
+    if config is None:
+        pytest.skip(f"{method} does not apply to {kind} backbones")
+    model, size = make_model(kind)
+    head = mtp.tasks.Classification(num_classes=5)
+    randomize(model.add_task("probe", head, [mtp.peft.LinearProbe()]), seed=3)
+    randomize(model.add_task("task", head, [config]), std=0.05)
+    images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    task, probe = _logits(model, images, "task"), _logits(model, images, "probe")
+
+    model.add_wise("one", "task", 1.0, reference="probe")
+    model.add_wise("zero", "task", 0.0, reference="probe")
+    model.add_wise("mid", "task", 0.5, reference="probe")
+    torch.testing.assert_close(_logits(model, images, "one"), task, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_logits(model, images, "zero"), probe, atol=1e-5, rtol=1e-5)
+    half = _logits(model, images, "mid")
+    assert (half - task).abs().max() > 1e-4 and (half - probe).abs().max() > 1e-4
+    # "between": closer to each end than the ends are to each other
+    span = (task - probe).norm()
+    assert (half - task).norm() < span and (half - probe).norm() < span
+    if METHODS.get(method).foldable:  # a fixed alpha folds like any task: folded == unfolded at alpha 0.5
+        folded = model.merged_backbone("mid")
+        with torch.no_grad():
+            expected = model.forward_features(images, [model.slot("mid")] * 3).pooled
+            got = folded.forward_head(folded.forward_features(images), pre_logits=True)
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_zero_reference_and_task_unchanged(kind: str) -> None:
+    model, size = make_model(kind)
+    config = example_config("ssf", kind)
+    task = model.add_task("task", mtp.tasks.Classification(num_classes=4), [config])
+    randomize(task)
+    before = {k: v.clone() for k, v in task.state_dict().items()}
+    wise = model.wise_task("task", 0.0)
+    assert all(torch.equal(v, before[k]) for k, v in task.state_dict().items())  # the task itself is untouched
+    images = torch.randn(2, 3, size, size)
+    model.add_wise("zero", "task", 0.0)
+    for r in model.predict(images, ["zero"])["zero"]:
+        assert torch.count_nonzero(r["logits"]) == 0  # zeros reference: alpha 0 is an all-zero head
+    assert wise.slot == -1 and "zero" in model.tasks
+
+
+def test_wise_errors_name_the_problem() -> None:
+    model, _ = make_model("vit")
+    head = mtp.tasks.Classification(num_classes=4)
+    model.add_task("lora", head, [mtp.peft.LoRA(r=2)])
+    model.add_task("vpt", head, [mtp.peft.VPT(num_tokens=2)])
+    model.add_task("other", mtp.tasks.Classification(num_classes=3), [])
+    model.add_task("adapted", head, [mtp.peft.SSF()])
+    with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\], got 1.5"):
+        model.wise_task("lora", 1.5)
+    with pytest.raises(ValueError, match="vpt has no WiSE form"):
+        model.wise_task("vpt", 0.5)
+    with pytest.raises(ValueError, match="must have a head like task 'lora'"):
+        model.wise_task("lora", 0.5, reference="other")
+    with pytest.raises(ValueError, match=r"must leave the backbone frozen.*\['ssf'\]"):
+        model.wise_task("lora", 0.5, reference="adapted")
+    with pytest.raises(ValueError, match="already exists"):
+        model.add_wise("adapted", "lora", 0.5)
+    with pytest.raises(ValueError, match="'half' is reserved"):  # an nn.ModuleDict attribute
+        model.add_wise("half", "lora", 0.5)
+    assert model.tasks == ["lora", "vpt", "other", "adapted"]
