@@ -10,12 +10,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import ensemble as ensembles
 from . import task_io
 from .backbone import BackboneHost, DataConfig, create_timm_backbone
 from .config import check_task_name
+from .ensemble import Ensemble
 from .executor import RowPlan, SlotPlan, run_backbone
 from .heads import FeatureInfo, Features, HeadConfig
-from .outputs import decode_outputs
+from .outputs import output_kind
 from .peft.base import METHODS, MethodModule, PeftConfig
 from .routing import PLAIN_SLOT
 
@@ -64,6 +66,7 @@ class MultiTaskModel(nn.Module):
         self.backbone = host
         self.task_modules = nn.ModuleDict()
         self._plans: dict[int, SlotPlan] = {}
+        self._ensembles: dict[str, Ensemble] = {}
         self.grad_checkpointing = False
         self.version = 0  # bumped whenever a task is attached or removed
         layout = host.layout
@@ -96,7 +99,11 @@ class MultiTaskModel(nn.Module):
 
     def task(self, name: str) -> Task:
         if name not in self.task_modules:
-            raise ValueError(f"unknown task {name!r}; tasks: {self.tasks}")
+            if name in self._ensembles:
+                members = list(self._ensembles[name].members)
+                raise ValueError(f"{name!r} is an ensemble (of {members}), not a task; tasks: {self.tasks}")
+            also = f", ensembles: {self.ensembles}" if self._ensembles else ""
+            raise ValueError(f"unknown task {name!r}; tasks: {self.tasks}{also}")
         return self.task_modules[name]
 
     def slot(self, name: str) -> int:
@@ -125,6 +132,7 @@ class MultiTaskModel(nn.Module):
         With `replace`, a task of that name may exist (the built task is meant to replace it later).
         """
         check_task_name(name)
+        self._check_not_ensemble(name)
         if name in self.task_modules and not replace:
             raise ValueError(f"task {name!r} already exists; tasks: {self.tasks} (remove_task it first)")
         if not isinstance(head, HeadConfig):
@@ -154,6 +162,7 @@ class MultiTaskModel(nn.Module):
             raise TypeError(f"task must be a Task from build_task / read_task, got {type(task).__name__}")
         if task.name in self.task_modules:
             raise ValueError(f"task {task.name!r} already exists; tasks: {self.tasks} (remove_task it first)")
+        self._check_not_ensemble(task.name)
         if task.slot != PLAIN_SLOT:
             raise ValueError(f"task {task.name!r} is attached to a model already")
         self._commit(task)
@@ -170,7 +179,11 @@ class MultiTaskModel(nn.Module):
         self.version += 1
 
     def remove_task(self, name: str) -> None:
+        """Detach a task. A member of an ensemble cannot be removed while the ensemble exists (`remove_ensemble`)."""
         task = self.task(name)
+        users = [e.name for e in self._ensembles.values() if name in e.members]
+        if users:
+            raise ValueError(f"task {name!r} is a member of ensemble(s) {users}; remove_ensemble them first")
         self.backbone.detach(task.slot)
         del self._plans[task.slot]
         del self.task_modules[name]
@@ -182,7 +195,11 @@ class MultiTaskModel(nn.Module):
         return (p for p in self.task(name).parameters() if p.requires_grad)
 
     def num_parameters(self, name: str) -> dict[str, int]:
-        """Trainable parameter counts of a task: {"peft": ..., "head": ...} (PPT counts "peft")."""
+        """Trainable parameter counts of a task: {"peft": ..., "head": ...} (PPT counts "peft"); an ensemble's are
+        the sums over its members."""
+        if name in self._ensembles:
+            counts = [self.num_parameters(m) for m in self._ensembles[name].members]
+            return {key: sum(c[key] for c in counts) for key in ("peft", "head")}
         task = self.task(name)
         return {
             "peft": sum(p.numel() for p in task.peft.parameters() if p.requires_grad),
@@ -193,6 +210,71 @@ class MultiTaskModel(nn.Module):
         super().train(mode)
         self.backbone.train(False)  # frozen: norm statistics never change
         return self
+
+    # --- ensembles ---------------------------------------------------------------------------------------------
+    @property
+    def ensembles(self) -> list[str]:
+        """Names of the ensembles (`add_ensemble`); `tasks` lists the tasks, which hold the parameters."""
+        return list(self._ensembles)
+
+    def ensemble(self, name: str) -> Ensemble:
+        if name not in self._ensembles:
+            raise ValueError(f"unknown ensemble {name!r}; ensembles: {self.ensembles}")
+        return self._ensembles[name]
+
+    def head_config(self, name: str) -> HeadConfig:
+        """What formats, measures and describes the results of a task (its head config) or of an ensemble (its
+        label space: the first member's head config with the members' class names)."""
+        if name in self._ensembles:
+            return self._ensembles[name].head_config
+        return self.task(name).head_config
+
+    def add_ensemble(self, name: str, members: Sequence[str], mode: str = "mean_prob") -> Ensemble:
+        """Add an ensemble: a result named like a task that combines its member tasks' results.
+
+        `predict`, `predict_each`, evaluation, serving and ONNX export take its name like a task's; its members run
+        in the same routed pass (shared prefix, once per image). See `multitask_peft.ensemble`.
+
+        Args:
+            name: Its name (not a task's or another ensemble's).
+            members: At least two tasks of one label space (same output kind, number of classes and class names);
+                classification and segmentation tasks.
+            mode: "mean_prob" (mean of the softmax probabilities; the result's "logits" are the log of the mean
+                probability) or "mean_logit" (mean of the logits).
+
+        On error the model is unchanged.
+        """
+        if isinstance(name, str) and name in self.task_modules:
+            raise ValueError(f"{name!r} is a task; tasks and ensembles share one name space (tasks: {self.tasks})")
+        if isinstance(name, str) and name in self._ensembles:
+            raise ValueError(f"ensemble {name!r} already exists (remove_ensemble it first)")
+        heads = {t: task.head_config for t, task in self.task_modules.items()}
+        existing = {e.name: e.members for e in self._ensembles.values()}
+        ens = ensembles.check_ensemble(name, members, mode, heads, existing)
+        for m in ens.members:
+            head = self.task_modules[m].head
+            if not ensembles.head_supports_ensembles(head):
+                raise ValueError(
+                    f"ensemble {name!r}: member {m!r} has a {type(head).__name__}, which gives no class logits to "
+                    "combine (Head.class_logits)"
+                )
+        self._ensembles[ens.name] = ens
+        return ens
+
+    def remove_ensemble(self, name: str) -> None:
+        """Remove an ensemble (its members stay)."""
+        self.ensemble(name)
+        del self._ensembles[name]
+
+    def _members(self, name: str) -> tuple[str, ...]:
+        """The tasks that make the results of `name`: an ensemble's members, else the task itself."""
+        return self._ensembles[name].members if name in self._ensembles else (name,)
+
+    def _check_not_ensemble(self, name: str) -> None:
+        if name in self._ensembles:
+            raise ValueError(
+                f"{name!r} is an ensemble; tasks and ensembles share one name space (remove_ensemble it first)"
+            )
 
     # --- forward -------------------------------------------------------------------------------------------
     def forward_features(self, images: torch.Tensor, task_slots: torch.Tensor | Sequence[int]) -> Features:
@@ -231,10 +313,12 @@ class MultiTaskModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, tasks: Sequence[str] | str) -> dict[str, list[dict[str, Any]]]:
-        """Run every listed task on every image, sharing the backbone prefix the tasks have in common.
+        """Run every listed task (or ensemble) on every image, sharing the backbone prefix the tasks have in common;
+        an ensemble's members run in the same pass, once per image also when they are listed themselves.
 
         Returns:
-            {task: [per-image result dict]} (classification: {"logits", "label", "score"}).
+            {task: [per-image result dict]} (classification: {"logits", "label", "score"}; an ensemble's results
+            have its members' keys).
         """
         self._check_images(images)
         names = [tasks] if isinstance(tasks, str) else list(dict.fromkeys(tasks))
@@ -248,7 +332,7 @@ class MultiTaskModel(nn.Module):
     def predict_each(self, images: torch.Tensor, tasks: Sequence[Sequence[str]]) -> list[dict[str, dict[str, Any]]]:
         """Per image its own tasks, in one forward: `tasks[i]` lists the tasks of image i (what a server batching
         several requests needs). Images asking for several tasks share the backbone prefix those tasks have in
-        common, and every task's rows go through its head together.
+        common, and every task's rows go through its head together. Ensembles may be listed like tasks.
 
         Returns:
             One {task: result dict} per image, result dicts as in `predict`.
@@ -265,25 +349,41 @@ class MultiTaskModel(nn.Module):
         return [{name: results[(i, name)] for name in names} for i, names in enumerate(per_image)]
 
     def _predict_rows(self, images: torch.Tensor, requests: list[tuple[int, str]]) -> dict[tuple[int, str], Any]:
-        """One routed eval-mode pass (shared prefix) for (image, task) requests; every task's rows go through its
-        head together. Returns {(image, task): result dict}."""
-        rows = [(i, self.slot(name)) for i, name in requests]
+        """One routed eval-mode pass (shared prefix) for (image, task or ensemble) requests; every task's rows go
+        through its head together, an ensemble's members run once per image. Returns {(image, name): result}."""
+        combined = {name: self._ensembles[name] for _, name in requests if name in self._ensembles}
+        runs = list(dict.fromkeys((i, t) for i, name in requests for t in self._members(name)))  # (image, task)
+        rows = [(i, self.slot(name)) for i, name in runs]
+        needed = {(i, m) for i, name in requests if name in combined for m in combined[name].members}
+        wanted = set(requests)
+        size = (images.shape[-2], images.shape[-1])
         was_training = self.training
         self.eval()
         try:
             features = run_backbone(self.backbone, images, RowPlan(self.backbone, rows, self._plans))
-            results = {}
-            for name in dict.fromkeys(name for _, name in requests):
-                index = [k for k, (_, task) in enumerate(requests) if task == name]
+            results: dict[tuple[int, str], Any] = {}
+            class_logits: dict[tuple[int, str], torch.Tensor] = {}  # (image, member) -> (C, ...)
+            for name in dict.fromkeys(name for _, name in runs):
+                index = [k for k, (_, task) in enumerate(runs) if task == name]
                 head = self.task_modules[name].head
-                outputs = decode_outputs(
-                    self.task_modules[name].head_config,
-                    head,
-                    head(features.select(index)),
-                    (images.shape[-2], images.shape[-1]),
-                )
-                for k, out in zip(index, outputs, strict=True):
-                    results[requests[k]] = out
+                raw = head(features.select(index))
+                direct = [j for j, k in enumerate(index) if runs[k] in wanted]
+                if direct:
+                    tensors = head.tensor_outputs(raw, size)  # {field: (R, ...)}
+                    if len(direct) < len(index):  # rows run only for an ensemble are not decoded
+                        tensors = {field: t[direct] for field, t in tensors.items()}
+                    outputs = output_kind(self.task_modules[name].head_config).decode(tensors)
+                    for j, out in zip(direct, outputs, strict=True):
+                        results[runs[index[j]]] = out
+                if any(runs[k] in needed for k in index):
+                    logits = head.class_logits(raw, size)  # (R, C, ...)
+                    for j, k in enumerate(index):
+                        class_logits[runs[k]] = logits[j]
+            for name, ens in combined.items():
+                rows_of = [i for i, n in requests if n == name]
+                logits = [torch.stack([class_logits[(i, m)] for i in rows_of]) for m in ens.members]  # (R, C, ...)
+                for i, out in zip(rows_of, ensembles.decode(ens, logits), strict=True):
+                    results[(i, name)] = out
             return results
         finally:
             self.train(was_training)
@@ -352,18 +452,31 @@ class MultiTaskModel(nn.Module):
 
     # --- task files ----------------------------------------------------------------------------------------
     def save_task(self, name: str, path: str | os.PathLike) -> None:
-        """Write `adapter_config.json` + `adapter_model.safetensors` for a task into directory `path`."""
+        """Write `adapter_config.json` + `adapter_model.safetensors` for a task into directory `path`; for an
+        ensemble, `ensemble_config.json` (its members and mode, no weights)."""
+        if name in self._ensembles:
+            ensembles.write_ensemble(path, self._ensembles[name])
+            return
         task = self.task(name)
         backbone = {"arch": self.backbone.arch, "fingerprint": self.backbone.fingerprint}
         config = task_io.task_config(name, backbone, task.head_config, task.peft_configs, self.num_parameters(name))
         task_io.write_task(path, config, task.state_dict())
 
-    def load_task(self, path: str | os.PathLike, name: str | None = None, head: HeadConfig | None = None) -> Task:
+    def load_task(
+        self, path: str | os.PathLike, name: str | None = None, head: HeadConfig | None = None
+    ) -> Task | Ensemble:
         """Load a saved task (optionally under another name); the model is unchanged if anything is wrong.
 
         With `head`, only the saved PEFT modules are loaded and the task gets that new head (e.g. a PEFT backbone
         trained in MMDetection, saved with an `Embedding` head, gets a classification head here).
+
+        An ensemble folder (`save_task` of an ensemble) adds that ensemble; its members must be loaded first.
         """
+        if ensembles.is_ensemble_folder(path):
+            if head is not None:
+                raise ValueError(f"{path} holds an ensemble, which has no head of its own to replace (head=...)")
+            saved = ensembles.read_ensemble(path)
+            return self.add_ensemble(name or saved["ensemble"], saved["members"], saved["mode"])
         return self.attach_task(self.read_task(path, name, head=head))
 
     def read_task(
@@ -376,6 +489,8 @@ class MultiTaskModel(nn.Module):
         """A saved task built, validated (backbone fingerprint, tensor names and shapes, finite values) and loaded,
         but not attached (`attach_task`); the model is not changed. `replace`, `head`: see `build_task`,
         `load_task`."""
+        if ensembles.is_ensemble_folder(path):
+            raise ValueError(f"{path} holds an ensemble, not a task; add it with load_task once its members are loaded")
         config = task_io.read_task_config(path)
         saved_for = task_io.backbone_fingerprint(config)
         if saved_for != self.backbone.fingerprint:

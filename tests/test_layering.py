@@ -3,8 +3,9 @@
 - `kernels/` is a leaf: it imports nothing of ours.
 - `tasks/` needs only the small base of the core: registry, config, the head base (`heads`: `Head`, `HeadConfig`,
   `FeatureInfo`, `Features`) and the output-kind base (`outputs`).
-- The core (everything in `multitask_peft/` but the package entry point, the CLI, run configs, run directories and
-  reports, training and the integrations) never imports `tasks/` or `serving/`; only the CLI reaches into `serving/`.
+- The core (everything in `multitask_peft/` but the package entry point, the CLI, run configs, run directories,
+  reports, the ensemble analysis, training and the integrations) never imports `tasks/` or `serving/`; only the CLI
+  reaches into `serving/`.
 - No import circle among the library's modules.
 
 Imports are read with `ast`, function-level (lazy) imports included, `if TYPE_CHECKING:` blocks left out; importing a
@@ -37,6 +38,7 @@ TASKS_MAY_USE = {
 ABOVE_CORE = (
     "multitask_peft",
     "multitask_peft.cli",
+    "multitask_peft.ensemble_analysis",
     "multitask_peft.report",
     "multitask_peft.run",
     "multitask_peft.run_config",
