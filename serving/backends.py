@@ -2,16 +2,16 @@
 
 - `TorchBackend`: a `MultiTaskModel` (CPU or CUDA; the kernels dispatch on the device) with an `AdapterStore`;
   each image runs only the tasks it asked for, images asking for several tasks share their backbone prefix. Tasks
-  are loaded, replaced and unloaded live.
-- `OnnxBackend`: an exported multi-task graph on ONNX Runtime (`OnnxRunner`); the graph computes every task it
-  holds for every image, the engine keeps the requested ones. Its tasks are fixed (re-export to change them):
-  admin changes answer 409 Conflict.
+  and ensembles are loaded, replaced and unloaded live.
+- `OnnxBackend`: an exported multi-task graph on ONNX Runtime (`OnnxRunner`); the graph computes every task (and
+  ensemble) it holds for every image, the engine keeps the requested ones. Its tasks are fixed (re-export to change
+  them): admin changes answer 409 Conflict.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +60,12 @@ class Backend(Protocol):
 
     @property
     def max_tasks(self) -> int | None:
-        """Most distinct tasks one batch may use (None: no cap); the batcher leaves a request that would pass it
-        for the next batch."""
+        """Most distinct tasks one batch may use (None: no cap), counted by `footprint`; the batcher leaves a
+        request that would pass it for the next batch."""
+        ...
+
+    def footprint(self, tasks: Iterable[str]) -> list[str]:
+        """The tasks that run for `tasks` (served names, all admitted): an ensemble's members in its place."""
         ...
 
     def bind(self, run_in_worker: RunInWorker, metrics: Metrics) -> None:
@@ -138,6 +142,9 @@ class TorchBackend:
     def max_tasks(self) -> int | None:
         return self.store.max_resident
 
+    def footprint(self, tasks: Iterable[str]) -> list[str]:
+        return self.store.footprint(tasks)
+
     def bind(self, run_in_worker: RunInWorker, metrics: Metrics) -> None:
         def loaded() -> None:
             metrics.task_loads.inc()
@@ -213,12 +220,20 @@ class OnnxBackend:
             name: (sidecar_kind(spec), spec["head_config"].get("class_names"))
             for name, spec in self.runner.meta["tasks"].items()
         }
+        self.ensembles = {n: spec["ensemble"] for n, spec in self.runner.meta["tasks"].items() if "ensemble" in spec}
 
     def bind(self, run_in_worker: RunInWorker, metrics: Metrics) -> None:
         """Nothing to wire: the graph's tasks never change."""
 
+    def footprint(self, tasks: Iterable[str]) -> list[str]:
+        """(The graph runs every task it holds anyway.)"""
+        return list(dict.fromkeys(tasks))
+
     def served_tasks(self) -> dict[str, dict[str, Any]]:
-        return {n: {"name": n, "head": h, "class_names": c, "version": 1} for n, (h, c) in self.tasks.items()}
+        served = {n: {"name": n, "head": h, "class_names": c, "version": 1} for n, (h, c) in self.tasks.items()}
+        for name, ensemble in self.ensembles.items():  # computed in the graph from its members' outputs
+            served[name]["ensemble"] = ensemble
+        return served
 
     def acquire(self, tasks: list[str]) -> None:
         unknown = [t for t in tasks if t not in self.tasks]

@@ -270,7 +270,7 @@ class Engine:
             if item is None:
                 self._queue.put_nowait(None)  # stop after this batch
                 break
-            if cap is not None and len(names | set(item.tasks)) > cap:
+            if cap is not None and len(self.backend.footprint(names | set(item.tasks))) > cap:
                 self._carry.appendleft(item)  # its tasks would not fit in the model next to this batch's
                 break
             batch.append(item)
