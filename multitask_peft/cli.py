@@ -56,6 +56,11 @@ def _eval(args: argparse.Namespace) -> None:
     from .run import evaluate_run, format_report, write_report
     from .rundir import RunDirectory
 
+    if args.wise is not None:
+        _eval_wise(args)
+        return
+    if args.wise_tasks is not None or args.wise_reference is not None:
+        raise ValueError("--wise-tasks and --wise-reference need `--wise ALPHAS` (e.g. --wise 0:1:0.1)")
     if args.shift is not None:
         _eval_shift(args)
         return
@@ -63,7 +68,7 @@ def _eval(args: argparse.Namespace) -> None:
     if given:
         one = len(given) == 1
         raise ValueError(
-            f"{', '.join(given)} need{'s' if one else ''} `--shift corruptions`: add it, or leave "
+            f"{', '.join(given)} need{'s' if one else ''} `--shift corruptions` or `--wise`: add it, or leave "
             f"{'it' if one else 'them'} out"
         )
     run = RunDirectory(args.run_dir)
@@ -108,6 +113,37 @@ def _eval_shift(args: argparse.Namespace) -> None:
     report = evaluate_robustness(model, run.config, corruptions, severities, args.max_images, seed)
     written = write_robustness(report, run.path)
     print(format_summary(report))
+    print(f"wrote {', '.join(str(p) for p in written)}")
+
+
+def _eval_wise(args: argparse.Namespace) -> None:
+    """`mtpeft eval RUN --wise ALPHAS`: each task's metric against alpha, clean and under corruptions."""
+    from .rundir import RunDirectory
+    from .tasks.data import check_corruption_names, check_severities
+    from .wise import DEFAULT_SEVERITIES, evaluate_wise, format_wise, parse_alphas, write_wise
+
+    if args.shift not in (None, "corruptions"):
+        raise ValueError(f"--shift with --wise must be 'corruptions' but the value passed is {args.shift!r}")
+    alphas = parse_alphas(args.wise)
+    corruptions = None
+    if args.corruptions is not None:
+        corruptions = (
+            [] if args.corruptions == "none" else check_corruption_names(_split(args.corruptions, "--corruptions", str))
+        )
+    severities = DEFAULT_SEVERITIES
+    if args.severities is not None:
+        severities = check_severities(_split(args.severities, "--severities", int))
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"--max-images should be a positive integer but the value passed is {args.max_images}")
+    tasks = _split(args.wise_tasks, "--wise-tasks", str) if args.wise_tasks is not None else None
+    run = RunDirectory(args.run_dir)
+    model = run.load_model()
+    seed = 0 if args.seed is None else args.seed
+    report = evaluate_wise(
+        model, run.config, alphas, tasks, args.wise_reference, corruptions, severities, args.max_images, seed
+    )
+    written = write_wise(report, run.path)
+    print(format_wise(report))
     print(f"wrote {', '.join(str(p) for p in written)}")
 
 
@@ -258,6 +294,17 @@ def main(argv: list[str] | None = None) -> None:
         "--max-images", type=int, help="with --shift corruptions: at most N images per task, spread over its split"
     )
     evaluate.add_argument("--seed", type=int, help="with --shift corruptions: corruption seed (default 0)")
+    evaluate.add_argument(
+        "--wise",
+        metavar="ALPHAS",
+        help="the WiSE curve instead: alphas as start:stop:step (0:1:0.1) or a list (0,0.5,1); each task's metric "
+        "clean and under corruptions (default: all at severity 3; --corruptions none skips them); writes wise.md, "
+        "wise.json, figures/wise.png",
+    )
+    evaluate.add_argument("--wise-tasks", help="with --wise: comma-separated tasks (default: all with a WiSE form)")
+    evaluate.add_argument(
+        "--wise-reference", metavar="TASK", help="with --wise: the linear-probe task alpha = 0 becomes (default: zeros)"
+    )
     evaluate.set_defaults(fn=_eval)
     tasks = sub.add_parser("tasks", help="list a run's tasks: metric, trainable parameters, PPT")
     tasks.add_argument("run_dir")

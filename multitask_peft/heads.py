@@ -118,6 +118,13 @@ class Head(nn.Module):
         """
         raise NotImplementedError(f"{type(self).__name__} has no tensor form (export_outputs)")
 
+    def class_logits(self, outputs: Any, image_size: tuple[int, int]) -> torch.Tensor:
+        """Per-class scores before the decision, class dimension 1, at the resolution of the results: (N, C) for
+        classification, (N, C, H, W) at `image_size` for segmentation. What ensembles combine
+        (`multitask_peft.ensemble`); the output kind's `from_class_logits` turns them into the tensor form. Heads
+        whose results are not one class decision per image or pixel (detection) have none."""
+        raise NotImplementedError(f"{type(self).__name__} has no class logits (ensembles cannot combine it)")
+
     def tensor_outputs(self, outputs: Any, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
         """The tensor form in eager mode (what `predict` decodes); the same fields as `export_outputs`, which it is
         unless a head has a faster or more general eager path (e.g. a wrapped library's own post-processing).

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import ensemble as ensembles
 from . import task_io
 from .backbone import BackboneHost, DataConfig, create_timm_backbone
 from .config import check_task_name
+from .ensemble import Ensemble
 from .executor import RowPlan, SlotPlan, run_backbone
 from .heads import FeatureInfo, Features, HeadConfig
-from .outputs import decode_outputs
+from .outputs import output_kind
 from .peft.base import METHODS, MethodModule, PeftConfig
 from .routing import PLAIN_SLOT
+from .wise_copies import WiseCopies, wise_copy
 
 
 class Task(nn.Module):
@@ -64,6 +67,8 @@ class MultiTaskModel(nn.Module):
         self.backbone = host
         self.task_modules = nn.ModuleDict()
         self._plans: dict[int, SlotPlan] = {}
+        self._ensembles: dict[str, Ensemble] = {}
+        self._wise_copies = WiseCopies()
         self.grad_checkpointing = False
         self.version = 0  # bumped whenever a task is attached or removed
         layout = host.layout
@@ -96,7 +101,11 @@ class MultiTaskModel(nn.Module):
 
     def task(self, name: str) -> Task:
         if name not in self.task_modules:
-            raise ValueError(f"unknown task {name!r}; tasks: {self.tasks}")
+            if name in self._ensembles:
+                members = list(self._ensembles[name].members)
+                raise ValueError(f"{name!r} is an ensemble (of {members}), not a task; tasks: {self.tasks}")
+            also = f", ensembles: {self.ensembles}" if self._ensembles else ""
+            raise ValueError(f"unknown task {name!r}; tasks: {self.tasks}{also}")
         return self.task_modules[name]
 
     def slot(self, name: str) -> int:
@@ -125,6 +134,7 @@ class MultiTaskModel(nn.Module):
         With `replace`, a task of that name may exist (the built task is meant to replace it later).
         """
         self._check_free_name(name, replace)
+        self._check_not_ensemble(name)
         if not isinstance(head, HeadConfig):
             raise TypeError(f"head must be a head config such as mtp.tasks.Classification(...), got {head!r}")
         configs = [peft] if isinstance(peft, PeftConfig) else list(peft)
@@ -151,6 +161,7 @@ class MultiTaskModel(nn.Module):
         if not isinstance(task, Task):
             raise TypeError(f"task must be a Task from build_task / read_task, got {type(task).__name__}")
         self._check_free_name(task.name)
+        self._check_not_ensemble(task.name)
         if task.slot != PLAIN_SLOT:
             raise ValueError(f"task {task.name!r} is attached to a model already")
         self._commit(task)
@@ -167,21 +178,33 @@ class MultiTaskModel(nn.Module):
             )
 
     def _commit(self, task: Task) -> None:
-        used = {t.slot for t in self.task_modules.values()}
+        self._attach_slot(task)
+        self.task_modules[task.name] = task
+        self.version += 1
+
+    def _attach_slot(self, task: Task) -> None:
+        """Give `task` the lowest free slot and attach its adapters (tasks and hidden WiSE copies alike)."""
+        used = set(self._plans)
         task.slot = next(s for s in range(len(used) + 1) if s not in used)
         for method in task.peft.values():
             for name, adapter in method.adapters().items():
                 self.backbone.attach(name, task.slot, adapter)
-        self.task_modules[task.name] = task
         self._plans[task.slot] = task.plan(self.backbone)
-        self.version += 1
 
-    def remove_task(self, name: str) -> None:
-        task = self.task(name)
+    def _detach_slot(self, task: Task) -> None:
         self.backbone.detach(task.slot)
         del self._plans[task.slot]
-        del self.task_modules[name]
         task.slot = PLAIN_SLOT
+
+    def remove_task(self, name: str) -> None:
+        """Detach a task. A member of an ensemble cannot be removed while the ensemble exists (`remove_ensemble`)."""
+        task = self.task(name)
+        users = [e.name for e in self._ensembles.values() if name in e.members]
+        if users:
+            raise ValueError(f"task {name!r} is a member of ensemble(s) {users}; remove_ensemble them first")
+        self._wise_copies.drop(self, name)  # per-call WiSE copies made from it or toward its head
+        self._detach_slot(task)
+        del self.task_modules[name]
         self.version += 1
 
     def trainable_parameters(self, name: str) -> Iterator[nn.Parameter]:
@@ -189,7 +212,11 @@ class MultiTaskModel(nn.Module):
         return (p for p in self.task(name).parameters() if p.requires_grad)
 
     def num_parameters(self, name: str) -> dict[str, int]:
-        """Trainable parameter counts of a task: {"peft": ..., "head": ...} (PPT counts "peft")."""
+        """Trainable parameter counts of a task: {"peft": ..., "head": ...} (PPT counts "peft"); an ensemble's are
+        the sums over its members."""
+        if name in self._ensembles:
+            counts = [self.num_parameters(m) for m in self._ensembles[name].members]
+            return {key: sum(c[key] for c in counts) for key in ("peft", "head")}
         task = self.task(name)
         return {
             "peft": sum(p.numel() for p in task.peft.parameters() if p.requires_grad),
@@ -200,6 +227,71 @@ class MultiTaskModel(nn.Module):
         super().train(mode)
         self.backbone.train(False)  # frozen: norm statistics never change
         return self
+
+    # --- ensembles ---------------------------------------------------------------------------------------------
+    @property
+    def ensembles(self) -> list[str]:
+        """Names of the ensembles (`add_ensemble`); `tasks` lists the tasks, which hold the parameters."""
+        return list(self._ensembles)
+
+    def ensemble(self, name: str) -> Ensemble:
+        if name not in self._ensembles:
+            raise ValueError(f"unknown ensemble {name!r}; ensembles: {self.ensembles}")
+        return self._ensembles[name]
+
+    def head_config(self, name: str) -> HeadConfig:
+        """What formats, measures and describes the results of a task (its head config) or of an ensemble (its
+        label space: the first member's head config with the members' class names)."""
+        if name in self._ensembles:
+            return self._ensembles[name].head_config
+        return self.task(name).head_config
+
+    def add_ensemble(self, name: str, members: Sequence[str], mode: str = "mean_prob") -> Ensemble:
+        """Add an ensemble: a result named like a task that combines its member tasks' results.
+
+        `predict`, `predict_each`, evaluation, serving and ONNX export take its name like a task's; its members run
+        in the same routed pass (shared prefix, once per image). See `multitask_peft.ensemble`.
+
+        Args:
+            name: Its name (not a task's or another ensemble's).
+            members: At least two tasks of one label space (same output kind, number of classes and class names);
+                classification and segmentation tasks.
+            mode: "mean_prob" (mean of the softmax probabilities; the result's "logits" are the log of the mean
+                probability) or "mean_logit" (mean of the logits).
+
+        On error the model is unchanged.
+        """
+        if isinstance(name, str) and name in self.task_modules:
+            raise ValueError(f"{name!r} is a task; tasks and ensembles share one name space (tasks: {self.tasks})")
+        if isinstance(name, str) and name in self._ensembles:
+            raise ValueError(f"ensemble {name!r} already exists (remove_ensemble it first)")
+        heads = {t: task.head_config for t, task in self.task_modules.items()}
+        existing = {e.name: e.members for e in self._ensembles.values()}
+        ens = ensembles.check_ensemble(name, members, mode, heads, existing)
+        for m in ens.members:
+            head = self.task_modules[m].head
+            if not ensembles.head_supports_ensembles(head):
+                raise ValueError(
+                    f"ensemble {name!r}: member {m!r} has a {type(head).__name__}, which gives no class logits to "
+                    "combine (Head.class_logits)"
+                )
+        self._ensembles[ens.name] = ens
+        return ens
+
+    def remove_ensemble(self, name: str) -> None:
+        """Remove an ensemble (its members stay)."""
+        self.ensemble(name)
+        del self._ensembles[name]
+
+    def _members(self, name: str) -> tuple[str, ...]:
+        """The tasks that make the results of `name`: an ensemble's members, else the task itself."""
+        return self._ensembles[name].members if name in self._ensembles else (name,)
+
+    def _check_not_ensemble(self, name: str) -> None:
+        if name in self._ensembles:
+            raise ValueError(
+                f"{name!r} is an ensemble; tasks and ensembles share one name space (remove_ensemble it first)"
+            )
 
     # --- forward -------------------------------------------------------------------------------------------
     def forward_features(self, images: torch.Tensor, task_slots: torch.Tensor | Sequence[int]) -> Features:
@@ -269,25 +361,51 @@ class MultiTaskModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, tasks: Sequence[str] | str) -> dict[str, list[dict[str, Any]]]:
-        """Run every listed task on every image, sharing the backbone prefix the tasks have in common.
+    def predict(
+        self,
+        images: torch.Tensor,
+        tasks: Sequence[str] | str,
+        alpha: float | Mapping[str, float] | None = None,
+        reference: str | Mapping[str, str] | None = None,
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Run every listed task (or ensemble) on every image, sharing the backbone prefix the tasks have in common;
+        an ensemble's members run in the same pass, once per image also when they are listed themselves.
+
+        Args:
+            images: (N, 3, H, W) float, already normalised.
+            tasks: Task or ensemble names.
+            alpha: WiSE coefficient in [0, 1] for every listed task, or {task: alpha} (`wise_task`); None / 1 = the
+                task as trained.
+            reference: The linear-probe task alpha = 0 becomes (one name, or {task: name}); None = a zero head.
 
         Returns:
-            {task: [per-image result dict]} (classification: {"logits", "label", "score"}).
+            {task: [per-image result dict]} (classification: {"logits", "label", "score"}; an ensemble's results
+            have its members' keys).
         """
         self._check_images(images)
         names = [tasks] if isinstance(tasks, str) else list(dict.fromkeys(tasks))
         if not names:
             raise ValueError("tasks must name at least one task; tasks: " + str(self.tasks))
+        run = {name: self._with_alpha(name, _per_task(alpha, name), _per_task(reference, name)) for name in names}
         n = images.shape[0]
-        results = self._predict_rows(images, [(i, name) for name in names for i in range(n)])
-        return {name: [results[(i, name)] for i in range(n)] for name in names}
+        results = self._predict_rows(images, [(i, run[name]) for name in names for i in range(n)])
+        return {name: [results[(i, run[name])] for i in range(n)] for name in names}
 
     @torch.no_grad()
-    def predict_each(self, images: torch.Tensor, tasks: Sequence[Sequence[str]]) -> list[dict[str, dict[str, Any]]]:
+    def predict_each(
+        self,
+        images: torch.Tensor,
+        tasks: Sequence[Sequence[str]],
+        alpha: Sequence[float | Mapping[str, float] | None] | None = None,
+        reference: Sequence[str | Mapping[str, str] | None] | None = None,
+    ) -> list[dict[str, dict[str, Any]]]:
         """Per image its own tasks, in one forward: `tasks[i]` lists the tasks of image i (what a server batching
         several requests needs). Images asking for several tasks share the backbone prefix those tasks have in
-        common, and every task's rows go through its head together.
+        common, and every task's rows go through its head together. Ensembles may be listed like tasks.
+
+        Args:
+            alpha: Per image, a WiSE alpha for its tasks or {task: alpha} (as in `predict`); None: none at all.
+            reference: Per image, the reference of its WiSE tasks (as in `predict`).
 
         Returns:
             One {task: result dict} per image, result dicts as in `predict`.
@@ -297,32 +415,63 @@ class MultiTaskModel(nn.Module):
         if isinstance(tasks, str) or len(tasks) != n:
             raise ValueError(f"tasks must hold one list of task names per image ({n}), got {tasks!r}")
         per_image = [[t] if isinstance(t, str) else list(dict.fromkeys(t)) for t in tasks]
-        requests = [(i, name) for i, names in enumerate(per_image) for name in names]
+        for option, value in (("alpha", alpha), ("reference", reference)):
+            if value is not None and (isinstance(value, (str, Mapping)) or len(value) != n):
+                raise ValueError(f"{option} must hold one entry per image ({n}) or be None, got {value!r}")
+        run = [
+            {
+                name: self._with_alpha(
+                    name,
+                    _per_task(alpha[i] if alpha is not None else None, name),
+                    _per_task(reference[i] if reference is not None else None, name),
+                )
+                for name in names
+            }
+            for i, names in enumerate(per_image)
+        ]
+        requests = [(i, run[i][name]) for i, names in enumerate(per_image) for name in names]
         if not requests:
             raise ValueError("tasks must name at least one task for some image; tasks: " + str(self.tasks))
         results = self._predict_rows(images, requests)
-        return [{name: results[(i, name)] for name in names} for i, names in enumerate(per_image)]
+        return [{name: results[(i, run[i][name])] for name in names} for i, names in enumerate(per_image)]
 
     def _predict_rows(self, images: torch.Tensor, requests: list[tuple[int, str]]) -> dict[tuple[int, str], Any]:
-        """One routed eval-mode pass (shared prefix) for (image, task) requests; every task's rows go through its
-        head together. Returns {(image, task): result dict}."""
-        rows = [(i, self.slot(name)) for i, name in requests]
+        """One routed eval-mode pass (shared prefix) for (image, task or ensemble) requests; every task's rows go
+        through its head together, an ensemble's members run once per image. Returns {(image, name): result}."""
+        combined = {name: self._ensembles[name] for _, name in requests if name in self._ensembles}
+        runs = list(dict.fromkeys((i, t) for i, name in requests for t in self._members(name)))  # (image, task)
+        rows = [(i, self._runnable(name).slot) for i, name in runs]
+        needed = {(i, m) for i, name in requests if name in combined for m in combined[name].members}
+        wanted = set(requests)
+        size = (images.shape[-2], images.shape[-1])
         was_training = self.training
         self.eval()
         try:
             features = run_backbone(self.backbone, images, RowPlan(self.backbone, rows, self._plans))
-            results = {}
-            for name in dict.fromkeys(name for _, name in requests):
-                index = [k for k, (_, task) in enumerate(requests) if task == name]
-                head = self.task_modules[name].head
-                outputs = decode_outputs(
-                    self.task_modules[name].head_config,
-                    head,
-                    head(features.select(index)),
-                    (images.shape[-2], images.shape[-1]),
-                )
-                for k, out in zip(index, outputs, strict=True):
-                    results[requests[k]] = out
+            results: dict[tuple[int, str], Any] = {}
+            class_logits: dict[tuple[int, str], torch.Tensor] = {}  # (image, member) -> (C, ...)
+            for name in dict.fromkeys(name for _, name in runs):
+                index = [k for k, (_, task) in enumerate(runs) if task == name]
+                task = self._runnable(name)
+                head = task.head
+                raw = head(features.select(index))
+                direct = [j for j, k in enumerate(index) if runs[k] in wanted]
+                if direct:
+                    tensors = head.tensor_outputs(raw, size)  # {field: (R, ...)}
+                    if len(direct) < len(index):  # rows run only for an ensemble are not decoded
+                        tensors = {field: t[direct] for field, t in tensors.items()}
+                    outputs = output_kind(task.head_config).decode(tensors)
+                    for j, out in zip(direct, outputs, strict=True):
+                        results[runs[index[j]]] = out
+                if any(runs[k] in needed for k in index):
+                    logits = head.class_logits(raw, size)  # (R, C, ...)
+                    for j, k in enumerate(index):
+                        class_logits[runs[k]] = logits[j]
+            for name, ens in combined.items():
+                rows_of = [i for i, n in requests if n == name]
+                logits = [torch.stack([class_logits[(i, m)] for i in rows_of]) for m in ens.members]  # (R, C, ...)
+                for i, out in zip(rows_of, ensembles.decode(ens, logits), strict=True):
+                    results[(i, name)] = out
             return results
         finally:
             self.train(was_training)
@@ -356,60 +505,35 @@ class MultiTaskModel(nn.Module):
         and its head is `ref + alpha (head - ref)`, `ref` the head of `reference` (a linear-probe task of the same
         label space) or zeros. alpha = 1 is the task, alpha = 0 the reference (the frozen backbone + its head).
         Methods whose change cannot be scaled (prompts) are refused by name. The result folds and exports like any
-        task (`add_wise` attaches it).
+        task (`add_wise` attaches it); `predict(..., alpha=)` uses such copies per call.
 
         Raises:
             ValueError: alpha outside [0, 1], an unknown task, a method without WiSE form, a reference that adapts
                 the backbone or whose head differs in type or shape.
         """
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"WiSE alpha must be a number in [0, 1], got {alpha!r}")
-        task = self.task(name)
-        refused = [c.method for c in task.peft_configs if not c.wise]
-        if refused:
-            config = next(c for c in task.peft_configs if not c.wise)
-            raise ValueError(f"task {name!r}: {refused[0]} has no WiSE form: {config.wise_refusal}")
-        ref_state = self._wise_reference(name, reference)
-        wise = copy.deepcopy(task)
-        wise.slot = PLAIN_SLOT
-        with torch.no_grad():
-            for method in wise.peft.values():
-                method.wise_(float(alpha), self.backbone)
-            for key, tensor in wise.head.state_dict(keep_vars=True).items():
-                if not tensor.is_floating_point():
-                    continue
-                if ref_state is not None:
-                    tensor.copy_(ref_state[key] + alpha * (tensor - ref_state[key]))
-                elif isinstance(tensor, nn.Parameter):  # zeros reference: parameters only (buffers are statistics)
-                    tensor.mul_(alpha)
-        return wise
+        return wise_copy(self, name, alpha, reference)
 
     def add_wise(self, new_name: str, name: str, alpha: float, reference: str | None = None) -> Task:
         """Attach `wise_task(name, alpha, reference)` as task `new_name` (saved, served, folded and exported like
         any task: how a fixed alpha leaves the process)."""
         self._check_free_name(new_name)
+        self._check_not_ensemble(new_name)
         wise = self.wise_task(name, alpha, reference)
         wise.name = new_name
         return self.attach_task(wise)
 
-    def _wise_reference(self, name: str, reference: str | None) -> dict[str, torch.Tensor] | None:
-        if reference is None:
-            return None
-        ref, task = self.task(reference), self.task(name)
-        changes = [c.method for c in ref.peft_configs if c.method != "linear_probe"]
-        if changes:
-            raise ValueError(
-                f"WiSE reference {reference!r} must leave the backbone frozen (a linear-probe task), but it uses "
-                f"{changes}"
-            )
-        mine, theirs = task.head.state_dict(), ref.head.state_dict()
-        same = type(ref.head_config) is type(task.head_config) and mine.keys() == theirs.keys()
-        if not same or any(mine[k].shape != theirs[k].shape for k in mine):
-            raise ValueError(
-                f"WiSE reference {reference!r} must have a head like task {name!r}'s (same type, classes and "
-                f"shapes); got {ref.head_config!r} for {task.head_config!r}"
-            )
-        return {k: v.detach() for k, v in theirs.items()}
+    def _with_alpha(self, name: str, alpha: float | None, reference: str | None) -> str:
+        """The name to run for task `name` at `alpha`: the task itself (alpha None or 1), else a WiSE copy
+        attached under a hidden slot, kept while neither task's weights change (`WiseCopies`)."""
+        if alpha is None or (alpha == 1.0 and not isinstance(alpha, bool)):
+            return name
+        if name in self._ensembles:
+            raise ValueError(f"alpha applies to tasks; {name!r} is an ensemble (ask its members with alpha instead)")
+        return self._wise_copies.get(self, name, alpha, reference)
+
+    def _runnable(self, name: str) -> Task:
+        """A task by name, including the hidden WiSE copies of this call."""
+        return self.task_modules[name] if name in self.task_modules else self._wise_copies.task(name)
 
     # --- validation ----------------------------------------------------------------------------------------
     def _check_images(self, images: object) -> None:
@@ -455,18 +579,31 @@ class MultiTaskModel(nn.Module):
 
     # --- task files ----------------------------------------------------------------------------------------
     def save_task(self, name: str, path: str | os.PathLike) -> None:
-        """Write `adapter_config.json` + `adapter_model.safetensors` for a task into directory `path`."""
+        """Write `adapter_config.json` + `adapter_model.safetensors` for a task into directory `path`; for an
+        ensemble, `ensemble_config.json` (its members and mode, no weights)."""
+        if name in self._ensembles:
+            ensembles.write_ensemble(path, self._ensembles[name])
+            return
         task = self.task(name)
         backbone = {"arch": self.backbone.arch, "fingerprint": self.backbone.fingerprint}
         config = task_io.task_config(name, backbone, task.head_config, task.peft_configs, self.num_parameters(name))
         task_io.write_task(path, config, task.state_dict())
 
-    def load_task(self, path: str | os.PathLike, name: str | None = None, head: HeadConfig | None = None) -> Task:
+    def load_task(
+        self, path: str | os.PathLike, name: str | None = None, head: HeadConfig | None = None
+    ) -> Task | Ensemble:
         """Load a saved task (optionally under another name); the model is unchanged if anything is wrong.
 
         With `head`, only the saved PEFT modules are loaded and the task gets that new head (e.g. a PEFT backbone
         trained in MMDetection, saved with an `Embedding` head, gets a classification head here).
+
+        An ensemble folder (`save_task` of an ensemble) adds that ensemble; its members must be loaded first.
         """
+        if ensembles.is_ensemble_folder(path):
+            if head is not None:
+                raise ValueError(f"{path} holds an ensemble, which has no head of its own to replace (head=...)")
+            saved = ensembles.read_ensemble(path)
+            return self.add_ensemble(name or saved["ensemble"], saved["members"], saved["mode"])
         return self.attach_task(self.read_task(path, name, head=head))
 
     def read_task(
@@ -479,6 +616,8 @@ class MultiTaskModel(nn.Module):
         """A saved task built, validated (backbone fingerprint, tensor names and shapes, finite values) and loaded,
         but not attached (`attach_task`); the model is not changed. `replace`, `head`: see `build_task`,
         `load_task`."""
+        if ensembles.is_ensemble_folder(path):
+            raise ValueError(f"{path} holds an ensemble, not a task; add it with load_task once its members are loaded")
         config = task_io.read_task_config(path)
         saved_for = task_io.backbone_fingerprint(config)
         if saved_for != self.backbone.fingerprint:
@@ -509,3 +648,8 @@ def _check_no_conflicts(methods: list[MethodModule]) -> None:
             if name in owner:
                 raise ValueError(f"{name} is adapted by both {owner[name]} and {m.config.method} in one task")
             owner[name] = m.config.method
+
+
+def _per_task(value: object, name: str) -> object:
+    """A per-call option for task `name`: the value itself, or its entry when it is a {task: value} mapping."""
+    return value.get(name) if isinstance(value, Mapping) else value

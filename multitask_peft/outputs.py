@@ -159,6 +159,11 @@ class OutputKind:
         sent (`context.original`)."""
         raise NotImplementedError
 
+    def from_class_logits(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensor form from per-class scores (`Head.class_logits`, class dimension 1): how an ensemble's
+        combined class logits become results. Kinds without one cannot be ensembled."""
+        raise NotImplementedError(f"{self.name!r} results cannot be built from class logits (no ensembles)")
+
     def metric(self, head_config: HeadConfig) -> TaskMetric:
         """A fresh metric for a task with this head config (kinds with a `primary_metric` have one)."""
         raise ValueError(f"{self.name!r} results have no metric (head config {type(head_config).__name__})")

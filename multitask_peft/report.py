@@ -371,11 +371,25 @@ def _format_metrics(metrics: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def format_analysis(analysis: Mapping[str, Any]) -> str:
+    """One line on how differently an ensemble's members err (`ensemble_analysis.disagreement`)."""
+    members = ", ".join(f"{t} {v:.4f}" for t, v in analysis["accuracy"].items())
+    return (
+        f"top-1 of the members: {members}; ensemble {analysis['ensemble_accuracy']:.4f} "
+        f"({analysis['gain_over_best']:+.4f} over {analysis['best_member']}); oracle (any member right) "
+        f"{analysis['oracle']:.4f}; different mistakes (some members wrong, not all) "
+        f"{analysis['different_mistakes']:.4f}; mean pairwise disagreement {analysis['mean_pairwise_disagreement']:.4f}"
+    )
+
+
 def format_markdown(report: Mapping[str, Any], table: str, figures: Mapping[str, Sequence[FigureFile]]) -> str:
-    """report.md: the metrics table (`run.format_report`), then each task's metrics and figures."""
+    """report.md: the metrics table (`run.format_report`), then each task's metrics and figures (an ensemble's: how
+    differently its members err)."""
     lines = [table]
     for name, row in report["tasks"].items():
         lines += ["", f"## {name}", "", f"{row['head']}, {'+'.join(row['methods'])}: {_format_metrics(row['metrics'])}"]
+        if "analysis" in row:
+            lines += ["", format_analysis(row["analysis"])]
         for figure in figures.get(name, ()):
             lines += ["", f"![{name}: {figure.title}]({figure.path})"]
     return "\n".join(lines)
@@ -419,6 +433,8 @@ def format_html(
         body.append(f'<h2 id="{html.escape(name)}">{html.escape(name)}</h2>')
         summary = f"{row['head']}, {'+'.join(row['methods'])}: {_format_metrics(row['metrics'])}"
         body.append(f"<p>{html.escape(summary)}</p>")
+        if "analysis" in row:
+            body.append(f"<p>{html.escape(format_analysis(row['analysis']))}</p>")
         for figure in figures.get(name, ()):
             data = base64.b64encode((Path(out) / figure.path).read_bytes()).decode("ascii")
             alt = html.escape(f"{name}: {figure.title}")

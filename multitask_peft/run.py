@@ -15,9 +15,11 @@ from .run_config import (
     SOURCES,
     BackboneSpec,
     DataSpec,
+    EnsembleSpec,
     ExportSpec,
     RunConfig,
     TaskSpec,
+    add_ensembles,
     add_tasks,
     build_backbone,
     build_model,
@@ -29,11 +31,13 @@ __all__ = [
     "SOURCES",
     "BackboneSpec",
     "DataSpec",
+    "EnsembleSpec",
     "ExportSpec",
     "RunConfig",
     "TaskSpec",
     "build_backbone",
     "build_model",
+    "evaluate_ensemble",
     "evaluate_run",
     "export_run",
     "format_report",
@@ -108,12 +112,13 @@ def train_tasks(config: RunConfig, resume: bool = False) -> tuple[Any, Any, floa
             stream=task.stream,
         )
     add_tasks(model, config)
+    add_ensembles(model, config)  # (before training: a bad ensemble fails now, not after it)
     start = time.perf_counter()
     Trainer(model, data, config.train, out).fit(resume=resume)
     train_time = time.perf_counter() - start
     if not dist.is_main:
         return None
-    for name in model.tasks:
+    for name in [*model.tasks, *model.ensembles]:
         model.save_task(name, run.tasks_dir / name)
     return model, run, train_time
 
@@ -126,12 +131,14 @@ def export_run(
     image_size: int | None = None,
     **options: Any,
 ) -> Path:
-    """Export a run's model to ONNX with the run's preprocessing (default: every task with an ONNX form, at the
-    largest task image size)."""
+    """Export a run's model to ONNX with the run's preprocessing (default: every task with an ONNX form and every
+    ensemble of such tasks, at the largest image size of the tasks that run)."""
     from .export import export_onnx
 
     if tasks is None:
         tasks = [t for t in model.tasks if all(c.onnx for c in model.task(t).peft_configs)]
+        if not options.get("merge"):
+            tasks += [e for e in model.ensembles if set(model.ensemble(e).members) <= set(tasks)]
         if options.get("merge") and len(tasks) > 1:
             raise ValueError(
                 f"--merge exports one task (or several LoRA tasks as adapters): name them with --tasks; "
@@ -140,7 +147,8 @@ def export_run(
     if not tasks:
         raise ValueError(f"no task to export: tasks {model.tasks} all use methods without an ONNX form")
     if image_size is None:
-        image_size = config.input_size(model.data_config, tasks)
+        running = [m for t in tasks for m in (model.ensemble(t).members if t in model.ensembles else (t,))]
+        image_size = config.input_size(model.data_config, list(dict.fromkeys(running)))
     start = time.perf_counter()
     path = export_onnx(model, path, tasks=tasks, image_size=image_size, **options)  # mean / std: the backbone's
     checked = ", checked against PyTorch" if options.get("check", True) else ""
@@ -186,7 +194,49 @@ def evaluate_run(model: Any, config: RunConfig, out: Path) -> dict[str, Any]:
         }
         if confusion is not None:
             rows[name]["confusion"] = confusion.counts.tolist()
+    for name in config.ensembles:
+        rows[name] = evaluate_ensemble(model, config, name)
     return {"backbone": config.backbone.name, "tasks": rows}
+
+
+def evaluate_ensemble(model: Any, config: RunConfig, name: str) -> dict[str, Any]:
+    """An ensemble's report row, on the eval split of its first member's data: its metrics, the sums of its members'
+    parameters and, for classification, how differently the members err (`ensemble_analysis.disagreement`, in the
+    same pass)."""
+    from .ensemble_analysis import disagreement
+    from .outputs import output_kind
+    from .ppt import ppt
+    from .tasks import evaluate
+
+    start = time.perf_counter()
+    ens = model.ensemble(name)
+    data = config.tasks[ens.members[0]].data
+    dataset = data.dataset(data.eval_split, train=False, backbone=model.data_config)
+    analysis = None
+    if ens.head_config.output_kind == "classification":
+        analysis = disagreement(model, name, dataset)
+        metrics = analysis.pop("metrics")[name]
+    else:
+        metrics = evaluate(model, name, dataset)
+    primary = output_kind(ens.head_config).primary_metric
+    params = model.num_parameters(name)
+    value = max(0.0, float(metrics[primary]))
+    row = {
+        "head": ens.head_config.head_type,
+        "methods": [f"ensemble {ens.mode}: {'+'.join(ens.members)}"],
+        "members": list(ens.members),
+        "mode": ens.mode,
+        "metric": primary,
+        "value": value,
+        "metrics": metrics,
+        "peft_params": params["peft"],
+        "head_params": params["head"],
+        "ppt": ppt(value, params["peft"]),
+        "eval_time_s": round(time.perf_counter() - start, 1),
+    }
+    if analysis is not None:
+        row["analysis"] = analysis
+    return row
 
 
 def write_report(report: dict[str, Any], out: Path, model: Any = None, config: RunConfig | None = None) -> None:

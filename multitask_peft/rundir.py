@@ -3,7 +3,7 @@
 ```
 RUN_DIR/
   config.yaml        the run config (`RunConfig.to_dict()`)
-  tasks/<name>/      one task folder per trained task (`model.save_task`)
+  tasks/<name>/      one task folder per trained task (`model.save_task`), one ensemble folder per ensemble
   model.onnx         the multi-task ONNX graph (+ model.json), when the run exports one
   report.md, report.html, figures/, report.json, log.jsonl, checkpoints/
   robustness.json, robustness.md, figures/robustness.png    `mtpeft eval RUN --shift corruptions`
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from .run_config import RunConfig, build_backbone, load_run_config
+from .run_config import RunConfig, add_ensembles, build_backbone, load_run_config
 
 if TYPE_CHECKING:
     from .model import MultiTaskModel
@@ -90,7 +90,7 @@ class RunDirectory:
         return build_backbone(self.config)
 
     def load_model(self) -> MultiTaskModel:
-        """The run's model with every task of its config loaded from `tasks/`.
+        """The run's model with every task of its config loaded from `tasks/`, and the ensembles of its config.
 
         Raises:
             ValueError: A task of the config has no task folder (the run did not finish).
@@ -104,4 +104,5 @@ class RunDirectory:
         model = self.build_backbone()
         for name in self.config.tasks:
             model.load_task(self.tasks_dir / name)
+        add_ensembles(model, self.config)
         return model

@@ -46,7 +46,7 @@ log = logging.getLogger("multitask_peft.serving")
 
 #: Largest request body accepted, in bytes (413 past it).
 MAX_BODY_BYTES = 20 * 2**20
-OPTION_FIELDS = ("score_threshold", "max_detections", "mask_format", "logits", "timeout_s")
+OPTION_FIELDS = ("score_threshold", "max_detections", "mask_format", "logits", "timeout_s", "alpha", "wise_reference")
 ROUTES = {"/v1/predict", "/v1/tasks", "/health/live", "/health/ready", "/metrics", "/v2", "/v2/health/live",
           "/v2/health/ready"}  # fmt: skip
 
@@ -65,6 +65,8 @@ _PREDICT_BODY = {
                     "mask_format": {"type": "string", "enum": ["png", "list"]},
                     "logits": {"type": "boolean"},
                     "timeout_s": {"type": "number", "exclusiveMinimum": 0},
+                    "alpha": {"type": "number", "minimum": 0, "maximum": 1, "description": "WiSE coefficient"},
+                    "wise_reference": {"type": "string", "description": "linear-probe task alpha = 0 becomes"},
                 },
             }
         },
@@ -80,6 +82,8 @@ _PREDICT_BODY = {
                     "mask_format": {"type": "string", "enum": ["png", "list"]},
                     "logits": {"type": "boolean"},
                     "timeout_s": {"type": "number"},
+                    "alpha": {"type": "number"},
+                    "wise_reference": {"type": "string"},
                 },
             }
         },

@@ -2,16 +2,16 @@
 
 - `TorchBackend`: a `MultiTaskModel` (CPU or CUDA; the kernels dispatch on the device) with an `AdapterStore`;
   each image runs only the tasks it asked for, images asking for several tasks share their backbone prefix. Tasks
-  are loaded, replaced and unloaded live.
-- `OnnxBackend`: an exported multi-task graph on ONNX Runtime (`OnnxRunner`); the graph computes every task it
-  holds for every image, the engine keeps the requested ones. Its tasks are fixed (re-export to change them):
-  admin changes answer 409 Conflict.
+  and ensembles are loaded, replaced and unloaded live.
+- `OnnxBackend`: an exported multi-task graph on ONNX Runtime (`OnnxRunner`); the graph computes every task (and
+  ensemble) it holds for every image, the engine keeps the requested ones. Its tasks are fixed (re-export to change
+  them): admin changes answer 409 Conflict.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .errors import Conflict, NotFound
+from .errors import Conflict, NotFound, Unprocessable
 from .images import Preprocess
 from .metrics import Metrics
 from .store import AdapterStore
@@ -53,15 +53,21 @@ class Backend(Protocol):
     Attributes:
         name: The backend's name ("torch", "onnx"), in `/v1/tasks` and the OIP platform.
         preprocess: Input size and normalisation of the served model.
+        wise: Whether requests may ask for a WiSE `alpha` (per-call weight-space interpolation).
     """
 
     name: str
     preprocess: Preprocess
+    wise: bool
 
     @property
     def max_tasks(self) -> int | None:
-        """Most distinct tasks one batch may use (None: no cap); the batcher leaves a request that would pass it
-        for the next batch."""
+        """Most distinct tasks one batch may use (None: no cap), counted by `footprint`; the batcher leaves a
+        request that would pass it for the next batch."""
+        ...
+
+    def footprint(self, tasks: Iterable[str]) -> list[str]:
+        """The tasks that run for `tasks` (served names, all admitted): an ensemble's members in its place."""
         ...
 
     def bind(self, run_in_worker: RunInWorker, metrics: Metrics) -> None:
@@ -91,9 +97,11 @@ class Backend(Protocol):
         batch runs inside it); yields per task what formats its results."""
         ...
 
-    def run(self, images: torch.Tensor, tasks: list[list[str]]) -> list[dict[str, dict[str, Any]]]:
+    def run(
+        self, images: torch.Tensor, tasks: list[list[str]], wise: list[tuple[float | None, str | None]] | None = None
+    ) -> list[dict[str, dict[str, Any]]]:
         """On the worker thread: the raw results (CPU tensors) of each image's tasks. `images`: (N, 3, H, W)
-        normalised at `preprocess.size`; `tasks[i]`: the tasks of image i."""
+        normalised at `preprocess.size`; `tasks[i]`: the tasks of image i; `wise[i]`: its (alpha, reference)."""
         ...
 
     def check_changeable(self) -> None:
@@ -126,6 +134,7 @@ class TorchBackend:
     """
 
     name = "torch"
+    wise = True
 
     def __init__(self, model: Any, store: AdapterStore, preprocess: Preprocess, device: str | None = None) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -137,6 +146,9 @@ class TorchBackend:
     @property
     def max_tasks(self) -> int | None:
         return self.store.max_resident
+
+    def footprint(self, tasks: Iterable[str]) -> list[str]:
+        return self.store.footprint(tasks)
 
     def bind(self, run_in_worker: RunInWorker, metrics: Metrics) -> None:
         def loaded() -> None:
@@ -169,9 +181,18 @@ class TorchBackend:
             entries = self.store.entries
             yield {t: TaskFormat(entries[t].head, entries[t].class_names, entries[t].version) for t in tasks}
 
-    def run(self, images: torch.Tensor, tasks: list[list[str]]) -> list[dict[str, dict[str, Any]]]:
-        with torch.inference_mode():
-            results = self.model.predict_each(images.to(self.device, non_blocking=True), tasks)
+    def run(
+        self, images: torch.Tensor, tasks: list[list[str]], wise: list[tuple[float | None, str | None]] | None = None
+    ) -> list[dict[str, dict[str, Any]]]:
+        alpha = [a for a, _ in wise] if wise else None
+        reference = [r for _, r in wise] if wise else None
+        try:
+            with torch.inference_mode():
+                results = self.model.predict_each(images.to(self.device, non_blocking=True), tasks, alpha, reference)
+        except ValueError as e:  # a WiSE request the tasks cannot take (a method without WiSE form, a bad reference)
+            if wise and any(a is not None for a in alpha):
+                raise Unprocessable(str(e)) from e
+            raise
         return [{t: _to_cpu(r) for t, r in per_image.items()} for per_image in results]
 
     def check_changeable(self) -> None:
@@ -198,6 +219,7 @@ class OnnxBackend:
     """
 
     name = "onnx"
+    wise = False  # the graph holds each task at one alpha (export a WiSE task with `add_wise`)
     max_tasks: int | None = None
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, session_options: Any = None) -> None:
@@ -213,12 +235,20 @@ class OnnxBackend:
             name: (sidecar_kind(spec), spec["head_config"].get("class_names"))
             for name, spec in self.runner.meta["tasks"].items()
         }
+        self.ensembles = {n: spec["ensemble"] for n, spec in self.runner.meta["tasks"].items() if "ensemble" in spec}
 
     def bind(self, run_in_worker: RunInWorker, metrics: Metrics) -> None:
         """Nothing to wire: the graph's tasks never change."""
 
+    def footprint(self, tasks: Iterable[str]) -> list[str]:
+        """(The graph runs every task it holds anyway.)"""
+        return list(dict.fromkeys(tasks))
+
     def served_tasks(self) -> dict[str, dict[str, Any]]:
-        return {n: {"name": n, "head": h, "class_names": c, "version": 1} for n, (h, c) in self.tasks.items()}
+        served = {n: {"name": n, "head": h, "class_names": c, "version": 1} for n, (h, c) in self.tasks.items()}
+        for name, ensemble in self.ensembles.items():  # computed in the graph from its members' outputs
+            served[name]["ensemble"] = ensemble
+        return served
 
     def acquire(self, tasks: list[str]) -> None:
         unknown = [t for t in tasks if t not in self.tasks]
@@ -232,7 +262,9 @@ class OnnxBackend:
     async def prepare(self, tasks: list[str]) -> AsyncIterator[dict[str, TaskFormat]]:
         yield {t: TaskFormat(*self.tasks[t], version=1) for t in tasks}
 
-    def run(self, images: torch.Tensor, tasks: list[list[str]]) -> list[dict[str, dict[str, Any]]]:
+    def run(
+        self, images: torch.Tensor, tasks: list[list[str]], wise: list[tuple[float | None, str | None]] | None = None
+    ) -> list[dict[str, dict[str, Any]]]:
         raw = self.runner.run(images)
         wanted = dict.fromkeys(t for names in tasks for t in names)
         decoded = {name: self.runner.decode(name, raw) for name in wanted}

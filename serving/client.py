@@ -74,7 +74,8 @@ class Client:
         return response
 
     def predict(self, image: Any, tasks: Sequence[str] | str, **options: Any) -> dict[str, Any]:
-        """Run `tasks` on one image; options: score_threshold, max_detections, mask_format, logits, timeout_s.
+        """Run `tasks` on one image; options: score_threshold, max_detections, mask_format, logits, timeout_s, alpha
+        and wise_reference (WiSE, torch backend).
 
         Returns the server's JSON: {"results": {task: ...}, "image_size": [h, w], "versions": {task: n}}.
         """

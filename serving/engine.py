@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from .backends import Backend, TaskFormat
-from .errors import BadRequest, QueueFull, RequestTimeout, ServingError, ShuttingDown
+from .errors import BadRequest, QueueFull, RequestTimeout, ServingError, ShuttingDown, Unprocessable
 from .images import MAX_LIST_MASK_PIXELS, PredictOptions, to_json
 from .metrics import Metrics
 
@@ -203,7 +203,13 @@ class Engine:
         self.preprocess.check(data)
         self.check_capacity()
         assert self._queue is not None
-        self.backend.acquire(tasks)
+        if options.alpha is not None and not getattr(self.backend, "wise", False):
+            raise Unprocessable(
+                f"'alpha' needs the torch backend; the {self.backend.name} backend serves each task at one alpha "
+                "(export a fixed alpha with MultiTaskModel.add_wise)"
+            )
+        held = _held(tasks, options)
+        self.backend.acquire(held)
         loop = asyncio.get_running_loop()
         now = loop.time()
         timeout = options.timeout_s if options.timeout_s is not None else self.config.timeout_s
@@ -223,7 +229,7 @@ class Engine:
             raise
         finally:
             self._pending -= 1
-            self.backend.release(tasks)
+            self.backend.release(held)
             elapsed = loop.time() - now
             for task in tasks:
                 self.metrics.task_latency.labels(task).observe(elapsed)
@@ -270,7 +276,7 @@ class Engine:
             if item is None:
                 self._queue.put_nowait(None)  # stop after this batch
                 break
-            if cap is not None and len(names | set(item.tasks)) > cap:
+            if cap is not None and len(self.backend.footprint(names | set(item.tasks))) > cap:
                 self._carry.appendleft(item)  # its tasks would not fit in the model next to this batch's
                 break
             batch.append(item)
@@ -353,7 +359,9 @@ class Engine:
                 req.future.set_result(result)
 
     async def _forward(self, batch: list[_Request]) -> list[Any]:
-        async with self.backend.prepare(list(dict.fromkeys(t for r in batch for t in r.tasks))) as formats:
+        async with self.backend.prepare(
+            list(dict.fromkeys(t for r in batch for t in _held(r.tasks, r.options)))
+        ) as formats:
             return await self.run_in_worker(self._run_backend, batch, formats)
 
     def _run_backend(self, batch: list[_Request], formats: dict[str, TaskFormat]) -> list[Any]:
@@ -378,7 +386,10 @@ class Engine:
             return out
         images = torch.stack([decoded[k][0] for k in good])
         size = self.preprocess.size
-        raw = self.backend.run(images, [batch[k].tasks for k in good])
+        wise = [(batch[k].options.alpha, batch[k].options.wise_reference) for k in good]
+        raw = self.backend.run(
+            images, [batch[k].tasks for k in good], wise if any(a is not None for a, _ in wise) else None
+        )
         for k, per_image in zip(good, raw, strict=True):
             req, original = batch[k], decoded[k][1]
             results = {
@@ -387,3 +398,9 @@ class Engine:
             }
             out[k] = (results, {t: formats[t].version for t in req.tasks}, original)
         return out
+
+
+def _held(tasks: list[str], options: PredictOptions) -> list[str]:
+    """The tasks a request keeps resident: its own and its WiSE reference."""
+    ref = options.wise_reference
+    return tasks if ref is None or ref in tasks else [*tasks, ref]

@@ -127,15 +127,20 @@ class PredictOptions(ResultOptions):
 
     Attributes:
         timeout_s: Seconds the request may wait in all (queue + forward); None: the server's default.
+        alpha: WiSE coefficient in [0, 1] for the request's tasks (`MultiTaskModel.predict(..., alpha=)`); None:
+            the tasks as trained.
+        wise_reference: The served linear-probe task that alpha = 0 becomes (None: a zero head).
     """
 
     timeout_s: float | None = None
+    alpha: float | None = None
+    wise_reference: str | None = None
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> PredictOptions:
         """From request fields (JSON values or form strings); raises `BadRequest` naming the bad field."""
         values: dict[str, Any] = {}
-        for key, kind in (("score_threshold", float), ("max_detections", int), ("timeout_s", float)):
+        for key, kind in (("score_threshold", float), ("max_detections", int), ("timeout_s", float), ("alpha", float)):
             value = raw.get(key)
             if value is None or value == "":
                 continue
@@ -154,6 +159,15 @@ class PredictOptions(ResultOptions):
             raise BadRequest(f"'max_detections' must be in [0, 10000], got {values['max_detections']}")
         if "timeout_s" in values and not 0 < values["timeout_s"] <= 3600:
             raise BadRequest(f"'timeout_s' must be in (0, 3600], got {values['timeout_s']}")
+        if "alpha" in values and not 0.0 <= values["alpha"] <= 1.0:
+            raise BadRequest(f"'alpha' must be in [0, 1], got {values['alpha']}")
+        reference = raw.get("wise_reference")
+        if reference not in (None, ""):
+            if not isinstance(reference, str):
+                raise BadRequest(f"'wise_reference' must be a task name, got {reference!r}")
+            if "alpha" not in values:
+                raise BadRequest("'wise_reference' needs 'alpha' (the WiSE coefficient in [0, 1])")
+            values["wise_reference"] = reference
         mask_format = raw.get("mask_format") or "png"
         if mask_format not in MASK_FORMATS:
             raise BadRequest(f"'mask_format' must be 'png' or 'list', got {mask_format!r}")

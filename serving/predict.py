@@ -71,13 +71,14 @@ def _cpu(value: Any) -> Any:
 
 
 def torch_predictor(run_dir: str | Path, device: str | None = None) -> Predictor:
-    """A run directory's model with every trained task (`RunDirectory.load_model`), on `device` (default: CUDA if
-    available)."""
+    """A run directory's model with every trained task and ensemble (`RunDirectory.load_model`), on `device`
+    (default: CUDA if available)."""
     run = RunDirectory(run_dir)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = run.load_model().to(target).eval()
     spec = run.input_spec(model)
-    tasks = {n: _info(model.task(n).head_config.output_kind, model.task(n).head_config.to_dict()) for n in model.tasks}
+    names = [*model.tasks, *model.ensembles]
+    tasks = {n: _info(model.head_config(n).output_kind, model.head_config(n).to_dict()) for n in names}
 
     def run_model(images: torch.Tensor, names: list[str]) -> dict[str, list[dict[str, Any]]]:
         with torch.inference_mode():

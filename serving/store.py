@@ -12,6 +12,12 @@ unloaded at run time:
 - an unloaded task first stops taking new requests (404), waits until the requests already queued for it are
   done, then leaves the model.
 
+Ensemble folders (`<root>/<name>/ensemble_config.json`, as `model.save_task` writes them for an ensemble) are served
+too, by name like tasks. An ensemble takes no slot: a request for it makes its members resident (counted against
+`max_resident`), and it joins the model for as long as they stay; evicting or replacing a member takes it out of the
+model first. Its members must be served tasks of one label space; a served member cannot be unloaded (409) while
+an ensemble uses it.
+
 The store's bookkeeping lives on the event loop (single-threaded); only `*_in_worker` functions touch the model.
 """
 
@@ -27,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from multitask_peft.config import check_task_name
-from multitask_peft.heads import HEADS
-from multitask_peft.task_io import CONFIG_NAME, WEIGHTS_NAME, read_task_config
+from multitask_peft.ensemble import ENSEMBLE_CONFIG, check_ensemble, is_ensemble_folder, read_ensemble
+from multitask_peft.heads import HEADS, HeadConfig
+from multitask_peft.task_io import CONFIG_NAME, WEIGHTS_NAME, read_head, read_task_config
 
 from .errors import BadRequest, Conflict, NotFound
 
@@ -37,8 +44,9 @@ log = logging.getLogger("multitask_peft.serving")
 
 @dataclass
 class TaskEntry:
-    """A served task. `version` counts (re)loads through the admin API and reloads of changed files; `digest` is
-    the weights' sha256."""
+    """A served task or ensemble. `version` counts (re)loads through the admin API and reloads of changed files;
+    `digest` is the weights' sha256 (an ensemble's: its config's). An ensemble has `members` and a `mode`; it is
+    `resident` while it is in the model."""
 
     name: str
     path: Path
@@ -49,9 +57,11 @@ class TaskEntry:
     resident: bool = False
     last_used: float = 0.0
     unloading: bool = False
+    members: tuple[str, ...] = ()
+    mode: str | None = None
 
     def info(self) -> dict[str, Any]:
-        return {
+        info = {
             "name": self.name,
             "head": self.head,
             "class_names": self.class_names,
@@ -59,6 +69,9 @@ class TaskEntry:
             "digest": self.digest,
             "resident": self.resident,
         }
+        if self.members:
+            info["ensemble"] = {"members": list(self.members), "mode": self.mode}
+        return info
 
 
 def _head_of(config: dict[str, Any]) -> tuple[str, list[str] | None]:
@@ -73,7 +86,8 @@ def _head_of(config: dict[str, Any]) -> tuple[str, list[str] | None]:
 
 
 def _digest(path: Path) -> str:
-    return hashlib.sha256((path / WEIGHTS_NAME).read_bytes()).hexdigest()
+    file = path / ENSEMBLE_CONFIG if is_ensemble_folder(path) else path / WEIGHTS_NAME
+    return hashlib.sha256(file.read_bytes()).hexdigest()
 
 
 #: What reading a task folder may raise for a bad folder (mapped to 400 / skipped, never a 500).
@@ -117,8 +131,11 @@ class AdapterStore:
         now, so a bad folder is found at start-up rather than on its first request; the first `max_resident`
         (all, without a cap) stay loaded in the model.
         """
-        found = []
+        found, ensemble_folders = [], []
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            if is_ensemble_folder(folder):
+                ensemble_folders.append(folder)  # after the tasks: their members must be known
+                continue
             if not (folder / CONFIG_NAME).is_file():
                 continue
             try:
@@ -138,6 +155,19 @@ class AdapterStore:
                 continue
             self.entries[name] = entry
             found.append(name)
+        for folder in ensemble_folders:
+            try:
+                if self.root not in folder.resolve().parents:
+                    raise ValueError(f"it links outside the adapter directory {self.root}")
+                entry = self._ensemble_entry(folder, check_task_name(folder.name))
+                if validate and all(self.entries[m].resident for m in entry.members):
+                    self.model.add_ensemble(entry.name, entry.members, entry.mode)
+                    entry.resident = True
+            except READ_ERRORS as e:
+                log.warning("skipping ensemble folder %s: %s", folder, e)
+                continue
+            self.entries[entry.name] = entry
+            found.append(entry.name)
         return found
 
     # --- requests ------------------------------------------------------------------------------------------
@@ -147,10 +177,11 @@ class AdapterStore:
         missing = [n for n in names if n not in self.entries or self.entries[n].unloading]
         if missing:
             raise NotFound(f"unknown task(s) {missing}; served tasks: {self.served()}")
-        if self.max_resident is not None and len(names) > self.max_resident:
+        needed = self.footprint(names)
+        if self.max_resident is not None and len(needed) > self.max_resident:
             raise BadRequest(
-                f"a request may ask for at most {self.max_resident} tasks (the server's --max-resident), "
-                f"got {len(names)}"
+                f"a request may ask for at most {self.max_resident} tasks (the server's --max-resident; an ensemble "
+                f"counts its members), got {len(needed)}: {sorted(needed)}"
             )
         for name in names:
             self._pending[name] = self._pending.get(name, 0) + 1
@@ -169,13 +200,18 @@ class AdapterStore:
     def served(self) -> list[str]:
         return [n for n, e in self.entries.items() if not e.unloading]
 
+    def footprint(self, names: Iterable[str]) -> list[str]:
+        """The tasks that must sit in the model to run `names` (an ensemble: its members), each once."""
+        return list(dict.fromkeys(m for n in names for m in (self.entries[n].members or (n,))))
+
     async def make_resident(self, names: Iterable[str]) -> None:
         """Load the tasks of a batch that are not in the model (evicting the least recently used others).
         The caller holds `lock` (and keeps it until its forward pass is done). A task whose files changed on
         disk since it was loaded comes back as a new version."""
-        needed = list(dict.fromkeys(names))
+        asked = list(dict.fromkeys(names))
+        needed = self.footprint(asked)
         now = time.monotonic()
-        for name in needed:
+        for name in [*asked, *needed]:
             self.entries[name].last_used = now
         for name in needed:
             entry = self.entries[name]
@@ -192,6 +228,18 @@ class AdapterStore:
 
             await self._in_worker(reload)
             log.info("reloaded task %s from %s", name, entry.path)
+        for name in asked:
+            entry = self.entries[name]
+            if entry.members and not entry.resident:  # its members are resident now
+
+                def join(entry: TaskEntry = entry) -> None:
+                    self.model.add_ensemble(entry.name, entry.members, entry.mode)
+                    entry.resident = True
+
+                try:
+                    await self._in_worker(join)
+                except (ValueError, TypeError) as e:
+                    raise BadRequest(f"cannot run ensemble {name!r}: {e}") from e
 
     # --- admin ---------------------------------------------------------------------------------------------
     def resolve(self, path: object) -> Path:
@@ -203,22 +251,30 @@ class AdapterStore:
             if resolved != self.root and self.root not in resolved.parents:
                 raise BadRequest(f"path {path!r} is outside the adapter directory {self.root}")
             is_task = (resolved / CONFIG_NAME).is_file() and (resolved / WEIGHTS_NAME).is_file()
+            is_task = is_task or is_ensemble_folder(resolved)
         except (OSError, RuntimeError, ValueError) as e:
             raise BadRequest(f"bad path {path[:200]!r}: {e}") from e
         if not is_task:
-            raise BadRequest(f"path {path[:200]!r} is not a task folder ({CONFIG_NAME} + {WEIGHTS_NAME})")
+            raise BadRequest(
+                f"path {path[:200]!r} is not a task folder ({CONFIG_NAME} + {WEIGHTS_NAME}) or an ensemble folder "
+                f"({ENSEMBLE_CONFIG})"
+            )
         return resolved
 
     async def load(self, name: str | None, path: object) -> TaskEntry:
-        """Load (or replace) a task from a folder inside `root`; it is validated before it goes live. Requests
-        already batched finish on the old version; requests still queued get the new one."""
+        """Load (or replace) a task or an ensemble from a folder inside `root`; it is validated before it goes live.
+        Requests already batched finish on the old version; requests still queued get the new one."""
         folder = self.resolve(path)
+        if is_ensemble_folder(folder):
+            return await self._load_ensemble(name, folder)
         async with self._admin:
             try:
                 config = read_task_config(folder)
                 name = check_task_name(name if name is not None else config["task"])
+                self._check_kind(name, ensemble=False)
                 head, class_names = _head_of(config)
                 task, digest = await self._in_worker(lambda: self._read(folder, name, True))
+                self._check_ensembles_keep(name, task.head_config)
             except READ_ERRORS as e:
                 raise BadRequest(f"cannot load the task in {folder.name!r}: {e}") from e
             async with self.lock:
@@ -228,6 +284,7 @@ class AdapterStore:
 
                 def swap() -> None:
                     if old is not None and old.resident:
+                        self._leave_ensembles(name)
                         self.model.remove_task(name)
                         old.resident = False
                     self._attach_in_worker(task, entry, keep={name})
@@ -237,6 +294,28 @@ class AdapterStore:
             log.info("loaded task %s v%d from %s", name, entry.version, folder)
             return entry
 
+    async def _load_ensemble(self, name: str | None, folder: Path) -> TaskEntry:
+        async with self._admin:
+            try:
+                name = check_task_name(name if name is not None else read_ensemble(folder)["ensemble"])
+                self._check_kind(name, ensemble=True)
+                old = self.entries.get(name)
+                entry = self._ensemble_entry(folder, name, old.version + 1 if old else 1)
+            except READ_ERRORS as e:
+                raise BadRequest(f"cannot load the ensemble in {folder.name!r}: {e}") from e
+            async with self.lock:
+                entry.last_used = time.monotonic()
+
+                def swap() -> None:
+                    if old is not None and old.resident:
+                        self.model.remove_ensemble(name)  # (joins again, as the new version, on its next request)
+                        old.resident = False
+
+                await self._in_worker(swap)
+                self.entries[name] = entry
+            log.info("loaded ensemble %s v%d from %s", name, entry.version, folder)
+            return entry
+
     async def unload(self, name: str, timeout_s: float = 60.0) -> None:
         """Stop serving a task: new requests get 404 now; it leaves the model once the requests already accepted
         for it are answered. Its files stay on disk (a restart serves it again)."""
@@ -244,6 +323,9 @@ class AdapterStore:
             entry = self.entries.get(name)
             if entry is None:
                 raise NotFound(f"unknown task {name!r}; served tasks: {self.served()}")
+            users = self._ensembles_of(name)
+            if users:
+                raise Conflict(f"task {name!r} is a member of ensemble(s) {users}; unload them first")
             entry.unloading = True
             if self.pending(name):
                 try:  # its queued requests run on meanwhile (`lock` is not held here)
@@ -256,13 +338,62 @@ class AdapterStore:
             async with self.lock:
 
                 def remove() -> None:
-                    if entry.resident:
+                    if entry.resident and entry.members:
+                        self.model.remove_ensemble(name)
+                        entry.resident = False
+                    elif entry.resident:
                         self.model.remove_task(name)
                         entry.resident = False
 
                 await self._in_worker(remove)
                 del self.entries[name]
             log.info("unloaded task %s", name)
+
+    # --- ensembles ----------------------------------------------------------------------------------------------
+    def _ensemble_entry(self, folder: Path, name: str, version: int = 1) -> TaskEntry:
+        """The entry of the ensemble folder `folder` served as `name`, checked against the served tasks (members
+        served, one label space); raises a ValueError / TypeError otherwise."""
+        config = read_ensemble(folder)
+        heads = self._heads()
+        ensembles = {n: e.members for n, e in self.entries.items() if e.members and n != name}
+        ens = check_ensemble(name, config["members"], config["mode"], heads, ensembles)
+        class_names = getattr(ens.head_config, "class_names", None)
+        names = list(class_names) if class_names else None
+        kind = ens.head_config.output_kind
+        return TaskEntry(name, folder, kind, names, version, _digest(folder), members=ens.members, mode=ens.mode)
+
+    def _heads(self, replaced: dict[str, HeadConfig] | None = None) -> dict[str, HeadConfig]:
+        """{served task: head config} (read from its folder; `replaced` overrides some)."""
+        heads = {n: read_head(read_task_config(e.path)) for n, e in self.entries.items() if not e.members}
+        return {**heads, **(replaced or {})}
+
+    def _ensembles_of(self, task: str) -> list[str]:
+        """The served ensembles that `task` is a member of."""
+        return [n for n, e in self.entries.items() if task in e.members]
+
+    def _check_kind(self, name: str, ensemble: bool) -> None:
+        """A task cannot replace an ensemble of its name, nor an ensemble a task."""
+        old = self.entries.get(name)
+        if old is not None and bool(old.members) != ensemble:
+            what = "an ensemble" if old.members else "a task"
+            raise ValueError(f"{name!r} is {what} already served; unload it first")
+
+    def _check_ensembles_keep(self, task: str, head: HeadConfig) -> None:
+        """The ensembles that use `task` still hold with its new head config (else a ValueError)."""
+        users = self._ensembles_of(task)
+        if users:
+            heads = self._heads({task: head})
+            for n in users:
+                entry = self.entries[n]
+                check_ensemble(n, entry.members, entry.mode, heads, {})
+
+    def _leave_ensembles(self, task: str) -> None:
+        """On the worker: the resident ensembles that use `task` leave the model (they join again on request)."""
+        for n in self._ensembles_of(task):
+            entry = self.entries[n]
+            if entry.resident:
+                self.model.remove_ensemble(n)
+                entry.resident = False
 
     # --- helpers -------------------------------------------------------------------------------------------
     def _read(self, folder: Path, name: str, replace: bool) -> tuple[Any, str]:
@@ -277,11 +408,12 @@ class AdapterStore:
     def _attach_in_worker(self, task: Any, entry: TaskEntry, keep: set[str]) -> None:
         """On the worker: make room (evict least recently used, not in `keep`), then attach."""
         if self.max_resident is not None:
-            resident = [e for e in self.entries.values() if e.resident and e.name not in keep]
-            count = sum(e.resident for e in self.entries.values())
+            resident = [e for e in self.entries.values() if e.resident and not e.members and e.name not in keep]
+            count = self.resident_count()
             for victim in sorted(resident, key=lambda e: e.last_used):
                 if count < self.max_resident:
                     break
+                self._leave_ensembles(victim.name)
                 self.model.remove_task(victim.name)
                 victim.resident = False
                 count -= 1
@@ -292,4 +424,5 @@ class AdapterStore:
         self.on_load()
 
     def resident_count(self) -> int:
-        return sum(e.resident for e in self.entries.values())
+        """Tasks in the model (ensembles take no room)."""
+        return sum(e.resident for e in self.entries.values() if not e.members)

@@ -70,3 +70,6 @@ class ClassificationHead(Head):
 
     def export_outputs(self, outputs: torch.Tensor, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
         return {"logits": outputs}  # (N, num_classes)
+
+    def class_logits(self, outputs: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        return outputs  # (N, num_classes)

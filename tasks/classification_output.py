@@ -73,6 +73,9 @@ class ClassificationOutput(OutputKind):
         scores, labels = logits.float().softmax(dim=-1).max(dim=-1)  # (N,) each
         return [{"logits": logits[i], "label": int(labels[i]), "score": float(scores[i])} for i in range(len(logits))]
 
+    def from_class_logits(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": logits}  # (N, C)
+
     def to_json(self, result: Mapping[str, Any], context: JsonContext) -> dict[str, Any]:
         """{"label", "score", "class_name"?, "logits"? (with `options.logits`)}."""
         label = int(result["label"])

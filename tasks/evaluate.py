@@ -74,7 +74,7 @@ def evaluate(
 
     Args:
         model: The multi-task model.
-        task: Name of the task to evaluate.
+        task: Name of the task (or ensemble) to evaluate.
         dataset: Anything a `DataLoader` takes (a list works) whose items are (image, target) pairs, images
             already normalised (3, H, W) float tensors and targets in the task's convention. A `collate`
             attribute on the dataset, if present, batches items instead of the default `collate_pairs`.
@@ -105,7 +105,7 @@ def evaluate_tasks(
     sweep's configurations, an ensemble and its members, one task at several WiSE alphas).
 
     Args:
-        tasks: Task names (at least one); the other arguments as in `evaluate` (`on_batch` per task).
+        tasks: Task or ensemble names (at least one); the other arguments as in `evaluate` (`on_batch` per task).
 
     Returns:
         {task: {metric name: value}}.
@@ -116,7 +116,7 @@ def evaluate_tasks(
     names = [tasks] if isinstance(tasks, str) else list(dict.fromkeys(tasks))
     if not names:
         raise ValueError(f"evaluate: name at least one task; tasks: {model.tasks}")
-    metrics = {t: metric_for(model.task(t).head_config) for t in names}  # unknown task or head type: ValueError
+    metrics = {t: metric_for(model.head_config(t)) for t in names}  # unknown task or head type: ValueError
     collate: Collate = getattr(dataset, "collate", None) or collate_pairs
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     device = next(model.parameters()).device

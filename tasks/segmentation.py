@@ -133,12 +133,16 @@ class SegmentationHead(Head):
             loss = loss + cfg.dice_weight * soft_dice_loss(outputs, targets, valid)
         return loss
 
-    def export_outputs(self, outputs: torch.Tensor, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        """{"mask": (N, H, W) int64}: the arg-max class at `image_size` (logits resized bilinearly if needed)."""
+    def class_logits(self, outputs: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """(N, C, H, W) logits at `image_size` (resized bilinearly if needed)."""
         size = (int(image_size[0]), int(image_size[1]))
         if tuple(outputs.shape[-2:]) != size:
             outputs = F.interpolate(outputs.float(), size=size, mode="bilinear", align_corners=False)
-        return {"mask": outputs.argmax(dim=1)}  # (N, H, W) int64
+        return outputs
+
+    def export_outputs(self, outputs: torch.Tensor, image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """{"mask": (N, H, W) int64}: the arg-max class at `image_size` (logits resized bilinearly if needed)."""
+        return {"mask": self.class_logits(outputs, image_size).argmax(dim=1)}  # (N, H, W) int64
 
 
 def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

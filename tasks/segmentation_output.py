@@ -132,6 +132,9 @@ class SegmentationOutput(OutputKind):
         masks = tensors["mask"]  # (N, H, W)
         return [{"mask": masks[i]} for i in range(len(masks))]
 
+    def from_class_logits(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"mask": logits.argmax(dim=1)}  # (N, C, H, W) -> (N, H, W) int64
+
     def to_json(self, result: Mapping[str, Any], context: JsonContext) -> dict[str, Any]:
         """{"size": [H, W], "mask_png" (or "mask" as lists with `options.mask_format="list"`), "class_names"?}."""
         mask = result["mask"]

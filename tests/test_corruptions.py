@@ -375,10 +375,10 @@ def test_max_images(run: Path) -> None:
         (["--shift", "corruptions", "--severities", "1,x"], "--severities expects comma-separated ints but the value "),
         (["--shift", "corruptions", "--severities", ","], "--severities expects a comma-separated list but the value"),
         (["--shift", "corruptions", "--max-images", "0"], "--max-images should be a positive integer but the value"),
-        (["--corruptions", "jpeg"], "--corruptions needs `--shift corruptions`: add it, or leave it out"),
+        (["--corruptions", "jpeg"], "--corruptions needs `--shift corruptions` or `--wise`: add it, or leave it out"),
         (
             ["--severities", "1", "--seed", "2"],
-            "--severities, --seed need `--shift corruptions`: add it, or leave them",
+            "--severities, --seed need `--shift corruptions` or `--wise`: add it, or leave them",
         ),
         (["--shift", "corruptions"], "is not a run directory (no config.yaml)"),
     ],
@@ -410,3 +410,32 @@ def test_markdown_and_a_missing_matplotlib(tmp_path: Path, monkeypatch: pytest.M
     assert written == [tmp_path / "robustness.json", tmp_path / "robustness.md"]
     assert "![" not in (tmp_path / "robustness.md").read_text() and not (tmp_path / "figures").exists()
     assert json.loads((tmp_path / "robustness.json").read_text()) == report
+
+
+# --- mtpeft eval RUN --wise (on the same run: its probe shares the garment task's label space and data) ---------------
+@needs_fashion
+def test_eval_wise_curve_ends_at_the_task_and_the_reference(run: Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    report = json.loads((run / "report.json").read_text())["tasks"]
+    capsys.readouterr()
+    options = ["--wise", "0:1:0.5", "--wise-reference", "probe", "--corruptions", "gaussian_noise", "--severities", "3"]
+    main(["eval", str(run), *options])
+    assert "WiSE curve" in capsys.readouterr().out
+    wise = json.loads((run / "wise.json").read_text())
+    assert wise["alphas"] == [0.0, 0.5, 1.0] and wise["reference"] == "probe"
+    assert list(wise["tasks"]) == ["garment"]  # every task with a WiSE form and a head like the reference's
+    garment = wise["tasks"]["garment"]
+    assert garment["clean"][-1] == pytest.approx(report["garment"]["value"])  # alpha 1: the task
+    assert garment["clean"][0] == pytest.approx(report["probe"]["value"])  # alpha 0: the probe (same eval data)
+    assert len(garment["shifted"]) == 3 and all(0.0 <= v <= 1.0 for v in garment["shifted"])
+    assert (run / "figures" / "wise.png").read_bytes().startswith(PNG)
+    assert "| alpha | clean | under shift |" in (run / "wise.md").read_text()
+    for options, message in [
+        (["--wise", "0,1", "--wise-reference", "garment", "--corruptions", "none"], "must leave the backbone frozen"),
+        (["--wise", "0,2"], "alphas must lie in [0, 1]"),
+        (["--wise-reference", "probe"], "need `--wise ALPHAS`"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", str(run), *options])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

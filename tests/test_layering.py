@@ -4,8 +4,8 @@
 - `tasks/` needs only the small base of the core: registry, config, the head base (`heads`: `Head`, `HeadConfig`,
   `FeatureInfo`, `Features`) and the output-kind base (`outputs`).
 - The core (everything in `multitask_peft/` but the package entry point, the CLI, run configs, run directories,
-  sweeps and reports, training and the integrations) never imports `tasks/` or `serving/`; only the CLI reaches into
-  `serving/`.
+  sweeps, reports, the ensemble analysis, training and the integrations) never imports `tasks/` or `serving/`;
+  only the CLI reaches into `serving/`.
 - No import circle among the library's modules.
 
 Imports are read with `ast`, function-level (lazy) imports included, `if TYPE_CHECKING:` blocks left out; importing a
@@ -38,12 +38,14 @@ TASKS_MAY_USE = {
 ABOVE_CORE = (
     "multitask_peft",
     "multitask_peft.cli",
+    "multitask_peft.ensemble_analysis",
     "multitask_peft.report",
     "multitask_peft.robustness",
     "multitask_peft.run",
     "multitask_peft.run_config",
     "multitask_peft.rundir",
     "multitask_peft.sweep",
+    "multitask_peft.wise",
 )
 ABOVE_CORE_PACKAGES = ("multitask_peft.training", "multitask_peft.integrations")
 

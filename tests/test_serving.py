@@ -159,6 +159,28 @@ def test_round_trip_matches_predict(live: LiveServer, reference: tuple, tasks: l
         assert out["results"]["cls"]["class_name"] == "abcd"[out["results"]["cls"]["label"]]
 
 
+def test_wise_alpha_per_request(live: LiveServer, reference: tuple) -> None:
+    """A request's `alpha` runs its tasks at that WiSE coefficient (as `model.predict(..., alpha=)`), batched with
+    requests that ask for none; bad values and methods without WiSE form are refused with the reason."""
+    model, _ = reference
+    png = _png(seed=7)
+    expected = model.predict(_tensor(png)[None], ["cls", "masks"], alpha=0.3)
+    plain = model.predict(_tensor(png)[None], ["cls"])["cls"][0]
+    with serving.Client(live.url) as client:
+        out = client.predict(png, ["cls", "masks"], alpha=0.3, logits=True)
+        _assert_matches(out["results"]["cls"], expected["cls"][0], "classification")
+        _assert_matches(out["results"]["masks"], expected["masks"][0], "segmentation")
+        assert (torch.tensor(out["results"]["cls"]["logits"]) - plain["logits"]).abs().max() > 1e-3
+        with pytest.raises(serving.ServerError, match="'alpha' must be in") as err:
+            client.predict(png, ["cls"], alpha=1.5)
+        assert err.value.status == 400
+        with pytest.raises(serving.ServerError, match="needs 'alpha'") as err:
+            client.predict(png, ["cls"], wise_reference="boxes")
+        with pytest.raises(serving.ServerError, match="must leave the backbone frozen") as err:
+            client.predict(png, ["cls"], alpha=0.5, wise_reference="boxes")
+        assert err.value.status == 422
+
+
 def test_json_body_and_resized_image(live: LiveServer, reference: tuple) -> None:
     """Base64 JSON upload of an image that is not the model size: boxes and masks come back in its pixels."""
     png = _png(seed=7, size=(96, 128))

@@ -81,3 +81,40 @@ def test_wise_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match="'half' is reserved"):  # an nn.ModuleDict attribute
         model.add_wise("half", "lora", 0.5)
     assert model.tasks == ["lora", "vpt", "other", "adapted"]
+
+
+def test_per_call_alpha_in_predict_and_predict_each() -> None:
+    model, size = make_model("vit")
+    head = mtp.tasks.Classification(num_classes=4)
+    randomize(model.add_task("probe", head, []), seed=3)
+    task = model.add_task("task", head, [mtp.peft.LoRA(r=2), mtp.peft.SSF()])
+    randomize(task)
+    model.add_wise("mid", "task", 0.5, reference="probe")
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    expected = _logits(model, images, "mid")
+    version = model.version
+    out = model.predict(images, ["task", "probe"], alpha={"task": 0.5}, reference="probe")
+    torch.testing.assert_close(torch.stack([r["logits"] for r in out["task"]]), expected)
+    torch.testing.assert_close(torch.stack([r["logits"] for r in out["probe"]]), _logits(model, images, "probe"))
+    assert model.tasks == ["probe", "task", "mid"] and model.version == version  # the copy is hidden
+    assert len(model._wise_copies) == 1
+    names = {n for n, _ in model.named_parameters()}
+    model.predict(images, ["task"], alpha=0.5, reference="probe")  # reused, not rebuilt
+    assert len(model._wise_copies) == 1 and {n for n, _ in model.named_parameters()} == names
+    # per image: image 0 as trained, image 1 at alpha 0 (the reference)
+    each = model.predict_each(images, [["task"], ["task"]], alpha=[None, {"task": 0.0}], reference=[None, "probe"])
+    torch.testing.assert_close(each[0]["task"]["logits"], _logits(model, images[:1], "task")[0])
+    torch.testing.assert_close(each[1]["task"]["logits"], _logits(model, images[1:], "probe")[0], atol=1e-5, rtol=1e-5)
+    # trained further: the next call sees the new weights
+    with torch.no_grad():
+        next(task.head.parameters()).add_(1.0)
+    model.remove_task("mid")
+    model.add_wise("mid", "task", 0.5, reference="probe")
+    out = model.predict(images, ["task"], alpha=0.5, reference="probe")
+    torch.testing.assert_close(torch.stack([r["logits"] for r in out["task"]]), _logits(model, images, "mid"))
+    model.remove_task("task")  # its copies go with it
+    assert len(model._wise_copies) == 0 and model.tasks == ["probe", "mid"]
+    with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\], got -0.1"):
+        model.predict(images, ["probe"], alpha=-0.1)
+    with pytest.raises(ValueError, match="one entry per image"):
+        model.predict_each(images, [["probe"], ["probe"]], alpha=[0.5])

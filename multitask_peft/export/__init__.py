@@ -58,10 +58,13 @@ def export_onnx(
       file per task, so ONNX Runtime's multi-LoRA API (`LoraAdapter`, `RunOptions.add_active_adapter`) switches
       tasks per run without a re-export (`OnnxRunner.predict(images, tasks=[...])` does it for you).
 
+    Ensembles listed among the tasks are outputs computed in the graph from their members' outputs (the members run
+    once; they are outputs too when listed). The sidecar gives each ensemble's members and mode.
+
     Args:
         model: The multi-task model (left unchanged; exported in eval mode).
         path: Output `.onnx` file; the sidecar is written next to it (`sidecar_path`).
-        tasks: Tasks to include (default: all), in output order.
+        tasks: Tasks and ensembles to include (default: all), in output order.
         image_size: (H, W) or a side; default: the backbone's input size.
         dynamic_batch: Symbolic batch dimension; else the graph is fixed to batch 1.
         opset: ONNX opset (default: the exporter's; at least 18).
@@ -88,11 +91,11 @@ def export_onnx(
     path = Path(path)
     if isinstance(tasks, str):
         tasks = [tasks]
-    names = list(model.tasks) if tasks is None else list(dict.fromkeys(tasks))
+    names = [*model.tasks, *model.ensembles] if tasks is None else list(dict.fromkeys(tasks))
     if not names:
         raise ValueError(f"tasks must name at least one task; the model has {model.tasks}")
     for name in names:
-        model.task(name)  # raises with the known tasks
+        model.head_config(name)  # raises with the known tasks and ensembles
     if image_size is None:
         image_size = model.backbone.image_size
     if isinstance(image_size, int):
@@ -106,6 +109,12 @@ def export_onnx(
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     if quantize and fp16:
         raise ValueError("quantize='int8' and fp16=True exclude each other (int8 graphs keep fp32 activations)")
+    listed = [n for n in names if n in model.ensembles]
+    if merge and listed:
+        raise ValueError(
+            f"{listed} are ensembles: merge=True folds tasks into the weights; export ensembles in the multi-task "
+            "graph (merge=False)"
+        )
     adapters = merge and len(names) > 1
     if adapters and quantize:
         raise ValueError("quantize='int8' is not supported for LoRA adapter graphs (their weights must stay fp32)")

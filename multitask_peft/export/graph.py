@@ -4,7 +4,8 @@ The graph takes `images` (N, 3, H, W), normalised, and returns every listed task
 heads' tensor forms). It runs the executor's one part loop with a `StackedPlan`: the backbone parts before the first
 part any listed task changes run once per image; there the batch fans out task-major (N rows per task) and each
 adapted layer applies every task's adapters to its block of rows (symbolic block sizes, so the batch dimension
-stays dynamic).
+stays dynamic). An ensemble listed among the tasks is one more output, combined in the graph from its members' class
+logits (`multitask_peft.ensemble`); members run once, and are outputs only when listed themselves.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import ensemble as ensembles
 from ..executor import StackedPlan, run_backbone
 from ..heads import Features, Head
 
 
 class MultiTaskGraph(nn.Module):
-    """The traceable multi-task forward of `model` for `tasks` at a fixed image size (what gets exported).
+    """The traceable multi-task forward of `model` for `tasks` (tasks and ensembles) at a fixed image size (what
+    gets exported).
 
     Calling it in PyTorch gives the graph's outputs: a tuple in the order of `output_names`.
     """
@@ -40,8 +43,17 @@ class MultiTaskGraph(nn.Module):
         self.task_names = list(tasks)
         self.output_prefixes = list(output_prefixes) if output_prefixes is not None else list(self.task_names)
         self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.slots = tuple(model.slot(t) for t in self.task_names)
-        for name in self.task_names:
+        self.ensembles = {t: model.ensemble(t) for t in self.task_names if t in model.ensembles}
+        if self.ensembles and merged:
+            raise ValueError(
+                f"{list(self.ensembles)} are ensembles: a merged graph folds one task into the weights; export "
+                "ensembles in the multi-task graph (merge=False)"
+            )
+        # the tasks that run: the listed ones and the members of listed ensembles, each once
+        members = {t: e.members for t, e in self.ensembles.items()}
+        self.run_names = list(dict.fromkeys(m for t in self.task_names for m in members.get(t, (t,))))
+        self.slots = tuple(model.slot(t) for t in self.run_names)
+        for name in self.run_names:
             if type(model.task(name).head).export_outputs is Head.export_outputs:
                 raise ValueError(f"task {name!r}: head {type(model.task(name).head).__name__} has no ONNX form")
         host = model.backbone
@@ -52,8 +64,8 @@ class MultiTaskGraph(nn.Module):
             self.plain = model.merged_backbone(self.task_names[0])  # raises for methods that cannot be folded
             self.plan = StackedPlan(self.plain, self.slots, branch_at=0)
         else:
-            plans = [model.slot_plan(t) for t in self.task_names]
-            for name, plan in zip(self.task_names, plans, strict=True):
+            plans = [model.slot_plan(t) for t in self.run_names]
+            for name, plan in zip(self.run_names, plans, strict=True):
                 unsupported = [c.method for c in model.task(name).peft_configs if not c.onnx]
                 if unsupported or plan.prompts is not None or plan.backbone is not None:
                     raise ValueError(
@@ -76,14 +88,23 @@ class MultiTaskGraph(nn.Module):
     def _forward(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         features = run_backbone(self.model.backbone, images, self.plan)  # task-major rows
         num_tasks = len(self.slots)
-        results = []
-        for k, name in enumerate(self.task_names):
+        raw = {}
+        for k, name in enumerate(self.run_names):
             feats = Features(
-                [m.unflatten(0, (num_tasks, -1))[k] for m in features.maps],
-                features.pooled.unflatten(0, (num_tasks, -1))[k],
+                [m.unflatten(0, (num_tasks, -1))[k] for m in features.maps],  # (N, C_l, H_l, W_l) each
+                features.pooled.unflatten(0, (num_tasks, -1))[k],  # (N, D)
             )
-            head = self.model.task(name).head
-            results.append(head.export_outputs(head(feats), self.image_size))
+            raw[name] = self.model.task(name).head(feats)
+        results = []
+        for name in self.task_names:
+            if name in self.ensembles:
+                ens = self.ensembles[name]
+                heads = [self.model.task(m).head for m in ens.members]
+                logits = [h.class_logits(raw[m], self.image_size) for h, m in zip(heads, ens.members, strict=True)]
+                results.append(ensembles.tensor_form(ens, logits))  # (N, C, ...) each -> the kind's tensor form
+            else:
+                head = self.model.task(name).head
+                results.append(head.export_outputs(raw[name], self.image_size))
         return results
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -138,7 +159,7 @@ def to_onnx(
 def _onnx_translations(graph: MultiTaskGraph) -> dict[Any, Any]:
     """ONNX forms (onnxscript functions) of the custom ops the graph's heads use (`Head.onnx_translations`)."""
     table = {}
-    for name in graph.task_names:
+    for name in graph.run_names:
         table.update(graph.model.task(name).head.onnx_translations())
     return table
 

@@ -1,5 +1,5 @@
-"""The JSON sidecar of an exported graph: what it holds (tasks, their heads, classes and outputs, PEFT recipes,
-preprocessing) and where it lives (`<graph>.json`). `OnnxRunner` reads it."""
+"""The JSON sidecar of an exported graph: what it holds (tasks, their heads, classes and outputs, PEFT recipes;
+ensembles with their members and mode; preprocessing) and where it lives (`<graph>.json`). `OnnxRunner` reads it."""
 
 from __future__ import annotations
 
@@ -37,13 +37,18 @@ def build_sidecar(
     tasks = {}
     for name, prefix in zip(names, prefixes, strict=True):
         fields = [o.split(".", 1)[1] for o in graph.output_names if o.split(".", 1)[0] == prefix]
+        head = model.head_config(name)  # an ensemble's: its label space
         tasks[name] = {
-            "head": model.task(name).head_config.head_type,
-            "output": model.task(name).head_config.output_kind,
-            "head_config": model.task(name).head_config.to_dict(),
+            "head": head.head_type,
+            "output": head.output_kind,
+            "head_config": head.to_dict(),
             "outputs": {field: f"{prefix}.{field}" for field in fields},
-            "peft": [c.to_dict() for c in model.task(name).peft_configs],
         }
+        if name in graph.ensembles:  # computed in the graph from its members' outputs; no PEFT of its own
+            ens = graph.ensembles[name]
+            tasks[name]["ensemble"] = {"members": list(ens.members), "mode": ens.mode}
+        else:
+            tasks[name]["peft"] = [c.to_dict() for c in model.task(name).peft_configs]
     return {
         "format": SIDECAR_FORMAT,
         "version": SIDECAR_VERSION,
