@@ -439,3 +439,16 @@ def test_eval_wise_curve_ends_at_the_task_and_the_reference(run: Path, capsys: p
         with pytest.raises(SystemExit) as exit_info:
             main(["eval", str(run), *options])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_corrupted_subset_through_a_dataloader_is_corrupted() -> None:
+    """A DataLoader fetches batches with `__getitems__` when the dataset has one (torch's Subset does): the wrapper
+    must not hand the wrapped Subset's out, or every batch comes back clean (what `--max-images` uses)."""
+    from torch.utils.data import DataLoader, Subset
+
+    images = [(torch.rand(3, 16, 16) - 0.5) / 0.5 for _ in range(4)]
+    subset = Subset([(x, 0) for x in images], [0, 1, 2, 3])
+    shifted = Corrupted(subset, "gaussian_noise", 5, MEAN, STD)
+    assert not hasattr(shifted, "__getitems__")
+    batch = next(iter(DataLoader(shifted, batch_size=4, collate_fn=lambda items: torch.stack([x for x, _ in items]))))
+    assert (batch - torch.stack(images)).abs().max() > 0.1

@@ -508,8 +508,10 @@ class Corrupted(Dataset):
         return len(self.dataset)
 
     def __getattr__(self, name: str) -> Any:
-        # `collate`, `class_names`, `issues`, ... of the wrapped dataset (only called for names not found here)
-        if name == "dataset":
+        # `collate`, `class_names`, `issues`, ... of the wrapped dataset (only called for names not found here).
+        # Never a dunder: a wrapped torch Subset's `__getitems__` would let a DataLoader fetch its batches
+        # uncorrupted, past `__getitem__`.
+        if name == "dataset" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
