@@ -201,22 +201,13 @@ def write_ensemble(path: str | os.PathLike, ensemble: Ensemble) -> None:
 
 def read_ensemble(path: str | os.PathLike) -> dict[str, Any]:
     """The validated config of the ensemble folder `path`: {"ensemble": name, "members": [...], "mode": ...}."""
+    from .task_io import read_versioned_json
+
+    holds = f"an ensemble folder holds {ENSEMBLE_CONFIG}"
+    config = read_versioned_json(
+        path, ENSEMBLE_CONFIG, holds, "ensemble", FORMAT, FORMAT_VERSION, ("ensemble", "members", "mode")
+    )
     file = Path(path) / ENSEMBLE_CONFIG
-    if not file.is_file():
-        raise ValueError(f"{path}: no {ENSEMBLE_CONFIG}; an ensemble folder holds {ENSEMBLE_CONFIG}")
-    try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from e
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f'{file}: not a multitask-peft ensemble config (expected "format": "{FORMAT}")')
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{file}: format_version {config.get('format_version')!r}; this version reads {FORMAT_VERSION}"
-        )
-    for key in ("ensemble", "members", "mode"):
-        if key not in config:
-            raise ValueError(f"{file}: missing key {key!r}")
     members = config["members"]
     if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
         raise ValueError(f"{file}: 'members' must be a list of task names, got {members!r}")

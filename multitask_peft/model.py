@@ -533,7 +533,9 @@ class MultiTaskModel(nn.Module):
 
     def _runnable(self, name: str) -> Task:
         """A task by name, including the hidden WiSE copies of this call."""
-        return self.task_modules[name] if name in self.task_modules else self._wise_copies.task(name)
+        if name in self.task_modules or "@" not in name:  # (hidden copies' names hold "@", never a task's)
+            return self.task(name)
+        return self._wise_copies.task(name)
 
     # --- validation ----------------------------------------------------------------------------------------
     def _check_images(self, images: object) -> None:

@@ -166,8 +166,6 @@ def adopt_class_names(head: Any, dataset: Any) -> None:
 
 
 def evaluate_run(model: Any, config: RunConfig, out: Path) -> dict[str, Any]:
-    from .outputs import output_kind
-    from .ppt import ppt
     from .report import ConfusionCounter
     from .tasks import evaluate
 
@@ -177,21 +175,8 @@ def evaluate_run(model: Any, config: RunConfig, out: Path) -> dict[str, Any]:
         dataset = task.data.dataset(task.data.eval_split, train=False, backbone=model.data_config)
         confusion = ConfusionCounter.for_head(task.head)  # classification: the report's confusion matrix
         metrics = evaluate(model, name, dataset, on_batch=confusion)
-        head_type = task.head.head_type
-        primary = output_kind(task.head).primary_metric
-        params = model.num_parameters(name)
-        value = max(0.0, float(metrics[primary]))
-        rows[name] = {
-            "head": head_type,
-            "methods": [c.method for c in task.peft] or ["linear_probe"],
-            "metric": primary,
-            "value": value,
-            "metrics": metrics,
-            "peft_params": params["peft"],
-            "head_params": params["head"],
-            "ppt": ppt(value, params["peft"]),
-            "eval_time_s": round(time.perf_counter() - start, 1),
-        }
+        methods = [c.method for c in task.peft] or ["linear_probe"]
+        rows[name] = _report_row(model, name, task.head, methods, metrics, start)
         if confusion is not None:
             rows[name]["confusion"] = confusion.counts.tolist()
     for name in config.ensembles:
@@ -199,13 +184,26 @@ def evaluate_run(model: Any, config: RunConfig, out: Path) -> dict[str, Any]:
     return {"backbone": config.backbone.name, "tasks": rows}
 
 
+def _report_row(
+    model: Any, name: str, head: Any, methods: list[str], metrics: dict[str, Any], start: float, **extra: Any
+) -> dict[str, Any]:
+    """A task's (or ensemble's) row of report.json: head, methods, primary metric, parameters, PPT, time."""
+    from .outputs import output_kind
+    from .ppt import ppt
+
+    primary = output_kind(head).primary_metric
+    params = model.num_parameters(name)
+    value = max(0.0, float(metrics[primary]))
+    row = {"head": head.head_type, "methods": methods, **extra, "metric": primary, "value": value}
+    row |= {"metrics": metrics, "peft_params": params["peft"], "head_params": params["head"]}
+    return row | {"ppt": ppt(value, params["peft"]), "eval_time_s": round(time.perf_counter() - start, 1)}
+
+
 def evaluate_ensemble(model: Any, config: RunConfig, name: str) -> dict[str, Any]:
     """An ensemble's report row, on the eval split of its first member's data: its metrics, the sums of its members'
     parameters and, for classification, how differently the members err (`ensemble_analysis.disagreement`, in the
     same pass)."""
     from .ensemble_analysis import disagreement
-    from .outputs import output_kind
-    from .ppt import ppt
     from .tasks import evaluate
 
     start = time.perf_counter()
@@ -218,22 +216,8 @@ def evaluate_ensemble(model: Any, config: RunConfig, name: str) -> dict[str, Any
         metrics = analysis.pop("metrics")[name]
     else:
         metrics = evaluate(model, name, dataset)
-    primary = output_kind(ens.head_config).primary_metric
-    params = model.num_parameters(name)
-    value = max(0.0, float(metrics[primary]))
-    row = {
-        "head": ens.head_config.head_type,
-        "methods": [f"ensemble {ens.mode}: {'+'.join(ens.members)}"],
-        "members": list(ens.members),
-        "mode": ens.mode,
-        "metric": primary,
-        "value": value,
-        "metrics": metrics,
-        "peft_params": params["peft"],
-        "head_params": params["head"],
-        "ppt": ppt(value, params["peft"]),
-        "eval_time_s": round(time.perf_counter() - start, 1),
-    }
+    methods = [f"ensemble {ens.mode}: {'+'.join(ens.members)}"]
+    row = _report_row(model, name, ens.head_config, methods, metrics, start, members=list(ens.members), mode=ens.mode)
     if analysis is not None:
         row["analysis"] = analysis
     return row

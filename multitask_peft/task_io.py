@@ -79,20 +79,29 @@ def _atomic_write(target: Path, write: Callable[[str], object]) -> None:
 
 def read_task_config(path: str | os.PathLike) -> dict[str, Any]:
     """The validated config of the task folder `path` (format, version, required keys)."""
-    file = Path(path) / CONFIG_NAME
+    holds = f"a task directory holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+    return read_versioned_json(
+        path, CONFIG_NAME, holds, "task", FORMAT, FORMAT_VERSION, ("task", "backbone", "head", "peft")
+    )
+
+
+def read_versioned_json(
+    path: str | os.PathLike, name: str, holds: str, what: str, fmt: str, version: int, required: tuple[str, ...]
+) -> dict[str, Any]:
+    """JSON file `name` of folder `path`, checked: it exists (else the error says what the folder `holds`), parses,
+    has `"format": fmt` and `"format_version": version`, and every `required` key."""
+    file = Path(path) / name
     if not file.is_file():
-        raise ValueError(f"{path}: no {CONFIG_NAME}; a task directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise ValueError(f"{path}: no {name}; {holds}")
     try:
         config = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from e
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f'{file}: not a multitask-peft task config (expected "format": "{FORMAT}")')
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{file}: format_version {config.get('format_version')!r}; this version reads {FORMAT_VERSION}"
-        )
-    for key in ("task", "backbone", "head", "peft"):
+    if not isinstance(config, dict) or config.get("format") != fmt:
+        raise ValueError(f'{file}: not a multitask-peft {what} config (expected "format": "{fmt}")')
+    if config.get("format_version") != version:
+        raise ValueError(f"{file}: format_version {config.get('format_version')!r}; this version reads {version}")
+    for key in required:
         if key not in config:
             raise ValueError(f"{file}: missing key {key!r}")
     return config
