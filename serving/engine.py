@@ -387,9 +387,11 @@ class Engine:
         images = torch.stack([decoded[k][0] for k in good])
         size = self.preprocess.size
         wise = [(batch[k].options.alpha, batch[k].options.wise_reference) for k in good]
-        raw = self.backend.run(
-            images, [batch[k].tasks for k in good], wise if any(a is not None for a, _ in wise) else None
-        )
+        asked = [batch[k].tasks for k in good]
+        if all(a is None for a, _ in wise):  # (backends without WiSE take two arguments)
+            raw = self.backend.run(images, asked)
+        else:
+            raw = self.backend.run(images, asked, wise)
         for k, per_image in zip(good, raw, strict=True):
             req, original = batch[k], decoded[k][1]
             results = {
