@@ -32,11 +32,11 @@ import torch
 
 import multitask_peft as mtp
 from multitask_peft.ensemble_analysis import disagreement
-from multitask_peft.robustness import _Spread
+from multitask_peft.robustness import _Spread, mean_corrupted
 from multitask_peft.run_config import HOLDOUT
 from multitask_peft.rundir import RunDirectory
 from multitask_peft.tasks import evaluate_tasks
-from multitask_peft.tasks.data import CORRUPTIONS, Corrupted
+from multitask_peft.tasks.data import CORRUPTIONS
 
 BASELINES = ("probe", "full")
 GOAL_RATIO, GOAL_MARGIN = 0.05, 4.0
@@ -45,19 +45,6 @@ GOAL_RATIO, GOAL_MARGIN = 0.05, 4.0
 def top1(model: mtp.MultiTaskModel, tasks: list[str], dataset: Any) -> dict[str, float]:
     metrics = evaluate_tasks(model, tasks, dataset, batch_size=64, progress=False)
     return {t: float(metrics[t]["top1"]) for t in tasks}
-
-
-def shifted_top1(
-    model: mtp.MultiTaskModel, tasks: list[str], dataset: Any, corruptions: list[str], severities: list[int]
-) -> dict[str, float]:
-    """Mean top-1 over the (corruption, severity) grid, one pass per grid cell for all `tasks`."""
-    mean, std = model.data_config.mean, model.data_config.std
-    total = dict.fromkeys(tasks, 0.0)
-    for c in corruptions:
-        for s in severities:
-            for t, v in top1(model, tasks, Corrupted(dataset, c, s, mean, std, seed=0)).items():
-                total[t] += v / (len(corruptions) * len(severities))
-    return total
 
 
 def timing(model: mtp.MultiTaskModel, members: list[str], ensemble: str, images: torch.Tensor, repeats: int) -> dict:
@@ -155,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             model.add_wise(variant, chosen[source], alpha, reference=chosen["probe"])
             variants.append(variant)
         small = _Spread(held, min(len(held), args.max_images))
-        c, s = top1(model, variants, small), shifted_top1(model, variants, small, corruptions, severities)
+        c, s = top1(model, variants, small), mean_corrupted(model, variants, small, corruptions, severities)
         pick = max(range(len(alphas)), key=lambda k: c[variants[k]] + s[variants[k]])
         wise[source] = {"alphas": alphas, "holdout_clean": [c[v] for v in variants],
                         "holdout_shifted": [s[v] for v in variants], "best_alpha": alphas[pick],
@@ -164,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     subset = _Spread(test, min(len(test), args.max_images))
     rob_tasks = [*names, *(w["task"] for w in wise.values())]
     clean_sub = top1(model, rob_tasks, subset)
-    shifted = shifted_top1(model, rob_tasks, subset, corruptions, severities)
+    shifted = mean_corrupted(model, rob_tasks, subset, corruptions, severities)
     labels = {chosen[f]: f for f in chosen} | {
         w["task"]: f"WiSE {src} (alpha {w['best_alpha']:g})" for src, w in wise.items()
     }

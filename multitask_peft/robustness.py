@@ -96,12 +96,7 @@ def evaluate_robustness(
         "per_corruption": {corruption: mean over severities}, "corrupted": {corruption: {"severity": value}}}}}.
         Values are the task's primary metric (as in report.json), fractions in [0, 1].
     """
-    names = check_corruption_names(CORRUPTIONS.names() if corruptions is None else corruptions)
-    levels = check_severities(severities)
-    if max_images is not None:
-        check_positive_int("robustness", "max_images", max_images)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"robustness: `seed` should be an int but the value passed is {seed!r}")
+    names, levels = check_grid("robustness", corruptions, severities, max_images, seed)
     mean, std = model.data_config.mean, model.data_config.std
     groups = _eval_groups(config)
     start = time.perf_counter()
@@ -138,6 +133,45 @@ def evaluate_robustness(
         "eval_time_s": round(time.perf_counter() - start, 1),
         "tasks": tasks_in_order,
     }
+
+
+def check_grid(
+    owner: str, corruptions: Sequence[str] | None, severities: Sequence[int], max_images: int | None, seed: int
+) -> tuple[list[str], list[int]]:
+    """The corruption grid's options checked: (corruption names, None = all, [] = none; severities)."""
+    names = (
+        [] if corruptions == [] else check_corruption_names(CORRUPTIONS.names() if corruptions is None else corruptions)
+    )
+    levels = check_severities(severities)
+    if max_images is not None:
+        check_positive_int(owner, "max_images", max_images)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"{owner}: `seed` should be an int but the value passed is {seed!r}")
+    return names, levels
+
+
+def mean_corrupted(
+    model: MultiTaskModel,
+    tasks: list[str],
+    dataset: Any,
+    corruptions: Sequence[str],
+    severities: Sequence[int],
+    seed: int = 0,
+    batch_size: int = 32,
+    on_cell: Any = None,
+) -> dict[str, float]:
+    """{task: its primary metric averaged over the (corruption, severity) grid}, one pass per grid cell for all
+    `tasks`; `on_cell()` after each cell (a progress bar)."""
+    mean, std = model.data_config.mean, model.data_config.std
+    total = dict.fromkeys(tasks, 0.0)
+    for corruption in corruptions:
+        for severity in severities:
+            shifted = Corrupted(dataset, corruption, severity, mean, std, seed)
+            for t, value in _primary_metrics(model, tasks, shifted, batch_size).items():
+                total[t] += value / (len(corruptions) * len(severities))
+            if on_cell is not None:
+                on_cell()
+    return total
 
 
 def _primary(model: MultiTaskModel, task: str) -> str:

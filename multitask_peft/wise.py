@@ -27,10 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from .config import check_positive_int
 from .report import FIGURES_DIR, _figure, _save, require_matplotlib
-from .robustness import _eval_groups, _primary, _primary_metrics, _Spread
-from .tasks.data import CORRUPTIONS, Corrupted, check_corruption_names, check_severities
+from .robustness import _eval_groups, _primary, _primary_metrics, _Spread, check_grid, mean_corrupted
 
 if TYPE_CHECKING:
     from .model import MultiTaskModel
@@ -100,12 +98,7 @@ def evaluate_wise(
     values = [float(a) for a in alphas]
     if not values or any(not 0.0 <= a <= 1.0 for a in values):
         raise ValueError(f"WiSE alphas must be a non-empty list in [0, 1], got {list(alphas)!r}")
-    names = (
-        check_corruption_names(CORRUPTIONS.names() if corruptions is None else corruptions) if corruptions != [] else []
-    )
-    levels = check_severities(severities)
-    if max_images is not None:
-        check_positive_int("wise", "max_images", max_images)
+    names, levels = check_grid("wise", corruptions, severities, max_images, seed)
     if reference is not None:
         model.wise_task(reference, 1.0, reference)  # the reference itself must be a frozen-backbone task
     if tasks is None:  # every task with a WiSE form (and, given a reference, a head like its)
@@ -117,7 +110,6 @@ def evaluate_wise(
         raise ValueError(f"no task to sweep alpha for: tasks {model.tasks} have no WiSE form or are the reference")
     for t in tasks:
         model.wise_task(t, 1.0, reference)  # every error (method, reference) before any evaluation
-    mean, std = model.data_config.mean, model.data_config.std
     groups = [(spec, [t for t in members if t in tasks]) for spec, members in _eval_groups(config)]
     groups = [(spec, members) for spec, members in groups if members]
     start = time.perf_counter()
@@ -140,13 +132,7 @@ def evaluate_wise(
                 dataset = _Spread(dataset, max_images)
             clean = _primary_metrics(model, every, dataset, batch_size)
             bar.update()
-            shifted = dict.fromkeys(every, 0.0)
-            for corruption in names:
-                for severity in levels:
-                    corrupted = Corrupted(dataset, corruption, severity, mean, std, seed)
-                    for v, value in _primary_metrics(model, every, corrupted, batch_size).items():
-                        shifted[v] += value / (len(names) * len(levels))
-                    bar.update()
+            shifted = mean_corrupted(model, every, dataset, names, levels, seed, batch_size, on_cell=bar.update)
             for t, vs in variants.items():
                 clean_t = [clean[v] for v in vs]
                 shifted_t = [shifted[v] for v in vs] if names else None
