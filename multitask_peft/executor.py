@@ -20,6 +20,7 @@ What differs between the callers is only the plan:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -100,9 +101,12 @@ def run_backbone(host: BackboneHost, images: torch.Tensor, plan: Plan, checkpoin
         streams = plan.branch(p, streams)
         part = layout.parts[p]
         for stream in streams:
+            bias = None
             if stream.prompts:
                 stream.x = _prompt_step(stream, p, num_parts, layout.num_prefix_tokens)
-            args = (part.fn, stream.model, stream.x, stream.routing, host)
+                if 0 < p < num_parts - 1:
+                    bias = _prompt_bias(stream, layout.num_prefix_tokens)
+            args = (part.fn, stream.model, stream.x, stream.routing, host, bias)
             # (a checkpointed recomputation is routed too: `_run_part` enters the routing itself)
             out = checkpoint(_run_part, *args, use_reentrant=False) if checkpointing else _run_part(*args)
             stream.x, taps = out if part.maps else (out, ())
@@ -119,11 +123,31 @@ def run_backbone(host: BackboneHost, images: torch.Tensor, plan: Plan, checkpoin
 
 
 def _run_part(
-    fn: PartFn, model: nn.Module, x: torch.Tensor, routing: Routing | StackedRouting, host: BackboneHost
+    fn: PartFn,
+    model: nn.Module,
+    x: torch.Tensor,
+    routing: Routing | StackedRouting,
+    host: BackboneHost,
+    attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One backbone part under its routing."""
+    """One backbone part under its routing (a block of a prompt stream may take an additive attention mask)."""
     with host.router.use(routing):
-        return fn(model, x)
+        return fn(model, x) if attn_mask is None else fn(model, x, attn_mask=attn_mask)
+
+
+def _prompt_bias(stream: Stream, num_prefix: int) -> torch.Tensor | None:
+    """(R, 1, 1, T) additive attention mask scaling the attention paid to each segment's prompt keys by its
+    prompts' `attention_scale()` (log(scale) on those keys; -inf at 0), or None where every scale is 1."""
+    segments = stream.routing.segments
+    scales = [stream.prompt_slots[seg.slot].attention_scale() for seg in segments]
+    if all(s == 1.0 for s in scales):
+        return None
+    x = stream.x
+    bias = x.new_zeros(x.shape[0], 1, 1, x.shape[1])
+    for seg, scale in zip(segments, scales, strict=True):
+        keys = slice(num_prefix, num_prefix + stream.prompts)
+        bias[seg.start : seg.end, ..., keys] = math.log(scale) if scale else -math.inf
+    return bias
 
 
 def _prompt_step(stream: Stream, p: int, num_parts: int, num_prefix: int) -> torch.Tensor:

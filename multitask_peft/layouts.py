@@ -36,7 +36,8 @@ PartFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 @dataclass(frozen=True)
 class Part:
     """A piece of the backbone, run as `fn(model, x)`; `prefixes` are the module names it owns. A part with `maps`
-    returns `(x, [feature maps])`: maps it takes on the way (the levels that name it by `tap`)."""
+    returns `(x, [feature maps])`: maps it takes on the way (the levels that name it by `tap`). In a layout with
+    `prompts`, the blocks also take `fn(model, x, attn_mask=...)`: an additive mask on the attention scores."""
 
     name: str
     prefixes: tuple[str, ...]
@@ -178,8 +179,15 @@ def _vit(model: nn.Module) -> Layout:
         x = m.patch_drop(x)
         return m.norm_pre(x)  # (N, T, C)
 
+    def block(i: int) -> PartFn:
+        def fn(m: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+            # (an additive mask scales the attention paid to prompt tokens: WiSE for VPT)
+            return m.blocks[i](x) if attn_mask is None else m.blocks[i](x, attn_mask=attn_mask)
+
+        return fn
+
     stem_part = Part("stem", ("patch_embed", "cls_token", "reg_token", "pos_embed", "patch_drop", "norm_pre"), stem)
-    return _token_layout(model, stem_part, lambda i: _seq(f"blocks.{i}"), prompts=True)
+    return _token_layout(model, stem_part, block, prompts=True)
 
 
 @LAYOUTS.register("EfficientNet")

@@ -504,8 +504,9 @@ class MultiTaskModel(nn.Module):
         BitFit and norm affines moved toward identity; a full fine-tune's weights toward the frozen ones, WiSE-FT),
         and its head is `ref + alpha (head - ref)`, `ref` the head of `reference` (a linear-probe task of the same
         label space) or zeros. alpha = 1 is the task, alpha = 0 the reference (the frozen backbone + its head).
-        Methods whose change cannot be scaled (prompts) are refused by name. The result folds and exports like any
-        task (`add_wise` attaches it); `predict(..., alpha=)` uses such copies per call.
+        VPT scales the attention paid to its prompts by alpha (`VPT.prompt_scale`); a method whose change cannot be
+        scaled is refused by name. The result folds and exports like any task (`add_wise` attaches it);
+        `predict(..., alpha=)` uses such copies per call.
 
         Raises:
             ValueError: alpha outside [0, 1], an unknown task, a method without WiSE form, a reference that adapts

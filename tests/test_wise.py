@@ -70,8 +70,8 @@ def test_wise_errors_name_the_problem() -> None:
     model.add_task("adapted", head, [mtp.peft.SSF()])
     with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\], got 1.5"):
         model.wise_task("lora", 1.5)
-    with pytest.raises(ValueError, match="vpt has no WiSE form"):
-        model.wise_task("vpt", 0.5)
+    with pytest.raises(ValueError, match=r"`prompt_scale` should be in \[0, 1\]"):
+        mtp.peft.VPT(prompt_scale=2.0)
     with pytest.raises(ValueError, match="must have a head like task 'lora'"):
         model.wise_task("lora", 0.5, reference="other")
     with pytest.raises(ValueError, match=r"must leave the backbone frozen.*\['ssf'\]"):
@@ -118,3 +118,36 @@ def test_per_call_alpha_in_predict_and_predict_each() -> None:
         model.predict(images, ["probe"], alpha=-0.1)
     with pytest.raises(ValueError, match="one entry per image"):
         model.predict_each(images, [["probe"], ["probe"]], alpha=[0.5])
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_vpt_alpha_scales_the_attention_paid_to_prompts(deep: bool, tmp_path) -> None:
+    model, size = make_model("vit")
+    head = mtp.tasks.Classification(num_classes=4)
+    randomize(model.add_task("probe", head, [mtp.peft.LinearProbe()]), seed=3)
+    randomize(model.add_task("vpt", head, [mtp.peft.VPT(num_tokens=3, deep=deep)]), std=0.5)
+    images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(2))
+    task, probe = _logits(model, images, "vpt"), _logits(model, images, "probe")
+    # alpha 0: the other tokens never attend to the prompts, so the frozen backbone's features come out
+    zero = model.wise_task("vpt", 0.0)
+    assert zero.peft["vpt"].config.prompt_scale == 0.0 and model.task("vpt").peft["vpt"].config.prompt_scale == 1.0
+    with torch.no_grad():
+        plain = model.forward_features(images, [-1] * 3).pooled
+        model.add_wise("zero", "vpt", 0.0)
+        got = model.forward_features(images, [model.slot("zero")] * 3).pooled
+    torch.testing.assert_close(got, plain, atol=1e-5, rtol=1e-5)
+    # rows at different alphas share one prompt stream (one mask row each) and match their own calls
+    each = model.predict_each(images, [["vpt"]] * 3, alpha=[None, {"vpt": 0.0}, {"vpt": 0.5}], reference=["probe"] * 3)
+    torch.testing.assert_close(each[0]["vpt"]["logits"], task[0])
+    torch.testing.assert_close(each[1]["vpt"]["logits"], probe[1], atol=1e-5, rtol=1e-5)
+    model.add_wise("mid", "vpt", 0.5, reference="probe")
+    mid = _logits(model, images, "mid")
+    torch.testing.assert_close(each[2]["vpt"]["logits"], mid[2], atol=1e-5, rtol=1e-5)
+    span = (task - probe).norm()
+    assert (mid - task).norm() < span and (mid - probe).norm() < span and (mid - task).abs().max() > 1e-4
+    # a fixed alpha is saved with the task (its `prompt_scale`) and comes back from disk
+    model.save_task("mid", tmp_path / "mid")
+    again, _ = make_model("vit")
+    again.load_task(tmp_path / "mid")
+    assert again.task("mid").peft["vpt"].config.prompt_scale == 0.5
+    torch.testing.assert_close(_logits(again, images, "mid"), mid)

@@ -131,13 +131,18 @@ class PromptTokens(nn.Module):
     """Interface of prompt methods (VPT): extra tokens inserted after a ViT's prefix tokens before the first block.
 
     `tokens(unit)` gives the (num_tokens, dim) prompts entering unit `unit` (0-based), or None to keep the
-    tokens that come out of the previous unit (VPT-shallow after unit 0).
+    tokens that come out of the previous unit (VPT-shallow after unit 0). `attention_scale()` is the factor on the
+    attention the blocks pay to the prompt tokens (1: plain attention; the executor adds log(scale) to the prompt
+    keys' scores).
     """
 
     num_tokens: int
 
     def tokens(self, unit: int) -> torch.Tensor | None:
         raise NotImplementedError
+
+    def attention_scale(self) -> float:
+        return 1.0
 
 
 def select_targets(config: PeftConfig, host: BackboneHost) -> list[str]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import TYPE_CHECKING, ClassVar
 
+import timm
 import torch
 from torch import nn
 
@@ -25,13 +27,11 @@ class VPT(PeftConfig):
         num_tokens: Prompt tokens per block.
         deep: One prompt set per block instead of one for the input.
         dropout: Dropout on the prompts during training.
+        prompt_scale: Factor on the attention every token pays to the prompts (before the softmax renormalises;
+            a bias of log(prompt_scale) on the prompt keys), in [0, 1]. 1 is VPT; 0 makes the other tokens ignore
+            the prompts, which is the frozen backbone. WiSE (`MultiTaskModel.wise_task`) scales it by alpha: the
+            prompts' contribution is scaled, as a weight delta is for the other methods.
     """
-
-    wise: ClassVar[bool] = False
-    wise_refusal: ClassVar[str] = (
-        "prompt tokens are extra attention inputs, not a change of weights; scaling their share of the attention "
-        "is not built yet (use lora, adapters, ssf, bitfit, norm or full for WiSE)"
-    )
 
     onnx: ClassVar[bool] = False  # prompt tokens change the sequence length: not in the multi-task graph
 
@@ -41,10 +41,14 @@ class VPT(PeftConfig):
     num_tokens: int = 10
     deep: bool = False
     dropout: float = 0.0
+    prompt_scale: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int(self.method, "num_tokens", self.num_tokens)
+        scale = self.prompt_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= scale <= 1.0:
+            raise ValueError(f"{self.method}: `prompt_scale` should be in [0, 1] but the value passed is {scale!r}")
         if self.targets is not None:
             raise ValueError(
                 f"{self.method}: prompts are not placed on modules; `targets` must be None, got {self.targets!r}"
@@ -86,3 +90,18 @@ class VPTModule(MethodModule, PromptTokens):
 
     def first_position(self, host: BackboneHost) -> int:
         return 1  # the input of the first block
+
+    def attention_scale(self) -> float:
+        return float(self.config.prompt_scale)
+
+    @torch.no_grad()
+    def wise_(self, alpha: float, host: BackboneHost) -> None:
+        """WiSE for prompts: the attention paid to them is scaled by `alpha` (0: the frozen backbone)."""
+        block = host.model.blocks[0]
+        if alpha != 1.0 and "attn_mask" not in inspect.signature(block.forward).parameters:
+            raise ValueError(
+                f"vpt: WiSE scales the attention paid to the prompts through the blocks' `attn_mask`, which "
+                f"{type(block).__module__}.{type(block).__name__} (timm {timm.__version__}) does not take; "
+                "upgrade timm"
+            )
+        self.config = dataclasses.replace(self.config, prompt_scale=self.config.prompt_scale * alpha)
