@@ -75,8 +75,9 @@ def _eval(args: argparse.Namespace) -> None:
     model = run.load_model()
     report = evaluate_run(model, run.config, run.path)
     previous = read_report(run.path) or {}
-    if "train_time_s" in previous:  # evaluating again does not change how long training took
-        report["train_time_s"] = previous["train_time_s"]
+    for key in ("train_time_s", "diverged"):  # evaluating again does not change how training went
+        if key in previous:
+            report[key] = previous[key]
     write_report(report, run.path, model, run.config)
     print(format_report(report))
     print(f"refreshed {run.path}/report.md, report.html, report.json and figures/")

@@ -65,9 +65,11 @@ def train_run(config: RunConfig, resume: bool = False) -> Path:
     trained = train_tasks(config, resume)
     if trained is None:  # (not the main process of a data-parallel run)
         return Path(config.output)
-    model, run, train_time = trained
+    model, run, summary = trained
     report = evaluate_run(model, config, run.path)
-    report["train_time_s"] = round(train_time, 1)
+    report["train_time_s"] = round(summary["seconds"], 1)
+    if summary["diverged"]:
+        report["diverged"] = summary["diverged"]
     write_report(report, run.path, model, config)
     spec = config.export
     if spec is not None and spec.onnx:
@@ -77,12 +79,12 @@ def train_run(config: RunConfig, resume: bool = False) -> Path:
     return run.path
 
 
-def train_tasks(config: RunConfig, resume: bool = False) -> tuple[Any, Any, float] | None:
+def train_tasks(config: RunConfig, resume: bool = False) -> tuple[Any, Any, dict[str, Any]] | None:
     """Make the run directory (config, data), train the run's tasks jointly and save them (`tasks/<name>/`).
 
     Returns:
-        (model, RunDirectory, training seconds) in the main process; None in the other processes of a
-        data-parallel run (`torchrun`).
+        (model, RunDirectory, `Trainer.fit`'s summary with "seconds" the training time) in the main process; None
+        in the other processes of a data-parallel run (`torchrun`).
     """
     import torch
 
@@ -114,13 +116,13 @@ def train_tasks(config: RunConfig, resume: bool = False) -> tuple[Any, Any, floa
     add_tasks(model, config)
     add_ensembles(model, config)  # (before training: a bad ensemble fails now, not after it)
     start = time.perf_counter()
-    Trainer(model, data, config.train, out).fit(resume=resume)
-    train_time = time.perf_counter() - start
+    summary = Trainer(model, data, config.train, out).fit(resume=resume)
+    summary["seconds"] = time.perf_counter() - start
     if not dist.is_main:
         return None
     for name in [*model.tasks, *model.ensembles]:
         model.save_task(name, run.tasks_dir / name)
-    return model, run, train_time
+    return model, run, summary
 
 
 def export_run(
@@ -240,9 +242,11 @@ def format_report(report: dict[str, Any]) -> str:
         "| task | head | methods | metric | value | PEFT params | head params | PPT |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    diverged = report.get("diverged", {})
     for name, r in report["tasks"].items():
+        note = f" (diverged at step {diverged[name]}: its last finite weights)" if name in diverged else ""
         lines.append(
-            f"| {name} | {r['head']} | {'+'.join(r['methods'])} | {r['metric']} | {100 * r['value']:.2f} % | "
+            f"| {name}{note} | {r['head']} | {'+'.join(r['methods'])} | {r['metric']} | {100 * r['value']:.2f} % | "
             f"{r['peft_params']:,} | {r['head_params']:,} | {r['ppt']:.3f} |"
         )
     return "\n".join(lines)

@@ -131,6 +131,7 @@ def expand_sweep(data: Mapping[str, Any]) -> tuple[RunConfig, list[Member], Swee
     if train.get("tasks_per_step") is not None:
         errors.append(("train.tasks_per_step", "a sweep trains every configuration on every step; leave it unset"))
     train["clip_scope"] = "task"  # no configuration's gradients may change another's update
+    train.setdefault("on_nonfinite", "drop_task")  # a diverging configuration stops alone, the others go on
     data["train"] = train
 
     tasks = data.get("tasks")
@@ -308,17 +309,21 @@ def run_sweep(config: RunConfig, members: list[Member], spec: SweepSpec, resume:
     trained = train_tasks(config, resume)
     if trained is None:
         return None
-    model, run, train_time = trained
-    results = select(model, config, members)
-    results["train_time_s"] = round(train_time, 1)
+    model, run, summary = trained
+    results = select(model, config, members, summary["diverged"])
+    results["train_time_s"] = round(summary["seconds"], 1)
     results["sweep"] = spec.to_dict()
     write_results(results, run.path)
     return run.path
 
 
-def select(model: Any, config: RunConfig, members: list[Member]) -> dict[str, Any]:
+def select(
+    model: Any, config: RunConfig, members: list[Member], diverged: Mapping[str, int] | None = None
+) -> dict[str, Any]:
     """Held-out metric of every configuration (one pass per task over its held-out images), the best overall and
-    per family, and the evaluation-split metric of those chosen. Ties go to fewer PEFT parameters."""
+    per family, and the evaluation-split metric of those chosen. Ties go to fewer PEFT parameters. Configurations
+    that diverged in training ({name: step}) are listed with their step and never chosen."""
+    diverged = dict(diverged or {})
     from .outputs import output_kind
     from .ppt import ppt
     from .tasks import evaluate_tasks
@@ -347,13 +352,16 @@ def select(model: Any, config: RunConfig, members: list[Member]) -> dict[str, An
                     "peft_params": params["peft"],
                     "head_params": params["head"],
                     "ppt": ppt(value, params["peft"]),
+                    **({"diverged_at_step": diverged[m.name]} if m.name in diverged else {}),
                 }
             )
-        winner = _best(rows)
-        per_family = {f: _best([r for r in rows if r["family"] == f]) for f in dict.fromkeys(r["family"] for r in rows)}
-        chosen = list(dict.fromkeys([winner["name"], *(r["name"] for r in per_family.values())]))
+        finite = [r for r in rows if "diverged_at_step" not in r]
+        winner = _best(finite) if finite else None
+        families = dict.fromkeys(r["family"] for r in finite)
+        per_family = {f: _best([r for r in finite if r["family"] == f]) for f in families}
+        chosen = list(dict.fromkeys([*([winner["name"]] if winner else []), *(r["name"] for r in per_family.values())]))
         evaluation = spec.data.dataset(spec.data.eval_split, train=False, backbone=model.data_config)
-        tested = evaluate_tasks(model, chosen, evaluation)
+        tested = evaluate_tasks(model, chosen, evaluation) if chosen else {}
         for r in rows:
             if r["name"] in tested:
                 r["eval"] = max(0.0, float(tested[r["name"]][metric]))
@@ -363,7 +371,7 @@ def select(model: Any, config: RunConfig, members: list[Member]) -> dict[str, An
             "holdout_images": len(held),
             "eval_images": len(evaluation),
             "configs": rows,
-            "best": winner["name"],
+            "best": winner["name"] if winner else None,
             "best_by_family": {f: r["name"] for f, r in per_family.items()},
             "select_time_s": round(time.perf_counter() - start, 1),
         }
@@ -382,7 +390,8 @@ def format_results(results: Mapping[str, Any]) -> str:
             f"## {task}",
             "",
             f"Chosen on {r['holdout_images']} held-out training images ({metric}); the chosen configurations measured "
-            f"on the {r['eval_images']} evaluation images. Best: **{r['best']}**.",
+            f"on the {r['eval_images']} evaluation images. "
+            + (f"Best: **{r['best']}**." if r["best"] else "Every configuration diverged."),
             "",
             f"| configuration | family | settings | held-out {metric} | PEFT params | PPT | eval {metric} |",
             "|---|---|---|---|---|---|---|",
@@ -392,6 +401,8 @@ def format_results(results: Mapping[str, Any]) -> str:
             settings = ", ".join(f"{k}={_fmt(v)}" for k, v in row["settings"].items()) or "-"
             name = f"**{row['name']}**" if row["name"] == r["best"] else row["name"]
             mark = " (family best)" if row["name"] in chosen and row["name"] != r["best"] else ""
+            if "diverged_at_step" in row:
+                mark = f" (diverged at step {row['diverged_at_step']}: not chosen)"
             test = f"{100 * row['eval']:.2f} %" if "eval" in row else ""
             lines.append(
                 f"| {name}{mark} | {row['family']} | {settings} | {100 * row['holdout']:.2f} % | "
@@ -437,13 +448,19 @@ def plot_sweep(r: Mapping[str, Any], task: str, path: Path) -> None:
     ax = fig.add_subplot(1, 1, 1)
     families = list(dict.fromkeys(c["family"] for c in r["configs"]))
     for k, family in enumerate(families):
-        rows = [c for c in r["configs"] if c["family"] == family]
+        rows = [c for c in r["configs"] if c["family"] == family and "diverged_at_step" not in c]
         ax.scatter(
             [c["peft_params"] for c in rows], [100 * c["holdout"] for c in rows], label=family, color=f"C{k % 10}"
         )
-    best = next(c for c in r["configs"] if c["name"] == r["best"])
-    ax.scatter([best["peft_params"]], [100 * best["holdout"]], s=220, facecolors="none", edgecolors="black")
-    ax.annotate(best["name"], (best["peft_params"], 100 * best["holdout"]), textcoords="offset points", xytext=(8, -12))
+    lost = [c for c in r["configs"] if "diverged_at_step" in c]
+    if lost:
+        xs, ys = [c["peft_params"] for c in lost], [100 * c["holdout"] for c in lost]
+        ax.scatter(xs, ys, marker="x", color="black", label="diverged")
+    best = next((c for c in r["configs"] if c["name"] == r["best"]), None)
+    if best is not None:
+        x, y = best["peft_params"], 100 * best["holdout"]
+        ax.scatter([x], [y], s=220, facecolors="none", edgecolors="black")
+        ax.annotate(best["name"], (x, y), textcoords="offset points", xytext=(8, -12))
     top = max(c["peft_params"] for c in r["configs"])
     ax.set_xscale("symlog", linthresh=max(1.0, 10 ** math.floor(math.log10(max(top, 1)) - 3)))
     ax.set_xlabel("trainable PEFT parameters (head excluded)")

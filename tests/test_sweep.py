@@ -132,3 +132,21 @@ def test_sweep_trains_like_alone_and_selects_on_holdout(tmp_path: Path, capsys: 
     assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-4
     alone_results = json.loads((tmp_path / "alone" / "sweep.json").read_text())["tasks"]["colour"]["configs"][0]
     assert alone_results["holdout"] == pytest.approx(by_name[swept]["holdout"])
+
+
+def test_a_diverging_configuration_is_dropped_and_never_chosen(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    _image_folder(root, {"train": 12, "val": 6})
+    sweep = tmp_path / "sweep.yaml"  # lr 1e30: the weights blow up after one step, the next loss is not finite
+    sweep.write_text(yaml.safe_dump(_sweep(root, tmp_path / "sweep", [{"method": "ssf"}], {"lr": [1e-3, 1e30]})))
+    main(["sweep", str(sweep)])
+    out = tmp_path / "sweep"
+    results = json.loads((out / "sweep.json").read_text())["tasks"]["colour"]
+    by_lr = {c["settings"]["lr"]: c for c in results["configs"]}
+    assert by_lr[1e30]["diverged_at_step"] == 2 and "diverged_at_step" not in by_lr[1e-3]
+    assert results["best"] == by_lr[1e-3]["name"] and results["best_by_family"] == {"ssf": by_lr[1e-3]["name"]}
+    assert "eval" in by_lr[1e-3] and "eval" not in by_lr[1e30]
+    assert "(diverged at step 2: not chosen)" in (out / "sweep.md").read_text()
+    assert (out / "figures" / "sweep_colour.png").is_file()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 4 and log[-1]["diverged"] == {by_lr[1e30]["name"]: 2}

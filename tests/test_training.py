@@ -179,12 +179,44 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
     data = two_task_data()
     data["cls"].dataset.poison_after = 8  # batch size 4: steps 1-2 are clean, step 3 reads NaN images
     trainer = Trainer(two_task_model(), data, config(steps=5, checkpoint_every=2), tmp_path)
-    with pytest.raises(NonFiniteLossError, match=r"task 'cls' is nan at step 3.*step_000002"):
+    with pytest.raises(NonFiniteLossError, match=r"task 'cls': loss is nan at step 3.*step_000002"):
         trainer.fit()
     assert trainer.step == 2
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002"]
     assert latest_checkpoint(tmp_path).name == "step_000002"
     assert isinstance(NonFiniteLossError("x"), FloatingPointError)
+
+
+def test_nan_loss_drops_the_task_and_the_others_go_on(tmp_path: Path) -> None:
+    data = two_task_data()
+    data["cls"].dataset.poison_after = 8  # steps 1-2 clean, step 3 NaN
+    model = two_task_model()
+    trainer = Trainer(model, data, config(steps=5, checkpoint_every=2, on_nonfinite="drop_task"), tmp_path)
+    ssf_before = task_state(model, "ssf")
+    summary = trainer.fit()
+    assert summary["step"] == 5 and summary["diverged"] == {"cls": 3} and trainer.diverged == {"cls": 3}
+    step2 = two_task_model()
+    checkpoint_module.load_task_weights(step2, tmp_path / "checkpoints" / "step_000002", "cls")
+    for key, value in task_state(model, "cls").items():  # its last finite weights: those after step 2
+        assert torch.equal(value, step2.task("cls").state_dict()[key]), key
+    assert all(torch.isfinite(v).all() for v in task_state(model, "cls").values())
+    assert any(not torch.equal(v, ssf_before[k]) for k, v in task_state(model, "ssf").items())
+    assert data["cls"].dataset.reads == 12  # not drawn after step 3
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert "cls" in records[1]["loss"] and "cls" not in records[2]["loss"]
+    assert records[2]["diverged"] == {"cls": 3} and records[-1]["step"] == 5
+    assert load_trainer_state(latest_checkpoint(tmp_path))["diverged"] == {"cls": 3}
+    again = Trainer(two_task_model(), two_task_data(), config(steps=6, on_nonfinite="drop_task"), tmp_path)
+    again.resume()
+    assert again.diverged == {"cls": 3}  # a resumed run leaves it out too
+    # every task diverged: the run stops
+    data = two_task_data()
+    for d in data.values():
+        d.dataset.poison_after = 0
+    with pytest.raises(NonFiniteLossError, match="every task diverged"):
+        Trainer(two_task_model(), data, config(on_nonfinite="drop_task"), tmp_path / "all").fit()
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        TrainConfig(on_nonfinite="skip")
 
 
 def test_sampler_frequencies() -> None:

@@ -11,6 +11,7 @@ from ..config import ConfigBase, check_choice, check_positive_float, check_posit
 SAMPLING = ("round_robin", "proportional", "temperature")
 LOSS_WEIGHTING = ("fixed", "uncertainty")
 CLIP_SCOPES = ("global", "task")
+ON_NONFINITE = ("stop", "drop_task")
 AMP = ("none", "bf16")
 
 
@@ -44,6 +45,10 @@ class TrainConfig(ConfigBase):
         clip_scope: "global" (one norm over every trained parameter) or "task" (each task's parameters clipped on
             their own, so that no task's gradients change another's update: what a sweep uses; learned loss weights are
             not clipped then).
+        on_nonfinite: What a NaN / inf loss (or gradient norm) of a task does: "stop" the run before the optimizer
+            step (the last checkpoint stays the latest), or "drop_task": that task stops training there, keeping its
+            last finite weights (that step's update is skipped for it), and the others go on (`Trainer.diverged`
+            lists {task: step}); what a sweep uses, so that one diverging configuration does not end the others.
         amp: "none" or "bf16" (bf16 autocast; allowed on CPU but off by default).
         grad_checkpointing: Recompute backbone activations in the backward pass (needs model support).
         seed: Seed of data order, task sampling and the global RNGs.
@@ -69,6 +74,7 @@ class TrainConfig(ConfigBase):
     grad_accum: int = 1
     clip_norm: float | None = None
     clip_scope: str = "global"
+    on_nonfinite: str = "stop"
     amp: str = "none"
     grad_checkpointing: bool = False
     seed: int = 0
@@ -104,6 +110,7 @@ class TrainConfig(ConfigBase):
         if self.clip_norm is not None:
             check_positive_float(owner, "clip_norm", self.clip_norm)
         check_choice(owner, "clip_scope", self.clip_scope, CLIP_SCOPES)
+        check_choice(owner, "on_nonfinite", self.on_nonfinite, ON_NONFINITE)
         check_choice(owner, "amp", self.amp, AMP)
         for field in ("grad_checkpointing", "tensorboard", "progress"):
             if not isinstance(getattr(self, field), bool):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import random
 import time
@@ -23,6 +25,8 @@ from .logs import RunLogger
 from .sampling import TaskStream, sample_tasks
 from .schedule import WarmupCosine, param_groups
 from .weighting import LossWeighting
+
+_log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -103,6 +107,7 @@ class Trainer:
             self.optimizer, WarmupCosine(config.steps, config.warmup_steps, config.min_lr_ratio)
         )
         self.step = 0
+        self.diverged: dict[str, int] = {}  # task -> the step whose loss / gradients were not finite (drop_task)
         self._step_lrs: dict[str, float] = {}
         self.streams = {n: self._stream(n) for n in self.stream_tasks}
 
@@ -152,6 +157,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "weighting": self.weighting.state_dict(),
             "streams": {n: s.state() for n, s in self.streams.items()},
+            "diverged": dict(self.diverged),
             "world_size": self.dist.world_size,
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -165,6 +171,7 @@ class Trainer:
         if list(state["tasks"]) != self.names:
             raise ValueError(f"checkpoint trains tasks {state['tasks']} but this trainer trains {self.names}")
         self.step = int(state["step"])
+        self.diverged = {str(t): int(v) for t, v in state.get("diverged", {}).items()}
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # The schedule follows this run's config (e.g. more `steps` extend the cosine); same config: same lrs.
@@ -224,11 +231,12 @@ class Trainer:
             resume: Continue from the latest checkpoint in `out_dir` (bit-for-bit on CPU with a fixed seed).
 
         Returns:
-            {"step", "losses" (last step, per task), "loss_weights", "checkpoint", "seconds"}.
+            {"step", "losses" (last step, per task), "loss_weights", "checkpoint", "seconds", "diverged" ({task:
+            step}, with `on_nonfinite="drop_task"`)}.
 
         Raises:
-            NonFiniteLossError: A loss was NaN / inf; nothing is written for that step, the last checkpoint
-                stays `latest`.
+            NonFiniteLossError: A loss was NaN / inf (with `on_nonfinite="drop_task"`: every task's); nothing is
+                written for that step, the last checkpoint stays `latest`.
         """
         cfg = self.config
         resumed = self.resume() if resume else None
@@ -266,6 +274,7 @@ class Trainer:
             "loss_weights": self.weighting.effective_weights(),
             "checkpoint": str(final) if final is not None and last_saved is not None else None,
             "seconds": time.perf_counter() - start,
+            "diverged": dict(self.diverged),
         }
 
     def _seed_everything(self) -> None:
@@ -280,47 +289,85 @@ class Trainer:
         streams = list(self.stream_tasks)
         sizes = [len(self.tasks[self.stream_tasks[s][0]].dataset) for s in streams]
         drawn = sample_tasks(streams, sizes, self.step, self.tasks_per_step, cfg.sampling, cfg.temperature, cfg.seed)
-        chosen = [t for s in drawn for t in self.stream_tasks[s]]
+        drawn = [s for s in drawn if self._active(s)]  # (a stream whose tasks all diverged is not drawn any more)
+        chosen = [t for s in drawn for t in self._active(s)]
         self.optimizer.zero_grad(set_to_none=True)
         totals = dict.fromkeys(chosen, 0.0)
+        bad: dict[str, str] = {}  # tasks whose loss / gradients were not finite this step -> what was
         for _ in range(cfg.grad_accum):
             losses = self._losses({s: next(self.streams[s]) for s in drawn})
             for task, loss in losses.items():
-                if not self.dist.enabled:  # distributed: checked after averaging, so that every rank stops
-                    self._check_finite(task, loss.item())
-                totals[task] += loss.item() / cfg.grad_accum
-            (self.weighting(losses) / cfg.grad_accum).backward()
+                value = loss.item()
+                if not self.dist.enabled and not math.isfinite(value):  # distributed: checked after averaging
+                    self._nonfinite(task, f"loss is {value}", bad)
+                totals[task] += value / cfg.grad_accum
+            kept = {t: loss for t, loss in losses.items() if t not in bad}
+            if kept:
+                (self.weighting(kept) / cfg.grad_accum).backward()
         if self.dist.enabled:
             scalars = torch.tensor([totals[t] for t in chosen], dtype=torch.float32, device=self.device)
             averaged = average_gradients(self.parameters(), scalars, self.dist.world_size).tolist()
             totals = dict(zip(chosen, averaged))
             for task, value in totals.items():
-                self._check_finite(task, value)
-        if cfg.clip_norm is not None:
-            scopes = [self.parameters()] if cfg.clip_scope == "global" else [self._task_params[t] for t in chosen]
-            for params in scopes:
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
-                if not torch.isfinite(norm):
-                    raise NonFiniteLossError(
-                        f"gradient norm is {norm.item()} at step {self.step + 1}; training stopped before the "
-                        f"optimizer step, the last good checkpoint is {latest_checkpoint(self.out_dir)}"
-                    )
+                if not math.isfinite(value):
+                    self._nonfinite(task, f"loss is {value}", bad)
+        if cfg.clip_norm is not None and cfg.clip_scope == "task":
+            for task in chosen:
+                if task not in bad:
+                    norm = torch.nn.utils.clip_grad_norm_(self._task_params[task], cfg.clip_norm)
+                    if not torch.isfinite(norm):
+                        self._nonfinite(task, f"gradient norm is {norm.item()}", bad)
+        elif cfg.on_nonfinite == "drop_task":  # (one global norm cannot say whose gradients were not finite)
+            for task in chosen:
+                grads = [p.grad for p in self._task_params[task] if p.grad is not None]
+                if task not in bad and grads and not all(torch.isfinite(g).all() for g in grads):
+                    self._nonfinite(task, "gradients are not finite", bad)
+        self._drop(bad)
+        if cfg.clip_norm is not None and cfg.clip_scope == "global":
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), cfg.clip_norm)
+            if not torch.isfinite(norm):
+                self._nonfinite(None, f"gradient norm is {norm.item()}", bad)
         self._step_lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return totals
+        return {t: v for t, v in totals.items() if t not in bad}
 
-    def _check_finite(self, task: str, value: float) -> None:
-        if not torch.isfinite(torch.tensor(value)):
+    def _active(self, stream: str) -> list[str]:
+        """The tasks of a batch stream still training (not dropped as diverged)."""
+        return [t for t in self.stream_tasks[stream] if t not in self.diverged]
+
+    def _nonfinite(self, task: str | None, what: str, bad: dict[str, str]) -> None:
+        """A task's loss or gradients were not finite: stop the run, or (drop_task) mark the task for `_drop`."""
+        where = f"task {task!r}: " if task is not None else ""
+        message = f"{where}{what} at step {self.step + 1}"
+        if self.config.on_nonfinite == "stop" or task is None:
             raise NonFiniteLossError(
-                f"loss of task {task!r} is {value} at step {self.step + 1}; training stopped before "
-                f"the optimizer step, the last good checkpoint is {latest_checkpoint(self.out_dir)}"
+                f"{message}; training stopped before the optimizer step, the last good checkpoint is "
+                f"{latest_checkpoint(self.out_dir)}"
+            )
+        bad[task] = what
+
+    def _drop(self, bad: Mapping[str, str]) -> None:
+        """Take diverged tasks out of training: their gradients of this step are discarded (so their weights stay
+        those of the last finite step), and later steps leave them out. Raises once no task is left."""
+        for task, what in bad.items():
+            for p in self._task_params[task]:
+                p.grad = None
+            if self.weighting.mode == "uncertainty":
+                self.weighting.log_vars[task].grad = None
+            self.diverged[task] = self.step + 1
+            _log.warning("task %r diverged (%s at step %d): it stops training here", task, what, self.step + 1)
+        if bad and len(self.diverged) == len(self.names):
+            raise NonFiniteLossError(
+                f"every task diverged (the last: {', '.join(bad)} at step {self.step + 1}); training stopped, the "
+                f"last good checkpoint is {latest_checkpoint(self.out_dir)}"
             )
 
     def _losses(self, batches: Mapping[str, tuple[torch.Tensor, Any]]) -> dict[str, torch.Tensor]:
         """Each task's head loss, from {stream: batch}; streams whose images have one shape share one routed
-        forward, in which every task of a stream runs on that stream's images (rows (image, task slot))."""
+        forward, in which every task of a stream still training runs on that stream's images (rows (image, task
+        slot))."""
         groups: dict[tuple, list[str]] = {}
         for stream, (images, _) in batches.items():
             groups.setdefault((tuple(images.shape[1:]), images.dtype), []).append(stream)
@@ -332,16 +379,16 @@ class Trainer:
             offset = 0
             for s in streams:
                 n = batches[s][0].shape[0]
-                for t in self.stream_tasks[s]:
+                for t in self._active(s):
                     rows[t] = [(offset + i, self.model.slot(t)) for i in range(n)]
                 offset += n
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
                 out = self.model.forward_rows(images, [r for t in rows for r in rows[t]])
                 for s in streams:
-                    for t in self.stream_tasks[s]:
+                    for t in self._active(s):
                         target = _to_device(batches[s][1], self.device)
                         losses[t] = self.model.task(t).head.loss(out[t][1], target)
-        return {t: losses[t] for s in batches for t in self.stream_tasks[s]}
+        return {t: losses[t] for s in batches for t in self._active(s)}
 
     def _record(self, losses: Mapping[str, float], seconds: float) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -352,6 +399,8 @@ class Trainer:
         }
         if self.weighting.mode == "uncertainty":
             record["loss_weight"] = self.weighting.effective_weights()
+        if self.diverged:
+            record["diverged"] = dict(self.diverged)
         return record
 
 
