@@ -208,6 +208,7 @@ def _serve(args: argparse.Namespace) -> None:
         drain_timeout_s=args.drain_timeout,
         admin_token=args.admin_token or os.environ.get("MTPEFT_ADMIN_TOKEN") or None,
         device=args.device,
+        grpc_port=args.grpc_port,
     )
 
 
@@ -342,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
     srv.add_argument("--admin-token", help="enables POST/DELETE /v1/tasks (or set MTPEFT_ADMIN_TOKEN)")
     srv.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    srv.add_argument("--grpc-port", type=int, help="also serve OIP v2 over gRPC on this port (e.g. 8001; `grpc` extra)")
     srv.set_defaults(fn=_serve)
     pred = sub.add_parser(
         "predict",

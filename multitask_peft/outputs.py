@@ -159,6 +159,17 @@ class OutputKind:
         sent (`context.original`)."""
         raise NotImplementedError
 
+    def oip_fields(self, num_classes: int | None) -> tuple[TensorSpec, ...]:
+        """The tensors an Open Inference Protocol endpoint answers for a batch of images (`to_oip`), batch first,
+        -1 where the size is dynamic; `num_classes` of the task if known (else -1 where it sets a size)."""
+        raise NotImplementedError(f"{self.name!r} results have no Open Inference Protocol form")
+
+    def to_oip(self, results: Sequence[Mapping[str, Any]], contexts: Sequence[JsonContext]) -> dict[str, torch.Tensor]:
+        """A batch of results (one per image, each with its `JsonContext`) as the `oip_fields` tensors, in the
+        pixels of the images the client sent (boxes scaled, masks resized nearest), with the JSON form's options
+        applied (score threshold, max detections). Raises a ValueError if the images cannot form one tensor."""
+        raise NotImplementedError(f"{self.name!r} results have no Open Inference Protocol form")
+
     def from_class_logits(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """The tensor form from per-class scores (`Head.class_logits`, class dimension 1): how an ensemble's
         combined class logits become results. Kinds without one cannot be ensembled."""

@@ -5,12 +5,14 @@
     POST   /v1/tasks                load or replace a task from a folder inside the adapter directory (admin)
     DELETE /v1/tasks/{name}         unload a task (admin)
     GET    /health/live, /health/ready
-    GET    /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}, /v2/models/{name}/ready   (OIP v2)
+    GET    /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}[/versions/{v}][/ready]   (OIP v2)
+    POST   /v2/models/{name}[/versions/{v}]/infer   (OIP v2: the tasks, and ALL; see `oip`)
     GET    /metrics                 Prometheus text format
 
 Admin routes need `Authorization: Bearer <token>` (401 without it, 403 with a wrong one, 403 when the server has
 no admin token); a backend whose tasks are fixed (ONNX) answers them 409. Client mistakes are 4xx with
-`{"error": {"code", "message"}}`; only server faults are 5xx.
+`{"error": {"code", "message"}}` (on `/v2` paths the protocol's `{"error": "<message>"}`); only server faults are
+5xx.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from multitask_peft import __version__
 
+from . import oip
 from .engine import Engine
 from .errors import (
     BadRequest,
@@ -106,6 +109,47 @@ _LOAD_BODY = {
 }
 
 
+_INFER_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["inputs"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "parameters": {"type": "object"},
+                    "inputs": {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["name", "datatype", "shape"],
+                            "properties": {
+                                "name": {"type": "string", "enum": [oip.IMAGE, oip.IMAGE_BYTES]},
+                                "datatype": {"type": "string", "enum": ["UINT8", "BYTES"]},
+                                "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                                "parameters": {"type": "object"},
+                                "data": {"type": "array"},
+                            },
+                        },
+                    },
+                    "outputs": {"type": "array", "items": {"type": "object", "required": ["name"]}},
+                },
+            }
+        },
+        "application/octet-stream": {
+            "schema": {
+                "type": "string",
+                "format": "binary",
+                "description": "the JSON header, then binary tensor data (`Inference-Header-Content-Length`)",
+            }
+        },
+    },
+}
+
+
 class _Guard:
     """ASGI middleware: refuses bodies over `max_body` (413, by Content-Length or while streaming) and counts
     responses by route and status code."""
@@ -122,7 +166,7 @@ class _Guard:
         path = scope.get("path", "")
         route = path if path in ROUTES else "/v1/tasks/{name}" if path.startswith("/v1/tasks/") else "other"
         if path.startswith("/v2/models/"):
-            route = "/v2/models/{name}"
+            route = "/v2/models/{name}/infer" if path.endswith("/infer") else "/v2/models/{name}"
         status = {"code": 500}
         metrics = self.engine.metrics
 
@@ -139,7 +183,7 @@ class _Guard:
             too_big = False  # the server rejects a bad Content-Length itself
         try:
             if too_big:
-                await _send_error(counting_send, PayloadTooLarge(f"request body over {self.max_body} bytes"))
+                await _send_error(counting_send, PayloadTooLarge(f"request body over {self.max_body} bytes"), path)
                 return
             received = 0
 
@@ -155,7 +199,7 @@ class _Guard:
             try:
                 await self.app(scope, limited_receive, counting_send)
             except PayloadTooLarge as e:  # raised while the app read the body (a streamed body)
-                await _send_error(counting_send, e)
+                await _send_error(counting_send, e, path)
         finally:  # also when the app re-raised after answering 500
             code = status["code"]
             metrics.requests.labels(route, str(code)).inc()
@@ -163,29 +207,54 @@ class _Guard:
                 metrics.errors.labels(str(code)).inc()
 
 
-async def _send_error(send: Any, error: ServingError) -> None:
-    body = json.dumps({"error": {"code": error.status, "message": error.message}}).encode()
+def _error_body(error: ServingError, path: str) -> dict[str, Any]:
+    """The error envelope: the Open Inference Protocol's `{"error": "<message>"}` on `/v2` paths (what its
+    clients parse), `{"error": {"code", "message"}}` elsewhere."""
+    if path == "/v2" or path.startswith("/v2/"):
+        return {"error": error.message}
+    return {"error": {"code": error.status, "message": error.message}}
+
+
+async def _send_error(send: Any, error: ServingError, path: str) -> None:
+    body = json.dumps(_error_body(error, path)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-def _error_response(error: ServingError) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": error.status, "message": error.message}}, status_code=error.status, headers=error.headers
-    )
+def _error_response(error: ServingError, request: Request) -> JSONResponse:
+    body = _error_body(error, request.url.path)
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
-def create_app(engine: Engine, admin_token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> Any:
-    """The ASGI app serving `engine` (started and stopped with the app's lifespan)."""
+def create_app(
+    engine: Engine,
+    admin_token: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    grpc_port: int | None = None,
+    grpc_host: str = "127.0.0.1",
+) -> Any:
+    """The ASGI app serving `engine` (started and stopped with the app's lifespan); with `grpc_port`, the OIP v2
+    gRPC endpoint too (`oip_grpc`, on the same event loop and engine; port 0: a free one, in
+    `app.state.grpc_port` once started)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
+        grpc = None
         try:
+            if grpc_port is not None:
+                from .oip_grpc import grpc_server
+
+                grpc = grpc_server(engine, grpc_host, grpc_port, max_body_bytes)
+                await grpc.start()
+                app.state.grpc_port = grpc.bound_port
+                log.info("OIP v2 gRPC on %s:%d", grpc_host, grpc.bound_port)
             yield
         finally:
+            if grpc is not None:
+                await grpc.stop(grace=engine.config.drain_timeout_s)
             await engine.stop()
 
     app = FastAPI(
@@ -200,22 +269,22 @@ def create_app(engine: Engine, admin_token: str | None = None, max_body_bytes: i
     async def serving_error(request: Request, exc: ServingError) -> JSONResponse:
         if exc.status >= 500 and not isinstance(exc, ShuttingDown):
             log.error("%s %s: %s", request.method, request.url.path, exc.message)
-        return _error_response(exc)
+        return _error_response(exc, request)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error_response(Unprocessable(f"invalid request: {exc.errors()}"))
+        return _error_response(Unprocessable(f"invalid request: {exc.errors()}"), request)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         error = ServingError(str(exc.detail), dict(exc.headers or {}))
         error.status = exc.status_code
-        return _error_response(error)
+        return _error_response(error, request)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error in %s %s", request.method, request.url.path)
-        return _error_response(ServingError(f"internal error: {type(exc).__name__}"))
+        return _error_response(ServingError(f"internal error: {type(exc).__name__}"), request)
 
     def check_admin(request: Request) -> None:
         if admin_token is None:
@@ -280,10 +349,10 @@ def create_app(engine: Engine, admin_token: str | None = None, max_body_bytes: i
             return JSONResponse({"status": "not ready"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    # --- Open Inference Protocol v2 (health, server and model metadata; the models are the tasks) ----------
+    # --- Open Inference Protocol v2 (`oip`: the models are the tasks, and ALL) -----------------------------
     @app.get("/v2", summary="OIP v2 server metadata")
     async def v2_server() -> dict[str, Any]:
-        return {"name": "multitask-peft", "version": __version__, "extensions": []}
+        return oip.server_metadata()
 
     @app.get("/v2/health/live", summary="OIP v2 server live")
     async def v2_live() -> dict[str, bool]:
@@ -294,30 +363,38 @@ def create_app(engine: Engine, admin_token: str | None = None, max_body_bytes: i
         ok = engine.ready and not engine.closing
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
-    def task_info(name: str) -> dict[str, Any]:
-        served = engine.backend.served_tasks()
-        if name not in served:
-            raise StarletteHTTPException(404, f"unknown model (task) {name!r}; served: {list(served)}")
-        return served[name]
+    @app.get("/v2/models/{name}", summary="OIP v2 model metadata")
+    @app.get("/v2/models/{name}/versions/{version}", summary="OIP v2 model metadata (a version)")
+    async def v2_model(name: str, version: str | None = None) -> dict[str, Any]:
+        return oip.model_metadata(engine, name, version)
 
-    @app.get("/v2/models/{name}", summary="OIP v2 model (task) metadata")
-    async def v2_model(name: str) -> dict[str, Any]:
-        info = task_info(name)
-        h, w = engine.preprocess.size
-        return {
-            "name": name,
-            "versions": [str(info["version"])],
-            "platform": f"multitask-peft-{engine.backend.name}",
-            "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, 3, h, w]}],
-            "outputs": [{"name": f"{name}.{field}", "datatype": "BYTES", "shape": [-1]} for field in ("json",)],
-            "parameters": {"head": info["head"], "class_names": info["class_names"]},
-        }
-
-    @app.get("/v2/models/{name}/ready", summary="OIP v2 model (task) ready")
-    async def v2_model_ready(name: str) -> Response:
-        task_info(name)
+    @app.get("/v2/models/{name}/ready", summary="OIP v2 model ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready", summary="OIP v2 model ready (a version)")
+    async def v2_model_ready(name: str, version: str | None = None) -> Response:
+        oip.check_model(engine, name, version)
         ok = engine.ready and not engine.closing
         return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
+
+    @app.post("/v2/models/{name}/infer", openapi_extra={"requestBody": _INFER_BODY}, summary="OIP v2 infer")
+    @app.post(
+        "/v2/models/{name}/versions/{version}/infer",
+        openapi_extra={"requestBody": _INFER_BODY},
+        summary="OIP v2 infer (a version)",
+    )
+    async def v2_infer(name: str, request: Request, version: str | None = None) -> Response:
+        engine.check_capacity()
+        oip.check_model(engine, name, version)  # 404 before the body is read
+        body, binary = await _read_infer(request, max_body_bytes)
+        parsed = oip.parse_rest(body, binary)
+        response = await oip.infer(engine, name, version, parsed)
+        payload, header_length = oip.encode_rest(response, parsed.binary)
+        if header_length is None:
+            return Response(payload, media_type="application/json")
+        return Response(
+            payload,
+            media_type="application/octet-stream",
+            headers={"Inference-Header-Content-Length": str(header_length)},
+        )
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:
@@ -335,6 +412,43 @@ async def _json_body(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise Unprocessable(f"the JSON body must be an object, got {type(body).__name__}")
     return body
+
+
+async def _read_infer(request: Request, limit: int) -> tuple[dict[str, Any], bytes]:
+    """An OIP infer body: (the JSON header, the binary data after it), decompressed if the client compressed it
+    (`Content-Encoding: gzip` / `deflate`, at most `limit` bytes once decompressed)."""
+    raw = await request.body()
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("gzip", "deflate"):
+        import zlib
+
+        inflater = zlib.decompressobj(wbits=47 if encoding == "gzip" else 15)  # 47: gzip or zlib header
+        try:
+            raw = inflater.decompress(raw, limit + 1)
+        except zlib.error as e:
+            raise BadRequest(f"the body is not valid {encoding} data ({e})") from e
+        if len(raw) > limit:
+            raise PayloadTooLarge(f"the decompressed body is over {limit} bytes")
+    elif encoding not in ("", "identity"):
+        raise UnsupportedMediaType(f"content encoding {encoding!r} is not accepted (gzip, deflate or none)")
+    length = request.headers.get("inference-header-content-length")
+    if length is None:
+        header, binary = raw, b""
+    else:
+        try:
+            n = int(length)
+        except ValueError:
+            n = -1
+        if not 0 <= n <= len(raw):
+            raise BadRequest(f"Inference-Header-Content-Length {length!r} does not fit a body of {len(raw)} bytes")
+        header, binary = raw[:n], raw[n:]
+    try:
+        body = json.loads(header)
+    except (ValueError, RecursionError) as e:
+        raise BadRequest(f"the infer request header is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(body, dict):
+        raise BadRequest(f"the infer request must be a JSON object, got {type(body).__name__}")
+    return body, binary
 
 
 async def _read_json(request: Request) -> tuple[bytes, Any, dict[str, Any]]:

@@ -36,11 +36,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .backends import Backend, TaskFormat
 from .errors import BadRequest, QueueFull, RequestTimeout, ServingError, ShuttingDown, Unprocessable
-from .images import MAX_LIST_MASK_PIXELS, PredictOptions, to_json
+from .images import MAX_LIST_MASK_PIXELS, PredictOptions, to_json, to_tensors
 from .metrics import Metrics
 
 log = logging.getLogger("multitask_peft.serving")
@@ -99,14 +100,19 @@ class Worker:
         self.executor.shutdown(wait=wait)
 
 
+#: How a request wants its results: "json" (`to_json`, `/v1/predict`) or "tensors" (`to_tensors`, OIP v2).
+RESULT_FORMS = {"json": to_json, "tensors": to_tensors}
+
+
 @dataclass(eq=False)
 class _Request:
-    data: bytes  # the image file (its header checked); decoded on the worker, just before its forward pass
+    data: bytes | np.ndarray  # the image file (its header checked) or its RGB pixels; decoded on the worker
     tasks: list[str]
     options: PredictOptions
     future: asyncio.Future  # -> (results per task, version per task)
     arrived: float
     deadline: float
+    form: str = "json"
 
 
 class Engine:
@@ -196,11 +202,17 @@ class Engine:
             raise QueueFull(f"the queue is full ({self._queued} images waiting)", math.ceil(wait))
 
     async def predict(
-        self, data: bytes, tasks: list[str], options: PredictOptions
+        self, data: bytes | np.ndarray, tasks: list[str], options: PredictOptions, form: str = "json"
     ) -> tuple[dict[str, dict[str, Any]], dict[str, int], tuple[int, int]]:
-        """Results of `tasks` for one image file: (JSON-ready dict per task, task version per task, the image's
-        (height, width)). The header is checked here (400 at once); the image is decoded on the worker."""
-        self.preprocess.check(data)
+        """Results of `tasks` for one image file (or its RGB pixels, (H, W, 3) uint8): (per task its JSON-ready
+        dict, or with `form="tensors"` its OIP arrays; task version per task; the image's (height, width)). The
+        header is checked here (400 at once); the image is decoded on the worker."""
+        if isinstance(data, np.ndarray):
+            self.preprocess.check_pixels(data)
+        else:
+            self.preprocess.check(data)
+        if form not in RESULT_FORMS:
+            raise ValueError(f"form must be one of {list(RESULT_FORMS)}, got {form!r}")
         self.check_capacity()
         assert self._queue is not None
         if options.alpha is not None and not getattr(self.backend, "wise", False):
@@ -213,7 +225,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         now = loop.time()
         timeout = options.timeout_s if options.timeout_s is not None else self.config.timeout_s
-        request = _Request(data, tasks, options, loop.create_future(), now, now + timeout)
+        request = _Request(data, tasks, options, loop.create_future(), now, now + timeout, form)
         self._queued += 1
         self._pending += 1
         self._peak = max(self._peak, self._pending)
@@ -394,8 +406,9 @@ class Engine:
             raw = self.backend.run(images, asked, wise)
         for k, per_image in zip(good, raw, strict=True):
             req, original = batch[k], decoded[k][1]
+            form = RESULT_FORMS[req.form]
             results = {
-                t: to_json(formats[t].kind, per_image[t], size, original, req.options, formats[t].class_names)
+                t: form(formats[t].kind, per_image[t], size, original, req.options, formats[t].class_names)
                 for t in req.tasks
             }
             out[k] = (results, {t: formats[t].version for t in req.tasks}, original)

@@ -31,6 +31,7 @@ __all__ = [
     "encode_mask_png",
     "parse_tasks",
     "to_json",
+    "to_tensors",
 ]
 
 #: Largest decoded image accepted, in pixels (a decompression-bomb guard: 40 MP, e.g. 8000 x 5000).
@@ -65,12 +66,23 @@ class Preprocess:
         if width * height > self.max_pixels:
             raise BadRequest(f"image of {width}x{height} pixels is over the limit of {self.max_pixels} pixels")
 
-    def decode(self, data: bytes) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Image file bytes -> ((3, H, W) normalised float tensor at `size`, original (height, width)).
+    def check_pixels(self, pixels: np.ndarray) -> None:
+        """Checks of an image sent as pixels (an OIP UINT8 tensor): (H, W, 3) uint8, 1 to `max_pixels` pixels."""
+        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+            raise BadRequest(f"an image tensor must be UINT8 [H, W, 3] (RGB), got {pixels.dtype} {list(pixels.shape)}")
+        height, width = pixels.shape[:2]
+        if height * width == 0:
+            raise BadRequest("the image has no pixels")
+        if height * width > self.max_pixels:
+            raise BadRequest(f"image of {width}x{height} pixels is over the limit of {self.max_pixels} pixels")
+
+    def decode(self, data: bytes | np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Image file bytes (or RGB pixels (H, W, 3) uint8, checked by `check_pixels`) -> ((3, H, W) normalised
+        float tensor at `size`, original (height, width)).
 
         Raises `BadRequest` for anything that is not a whole, decodable image within `max_pixels`.
         """
-        image = self.open(data)
+        image = Image.fromarray(np.ascontiguousarray(data), "RGB") if isinstance(data, np.ndarray) else self.open(data)
         return self.tensor(image), (image.height, image.width)
 
     def open(self, data: bytes) -> Image.Image:
@@ -209,3 +221,21 @@ def to_json(
     task's output kind (`kind`, a name in `OUTPUT_KINDS`)."""
     context = JsonContext(input_size, original, options, class_names)
     return OUTPUT_KINDS.get(kind).to_json(result, context)
+
+
+def to_tensors(
+    kind: str,
+    result: dict[str, Any],
+    input_size: tuple[int, int],
+    original: tuple[int, int],
+    options: ResultOptions,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """One task's result for one image as the Open Inference Protocol tensors of its output kind (`to_oip`, a
+    batch of one: every array has a leading dimension of 1), in the pixels of the image the client sent."""
+    context = JsonContext(input_size, original, options, class_names)
+    try:
+        fields = OUTPUT_KINDS.get(kind).to_oip([result], [context])
+    except NotImplementedError as e:
+        raise BadRequest(str(e)) from e
+    return {name: tensor.numpy() for name, tensor in fields.items()}

@@ -85,8 +85,10 @@ def serve(
     device: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     log_level: str = "info",
+    grpc_port: int | None = None,
 ) -> None:
-    """Serve a run directory over HTTP until SIGTERM / SIGINT (then drain, bounded by `drain_timeout_s`)."""
+    """Serve a run directory over HTTP (and OIP v2 gRPC on `grpc_port`) until SIGTERM / SIGINT (then drain,
+    bounded by `drain_timeout_s`)."""
     worker = Worker()  # the model is built on the thread that will run it (see `engine`)
     if backend == "torch":
         runner: Any = worker.call(torch_backend, directory, max_resident, device)
@@ -100,6 +102,6 @@ def serve(
     # the engine's own drain after it is then a formality, so the two waits do not add up
     config = EngineConfig(max_batch, max_wait_ms, max_queue, timeout_s, drain_timeout_s=min(drain_timeout_s, 1.0))
     engine = Engine(runner, config, worker=worker)
-    app = create_app(engine, admin_token=admin_token, max_body_bytes=max_body_bytes)
+    app = create_app(engine, admin_token, max_body_bytes, grpc_port=grpc_port, grpc_host=host)
     log.info("serving %s with the %s backend on http://%s:%d", directory, backend, host, port)
     _Server(app, engine, host, port, drain_timeout_s, log_level).run()

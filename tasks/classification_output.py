@@ -76,6 +76,20 @@ class ClassificationOutput(OutputKind):
     def from_class_logits(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"logits": logits}  # (N, C)
 
+    def oip_fields(self, num_classes: int | None) -> tuple[TensorSpec, ...]:
+        return (
+            TensorSpec("logits", torch.float32, (-1, num_classes or -1)),
+            TensorSpec("label", torch.int64, (-1,)),
+            TensorSpec("score", torch.float32, (-1,)),
+        )
+
+    def to_oip(self, results: Sequence[Mapping[str, Any]], contexts: Sequence[JsonContext]) -> dict[str, torch.Tensor]:
+        return {
+            "logits": torch.stack([torch.as_tensor(r["logits"]).float() for r in results]),
+            "label": torch.tensor([int(r["label"]) for r in results], dtype=torch.int64),
+            "score": torch.tensor([float(r["score"]) for r in results], dtype=torch.float32),
+        }
+
     def to_json(self, result: Mapping[str, Any], context: JsonContext) -> dict[str, Any]:
         """{"label", "score", "class_name"?, "logits"? (with `options.logits`)}."""
         label = int(result["label"])

@@ -224,6 +224,15 @@ class DetectionMetric(TaskMetric):
         self.metric.reset()
 
 
+#: The tensor form's fields (K: detections per image, padded; `num_detections` of them are real).
+_FIELDS = (
+    TensorSpec("boxes", torch.float32, (-1, -1, 4)),
+    TensorSpec("scores", torch.float32, (-1, -1)),
+    TensorSpec("labels", torch.int64, (-1, -1)),
+    TensorSpec("num_detections", torch.int64, (-1,)),
+)
+
+
 @register_output_kind("detection")
 class DetectionOutput(OutputKind):
     """Boxes in input pixels, scores and labels, best first; JSON boxes rescaled to the sent image."""
@@ -231,32 +240,36 @@ class DetectionOutput(OutputKind):
     primary_metric = "map50"
 
     def tensor_spec(self, head_config: HeadConfig, image_size: tuple[int, int]) -> tuple[TensorSpec, ...]:
-        return (
-            TensorSpec("boxes", torch.float32, (-1, -1, 4)),
-            TensorSpec("scores", torch.float32, (-1, -1)),
-            TensorSpec("labels", torch.int64, (-1, -1)),
-            TensorSpec("num_detections", torch.int64, (-1,)),
-        )
+        return _FIELDS
 
     def decode(self, tensors: Mapping[str, torch.Tensor]) -> list[Result]:
         boxes, scores, labels = tensors["boxes"], tensors["scores"], tensors["labels"]  # (N, K, 4), (N, K), (N, K)
         counts = tensors["num_detections"].tolist()
         return [{"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]} for i, n in enumerate(counts)]
 
+    def oip_fields(self, num_classes: int | None) -> tuple[TensorSpec, ...]:
+        """As the tensor form; K is the most detections of an image in the batch (the others padded: scores 0,
+        labels -1), `num_detections` says how many are real."""
+        return _FIELDS
+
+    def to_oip(self, results: Sequence[Mapping[str, Any]], contexts: Sequence[JsonContext]) -> dict[str, torch.Tensor]:
+        kept = [_kept(r, c) for r, c in zip(results, contexts, strict=True)]
+        k = max((len(s) for _, s, _ in kept), default=0)
+        boxes, scores = torch.zeros(len(kept), k, 4), torch.zeros(len(kept), k)
+        labels = torch.full((len(kept), k), -1, dtype=torch.int64)
+        for i, (b, s, lab) in enumerate(kept):
+            boxes[i, : len(s)], scores[i, : len(s)], labels[i, : len(s)] = b, s, lab
+        counts = torch.tensor([len(s) for _, s, _ in kept], dtype=torch.int64)
+        return {"boxes": boxes, "scores": scores, "labels": labels, "num_detections": counts}
+
     def to_json(self, result: Mapping[str, Any], context: JsonContext) -> dict[str, Any]:
         """{"boxes": [[x1, y1, x2, y2]] in the sent image's pixels, "scores", "labels", "class_names"?}: scores at
         least `options.score_threshold`, at most `options.max_detections`."""
-        options, (h, w), (original_h, original_w) = context.options, context.input_size, context.original
-        scores = result["scores"].float()
-        keep = (scores >= options.score_threshold).nonzero().flatten()
-        if options.max_detections is not None:
-            keep = keep[: options.max_detections]  # scores are sorted best first
-        sy, sx = original_h / h, original_w / w
-        boxes = result["boxes"].float()[keep] * torch.tensor([sx, sy, sx, sy])
-        labels = [int(v) for v in result["labels"][keep].tolist()]
+        boxes, scores, kept_labels = _kept(result, context)
+        labels = [int(v) for v in kept_labels.tolist()]
         out = {
             "boxes": [[round(float(v), 3) for v in box] for box in boxes.tolist()],
-            "scores": [float(v) for v in scores[keep].tolist()],
+            "scores": [float(v) for v in scores.tolist()],
             "labels": labels,
         }
         if context.class_names:
@@ -265,3 +278,16 @@ class DetectionOutput(OutputKind):
 
     def metric(self, head_config: HeadConfig) -> DetectionMetric:
         return DetectionMetric()
+
+
+def _kept(result: Mapping[str, Any], context: JsonContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(boxes (K, 4) in the sent image's pixels, scores (K,), labels (K,)) of the detections the options keep:
+    scores at least `options.score_threshold`, at most `options.max_detections` (the best: scores come sorted)."""
+    options, (h, w), (original_h, original_w) = context.options, context.input_size, context.original
+    scores = result["scores"].float()
+    keep = (scores >= options.score_threshold).nonzero().flatten()
+    if options.max_detections is not None:
+        keep = keep[: options.max_detections]
+    sy, sx = original_h / h, original_w / w
+    boxes = result["boxes"].float()[keep] * torch.tensor([sx, sy, sx, sy])
+    return boxes, scores[keep], result["labels"][keep].long()

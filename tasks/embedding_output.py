@@ -6,7 +6,7 @@ Tensor form: "embedding" (N, D) float32. Results: one {"embedding": (D,)} per im
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +25,12 @@ class EmbeddingOutput(OutputKind):
     def decode(self, tensors: Mapping[str, torch.Tensor]) -> list[Result]:
         embeddings = tensors["embedding"]  # (N, D)
         return [{"embedding": embeddings[i]} for i in range(len(embeddings))]
+
+    def oip_fields(self, num_classes: int | None) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("embedding", torch.float32, (-1, -1)),)
+
+    def to_oip(self, results: Sequence[Mapping[str, Any]], contexts: Sequence[JsonContext]) -> dict[str, torch.Tensor]:
+        return {"embedding": torch.stack([torch.as_tensor(r["embedding"]).float() for r in results])}
 
     def to_json(self, result: Mapping[str, Any], context: JsonContext) -> dict[str, Any]:
         """{"embedding": [float, ...]}."""

@@ -135,12 +135,21 @@ class SegmentationOutput(OutputKind):
     def from_class_logits(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"mask": logits.argmax(dim=1)}  # (N, C, H, W) -> (N, H, W) int64
 
+    def oip_fields(self, num_classes: int | None) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("mask", torch.int64, (-1, -1, -1)),)  # (N, H, W) at the sent images' size
+
+    def to_oip(self, results: Sequence[Mapping[str, Any]], contexts: Sequence[JsonContext]) -> dict[str, torch.Tensor]:
+        sizes = {tuple(c.original) for c in contexts}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"segmentation masks come at each image's size, and these images differ ({sorted(sizes)}): send "
+                "them in separate requests, or as one UINT8 tensor of equal images"
+            )
+        return {"mask": torch.stack([_at_size(r["mask"], c.original) for r, c in zip(results, contexts, strict=True)])}
+
     def to_json(self, result: Mapping[str, Any], context: JsonContext) -> dict[str, Any]:
         """{"size": [H, W], "mask_png" (or "mask" as lists with `options.mask_format="list"`), "class_names"?}."""
-        mask = result["mask"]
-        original = tuple(context.original)
-        if tuple(mask.shape) != original:
-            mask = F.interpolate(mask[None, None].float(), size=original, mode="nearest")[0, 0].long()
+        mask = _at_size(result["mask"], context.original)
         out: dict[str, Any] = {"size": [int(mask.shape[0]), int(mask.shape[1])]}
         if context.options.mask_format == "list":
             out["mask"] = mask.tolist()
@@ -152,3 +161,10 @@ class SegmentationOutput(OutputKind):
 
     def metric(self, head_config: HeadConfig) -> SegmentationMetric:
         return SegmentationMetric(head_config.num_classes, ignore_index=getattr(head_config, "ignore_index", 255))
+
+
+def _at_size(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """A (H, W) class-id mask resized (nearest) to `size`, as int64."""
+    if tuple(mask.shape) != tuple(size):
+        mask = F.interpolate(mask[None, None].float(), size=tuple(size), mode="nearest")[0, 0]
+    return mask.long()

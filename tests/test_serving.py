@@ -241,7 +241,13 @@ def test_tasks_health_and_oip(live: LiveServer) -> None:
     assert client.get("/v2/health/ready").json() == {"ready": True}
     assert client.get("/v2").json()["name"] == "multitask-peft"
     meta = client.get("/v2/models/cls").json()
-    assert meta["name"] == "cls" and meta["inputs"][0]["shape"] == [-1, 3, SIZE, SIZE]
+    assert meta["name"] == "cls" and meta["inputs"][0] == {
+        "name": "image",
+        "datatype": "UINT8",
+        "shape": [-1, -1, -1, 3],
+    }
+    assert [o["name"] for o in meta["outputs"]] == ["cls.logits", "cls.label", "cls.score"]
+    assert meta["outputs"][0]["shape"] == [-1, 4]  # (the task's 4 class names)
     assert client.get("/v2/models/cls/ready").json() == {"name": "cls", "ready": True}
     assert client.get("/v2/models/nope/ready").status_code == 404
     spec = client.get("/openapi.json").json()
