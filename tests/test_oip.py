@@ -98,6 +98,13 @@ def test_all_model_several_tasks_bytes_batch_and_parameters(live: LiveServer) ->
         parameters={"max_detections": 1},
     )
     assert few.as_numpy("boxes.num_detections").max() <= 1 and few.as_numpy("cls.logits") is None
+    # WiSE alpha per request, as in /v1/predict
+    half = client.infer("cls", [image], parameters={"alpha": 0.5})
+    with serving.Client(live.url) as v1_client:
+        expected = v1_client.predict(pngs[0], ["cls"], logits=True, alpha=0.5)["results"]["cls"]["logits"]
+    np.testing.assert_allclose(half.as_numpy("cls.logits")[0], expected, atol=1e-5, rtol=1e-5)
+    plain = client.infer("cls", [image]).as_numpy("cls.logits")[0]
+    assert np.abs(plain - expected).max() > 1e-4
     # compressed request body
     result = client.infer("cls", [image], request_compression_algorithm="gzip")
     assert result.as_numpy("cls.logits").shape == (2, 4)
