@@ -22,16 +22,19 @@ import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from multitask_peft import __version__
 
 from . import oip
+from . import openapi as api
 from .engine import Engine
 from .errors import (
     BadRequest,
@@ -52,102 +55,6 @@ MAX_BODY_BYTES = 20 * 2**20
 OPTION_FIELDS = ("score_threshold", "max_detections", "mask_format", "logits", "timeout_s", "alpha", "wise_reference")
 ROUTES = {"/v1/predict", "/v1/tasks", "/health/live", "/health/ready", "/metrics", "/v2", "/v2/health/live",
           "/v2/health/ready"}  # fmt: skip
-
-_PREDICT_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "required": ["image", "tasks"],
-                "properties": {
-                    "image": {"type": "string", "description": "the image file (PNG, JPEG, ...), base64"},
-                    "tasks": {"type": "array", "items": {"type": "string"}, "minItems": 1},
-                    "score_threshold": {"type": "number", "minimum": 0, "maximum": 1},
-                    "max_detections": {"type": "integer", "minimum": 0},
-                    "mask_format": {"type": "string", "enum": ["png", "list"]},
-                    "logits": {"type": "boolean"},
-                    "timeout_s": {"type": "number", "exclusiveMinimum": 0},
-                    "alpha": {"type": "number", "minimum": 0, "maximum": 1, "description": "WiSE coefficient"},
-                    "wise_reference": {"type": "string", "description": "linear-probe task alpha = 0 becomes"},
-                },
-            }
-        },
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["image", "tasks"],
-                "properties": {
-                    "image": {"type": "string", "format": "binary"},
-                    "tasks": {"type": "string", "description": "comma-separated task names (or repeat the field)"},
-                    "score_threshold": {"type": "number"},
-                    "max_detections": {"type": "integer"},
-                    "mask_format": {"type": "string", "enum": ["png", "list"]},
-                    "logits": {"type": "boolean"},
-                    "timeout_s": {"type": "number"},
-                    "alpha": {"type": "number"},
-                    "wise_reference": {"type": "string"},
-                },
-            }
-        },
-    },
-}
-_LOAD_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "required": ["path"],
-                "properties": {
-                    "path": {"type": "string", "description": "task folder, relative to the adapter directory"},
-                    "name": {"type": "string", "description": "served name (default: the saved task's name)"},
-                },
-            }
-        }
-    },
-}
-
-
-_INFER_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "required": ["inputs"],
-                "properties": {
-                    "id": {"type": "string"},
-                    "parameters": {"type": "object"},
-                    "inputs": {
-                        "type": "array",
-                        "minItems": 1,
-                        "maxItems": 1,
-                        "items": {
-                            "type": "object",
-                            "required": ["name", "datatype", "shape"],
-                            "properties": {
-                                "name": {"type": "string", "enum": [oip.IMAGE, oip.IMAGE_BYTES]},
-                                "datatype": {"type": "string", "enum": ["UINT8", "BYTES"]},
-                                "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                                "parameters": {"type": "object"},
-                                "data": {"type": "array"},
-                            },
-                        },
-                    },
-                    "outputs": {"type": "array", "items": {"type": "object", "required": ["name"]}},
-                },
-            }
-        },
-        "application/octet-stream": {
-            "schema": {
-                "type": "string",
-                "format": "binary",
-                "description": "the JSON header, then binary tensor data (`Inference-Header-Content-Length`)",
-            }
-        },
-    },
-}
 
 
 class _Guard:
@@ -279,6 +186,10 @@ def create_app(
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         error = ServingError(str(exc.detail), dict(exc.headers or {}))
         error.status = exc.status_code
+        if exc.status_code == 405:  # every method of the path (its routes are separate: Starlette names one's)
+            path = request.url.path
+            methods = {m for r in app.routes if isinstance(r, APIRoute) and r.path_regex.match(path) for m in r.methods}
+            error.headers["Allow"] = ", ".join(sorted(methods))
         return _error_response(error, request)
 
     @app.exception_handler(Exception)
@@ -297,7 +208,12 @@ def create_app(
             raise Forbidden("wrong admin token")
 
     # --- predict -------------------------------------------------------------------------------------------
-    @app.post("/v1/predict", openapi_extra={"requestBody": _PREDICT_BODY}, summary="Run tasks on one image")
+    @app.post(
+        "/v1/predict",
+        openapi_extra={"requestBody": api.PREDICT_BODY},
+        responses=api.responses(400, 404, 413, 415, 422, 429, 503, 504),
+        summary="Run tasks on one image",
+    )
     async def predict(request: Request) -> dict[str, Any]:
         engine.check_capacity()  # 503 / 429 before reading and decoding the body
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -315,11 +231,16 @@ def create_app(
         return {"results": results, "image_size": list(original), "versions": versions}
 
     # --- tasks ---------------------------------------------------------------------------------------------
-    @app.get("/v1/tasks", summary="Served tasks")
+    @app.get("/v1/tasks", summary="Served tasks", responses=api.responses())
     async def list_tasks() -> dict[str, Any]:
         return {"tasks": list(engine.backend.served_tasks().values()), **engine.backend.describe()}
 
-    @app.post("/v1/tasks", openapi_extra={"requestBody": _LOAD_BODY}, summary="Load or replace a task (admin)")
+    @app.post(
+        "/v1/tasks",
+        openapi_extra={"requestBody": api.LOAD_BODY},
+        responses=api.responses(400, 401, 403, 404, 409, 413, 415, 422),
+        summary="Load or replace a task (admin)",
+    )
     async def load_task(request: Request) -> dict[str, Any]:
         check_admin(request)
         engine.backend.check_changeable()  # 409 before the body is read
@@ -331,7 +252,7 @@ def create_app(
             raise Unprocessable(f"'name' must be a string, got {name!r}")
         return {"task": await engine.backend.load(name, body.get("path"))}
 
-    @app.delete("/v1/tasks/{name}", summary="Unload a task (admin)")
+    @app.delete("/v1/tasks/{name}", responses=api.responses(401, 403, 404, 409, 422), summary="Unload a task (admin)")
     async def unload_task(name: str, request: Request) -> dict[str, Any]:
         check_admin(request)
         engine.backend.check_changeable()
@@ -339,49 +260,56 @@ def create_app(
         return {"unloaded": name}
 
     # --- health --------------------------------------------------------------------------------------------
-    @app.get("/health/live", summary="The process answers")
+    @app.get("/health/live", summary="The process answers", responses=api.responses())
     async def live() -> dict[str, str]:
         return {"status": "live"}
 
-    @app.get("/health/ready", summary="The server takes requests")
+    @app.get("/health/ready", summary="The server takes requests", responses=api.responses(503))
     async def ready() -> Response:
         if not engine.ready or engine.closing:
             return JSONResponse({"status": "not ready"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
     # --- Open Inference Protocol v2 (`oip`: the models are the tasks, and ALL) -----------------------------
-    @app.get("/v2", summary="OIP v2 server metadata")
+    v2_errors = partial(api.responses, v2=True)
+
+    @app.get("/v2", summary="OIP v2 server metadata", responses=v2_errors())
     async def v2_server() -> dict[str, Any]:
         return oip.server_metadata()
 
-    @app.get("/v2/health/live", summary="OIP v2 server live")
+    @app.get("/v2/health/live", summary="OIP v2 server live", responses=v2_errors())
     async def v2_live() -> dict[str, bool]:
         return {"live": True}
 
-    @app.get("/v2/health/ready", summary="OIP v2 server ready")
+    @app.get("/v2/health/ready", summary="OIP v2 server ready", responses=v2_errors(503))
     async def v2_ready() -> Response:
         ok = engine.ready and not engine.closing
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
-    @app.get("/v2/models/{name}", summary="OIP v2 model metadata")
-    @app.get("/v2/models/{name}/versions/{version}", summary="OIP v2 model metadata (a version)")
-    async def v2_model(name: str, version: str | None = None) -> dict[str, Any]:
+    @app.get("/v2/models/{name}", summary="OIP v2 model metadata", responses=v2_errors(404, 422))
+    async def v2_model(name: str) -> dict[str, Any]:
+        return oip.model_metadata(engine, name)
+
+    @app.get("/v2/models/{name}/versions/{version}", summary="OIP v2 model metadata", responses=v2_errors(404, 422))
+    async def v2_model_version(name: str, version: str) -> dict[str, Any]:
         return oip.model_metadata(engine, name, version)
 
-    @app.get("/v2/models/{name}/ready", summary="OIP v2 model ready")
-    @app.get("/v2/models/{name}/versions/{version}/ready", summary="OIP v2 model ready (a version)")
-    async def v2_model_ready(name: str, version: str | None = None) -> Response:
+    def model_ready(name: str, version: str | None) -> Response:
         oip.check_model(engine, name, version)
         ok = engine.ready and not engine.closing
         return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
 
-    @app.post("/v2/models/{name}/infer", openapi_extra={"requestBody": _INFER_BODY}, summary="OIP v2 infer")
-    @app.post(
-        "/v2/models/{name}/versions/{version}/infer",
-        openapi_extra={"requestBody": _INFER_BODY},
-        summary="OIP v2 infer (a version)",
+    @app.get("/v2/models/{name}/ready", summary="OIP v2 model ready", responses=v2_errors(404, 422, 503))
+    async def v2_model_ready(name: str) -> Response:
+        return model_ready(name, None)
+
+    @app.get(
+        "/v2/models/{name}/versions/{version}/ready", summary="OIP v2 model ready", responses=v2_errors(404, 422, 503)
     )
-    async def v2_infer(name: str, request: Request, version: str | None = None) -> Response:
+    async def v2_model_version_ready(name: str, version: str) -> Response:
+        return model_ready(name, version)
+
+    async def infer(name: str, version: str | None, request: Request) -> Response:
         engine.check_capacity()
         oip.check_model(engine, name, version)  # 404 before the body is read
         body, binary = await _read_infer(request, max_body_bytes)
@@ -390,13 +318,34 @@ def create_app(
         payload, header_length = oip.encode_rest(response, parsed.binary)
         if header_length is None:
             return Response(payload, media_type="application/json")
-        return Response(
-            payload,
-            media_type="application/octet-stream",
-            headers={"Inference-Header-Content-Length": str(header_length)},
-        )
+        headers = {"Inference-Header-Content-Length": str(header_length)}
+        return Response(payload, media_type="application/octet-stream", headers=headers)
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    infer_errors = {**api.INFER_OK, **v2_errors(400, 404, 413, 415, 422, 429, 503, 504)}
+
+    @app.post(
+        "/v2/models/{name}/infer",
+        openapi_extra={"requestBody": api.INFER_BODY},
+        responses=infer_errors,
+        response_class=Response,
+        summary="OIP v2 infer",
+    )
+    async def v2_infer(name: str, request: Request) -> Response:
+        return await infer(name, None, request)
+
+    @app.post(
+        "/v2/models/{name}/versions/{version}/infer",
+        openapi_extra={"requestBody": api.INFER_BODY},
+        responses=infer_errors,
+        response_class=Response,
+        summary="OIP v2 infer (a version)",
+    )
+    async def v2_infer_version(name: str, version: str, request: Request) -> Response:
+        return await infer(name, version, request)
+
+    metrics_doc = {**api.METRICS_OK, **api.responses()}
+
+    @app.get("/metrics", summary="Prometheus metrics", responses=metrics_doc, response_class=Response)
     async def metrics() -> Response:
         return Response(engine.metrics.render(), media_type=engine.metrics.content_type)
 
