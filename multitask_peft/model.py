@@ -582,7 +582,7 @@ class MultiTaskModel(nn.Module):
 
     # --- task files ----------------------------------------------------------------------------------------
     def save_task(self, name: str, path: str | os.PathLike) -> None:
-        """Write `adapter_config.json` + `adapter_model.safetensors` for a task into directory `path`; for an
+        """Write `task_config.json` + `task_weights.safetensors` for a task into directory `path`; for an
         ensemble, `ensemble_config.json` (its members and mode, no weights)."""
         if name in self._ensembles:
             ensembles.write_ensemble(path, self._ensembles[name])
