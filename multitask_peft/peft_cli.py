@@ -6,9 +6,13 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
 from .task_io import CONFIG_NAME, WEIGHTS_NAME, read_task_config
+
+if TYPE_CHECKING:
+    from .model import MultiTaskModel
 
 
 def add_peft_commands(sub: argparse._SubParsersAction) -> None:
@@ -86,7 +90,7 @@ def _export_peft(args: argparse.Namespace) -> None:
     )
 
 
-def _backbone_model(args: argparse.Namespace, default_arch: str | None) -> object:
+def _backbone_model(args: argparse.Namespace, default_arch: str | None) -> MultiTaskModel:
     """The model of `--run RUN` (its backbone), or of `--backbone NAME` (default: `default_arch`) with
     `--pretrained` weights and `--img-size`."""
     import torch

@@ -624,9 +624,17 @@ def test_replace_with_new_classes_then_unload_under_load(reference: tuple, tmp_p
         assert server.engine.backend.store.pending("cls") == 0
 
 
-def test_bad_task_folder_is_skipped_at_start(reference: tuple, tmp_path: Path) -> None:
-    _, root = reference
+def test_bad_task_folder_is_skipped_at_start(
+    reference: tuple, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Broken folders and HF PEFT adapters (no head: `mtpeft import-peft` first) are skipped with a warning; folders
+    with the old file names (adapter_config.json + adapter_model.safetensors) are served."""
+    model, root = reference
     shutil.copytree(root / "cls", tmp_path / "good")
+    shutil.copytree(root / "cls", tmp_path / "legacy")
+    (tmp_path / "legacy" / CONFIG_NAME).rename(tmp_path / "legacy" / "adapter_config.json")
+    (tmp_path / "legacy" / WEIGHTS_NAME).rename(tmp_path / "legacy" / "adapter_model.safetensors")
+    model.save_task("cls", tmp_path / "peft", format="peft")
     shutil.copytree(root / "cls", tmp_path / "broken")
     (tmp_path / "broken" / WEIGHTS_NAME).write_bytes(b"not safetensors")
     shutil.copytree(root / "cls", tmp_path / "badhead")
@@ -634,7 +642,8 @@ def test_bad_task_folder_is_skipped_at_start(reference: tuple, tmp_path: Path) -
     config["head"] = 5
     (tmp_path / "badhead" / CONFIG_NAME).write_text(json.dumps(config))
     engine = _engine(tmp_path)
-    assert list(engine.backend.store.entries) == ["good"]
+    assert list(engine.backend.store.entries) == ["good", "legacy"]
+    assert "an HF PEFT adapter" in caplog.text and "mtpeft import-peft" in caplog.text
 
 
 def test_server_errors_are_counted(reference: tuple, tmp_path: Path) -> None:
