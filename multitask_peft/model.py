@@ -632,7 +632,7 @@ class MultiTaskModel(nn.Module):
     ) -> Task:
         """A saved task built, validated (backbone fingerprint, tensor names and shapes, finite values) and loaded,
         but not attached (`attach_task`); the model is not changed. `replace`, `head`: see `build_task`,
-        `load_task`."""
+        `load_task`. An HF PEFT adapter folder is read by `peft_format.read_peft_task`."""
         if ensembles.is_ensemble_folder(path):
             raise ValueError(f"{path} holds an ensemble, not a task; add it with load_task once its members are loaded")
         if peft_format.is_peft_folder(path):

@@ -1,9 +1,9 @@
 """HF PEFT's LoRA / DoRA adapters for timm models (`adapter_config.json` + `adapter_model.safetensors`), as tasks.
 
 `read_peft_task` builds a task from what `peft.get_peft_model(timm_model, LoraConfig(...)).save_pretrained(dir)`
-writes; `write_peft_task` writes a LoRA / DoRA task so that `PeftModel.from_pretrained(timm_model, dir)` loads it.
-The maths is the same on both sides (`delta W = scale * B A`; DoRA: `m * (W + delta W) / ||W + delta W||` per output
-channel), so the factors move over unchanged:
+writes; `peft_export.write_peft_task` writes a LoRA / DoRA task that `PeftModel.from_pretrained(timm_model, dir)`
+loads. The maths is the same on both sides (`delta W = scale * B A`; DoRA: `m * (W + delta W) / ||W + delta W||`
+per output channel), so the factors move over unchanged:
 
 | PEFT (per adapted module `M`)                         | this project                                             |
 |-------------------------------------------------------|----------------------------------------------------------|
