@@ -231,6 +231,20 @@ def test_export_refuses_what_peft_cannot_hold(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "seg" / "adapter_config.json").read_text())["modules_to_save"] is None
 
 
+def test_exported_adapter_remembers_its_backbone(tmp_path: Path) -> None:
+    """PEFT ignores the safetensors metadata; loading the export back checks the backbone fingerprint in it."""
+    model, _ = make_model("vit")
+    model.add_task("cls", mtp.tasks.Classification(num_classes=3), mtp.peft.LoRA(r=2))
+    model.save_task("cls", tmp_path / "peft", format="peft")
+    other, _ = make_model("vit")
+    with torch.no_grad():
+        other.backbone.model.blocks[0].mlp.fc1.weight.add_(1e-3)
+    other.backbone._fingerprint = None
+    with pytest.raises(ValueError, match="exported from a task of backbone 'test_vit:"):
+        other.load_task(tmp_path / "peft")
+    assert other.tasks == []
+
+
 def test_old_file_names_still_load(tmp_path: Path) -> None:
     """Folders written before the rename (our format under PEFT's file names) load; saving there replaces them."""
     model, size = make_model("vit")
