@@ -136,6 +136,10 @@ class BackboneHost(nn.Module):
         image-independent table such as Swin-V2's position-bias MLP), in the order the forward first calls them."""
         return {n: self._modules_by_name[n] for n in self._shapes}
 
+    def module_names(self) -> list[str]:
+        """Every module name of the timm model as timm names them (the wrappers left out)."""
+        return list(self._modules_by_name)
+
     def attention_inputs(self) -> frozenset[str]:
         """Linear modules that feed an attention inside the parts (its fused qkv, or its q / k / v projections): the
         direct Linear children of an attention module, except the last one the forward calls (its output

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .peft_cli import add_peft_commands
+
 
 def _methods(args: argparse.Namespace) -> None:
     from .peft import METHODS
@@ -330,6 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("--no-optimize", action="store_true", help="skip the exporter's graph optimiser (faster)")
     export.add_argument("--no-check", action="store_true", help="skip onnx.checker and the parity run")
     export.set_defaults(fn=_export)
+    add_peft_commands(sub)
     srv = sub.add_parser("serve", help="serve a run's tasks over HTTP (batched across requests)")
     srv.add_argument("dir", help="run directory (config.yaml + tasks/; model.onnx for --backend onnx)")
     srv.add_argument("--backend", choices=("torch", "onnx"), default="torch")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import ensemble as ensembles
-from . import task_io
+from . import peft_export, peft_format, task_io
 from .backbone import BackboneHost, DataConfig, create_timm_backbone
 from .config import check_task_name
 from .ensemble import Ensemble
@@ -581,11 +581,23 @@ class MultiTaskModel(nn.Module):
         return ", ".join(f"{t.slot}={name}" for name, t in self.task_modules.items()) or "no tasks"
 
     # --- task files ----------------------------------------------------------------------------------------
-    def save_task(self, name: str, path: str | os.PathLike) -> None:
-        """Write `adapter_config.json` + `adapter_model.safetensors` for a task into directory `path`; for an
-        ensemble, `ensemble_config.json` (its members and mode, no weights)."""
+    def save_task(self, name: str, path: str | os.PathLike, format: str = "task") -> None:
+        """Write `task_config.json` + `task_weights.safetensors` for a task into directory `path`; for an
+        ensemble, `ensemble_config.json` (its members and mode, no weights).
+
+        With `format="peft"`, a LoRA / DoRA task is written as an HF PEFT adapter (`adapter_config.json` +
+        `adapter_model.safetensors`) that `PeftModel.from_pretrained(timm_model, path)` loads; see
+        `peft_export.write_peft_task` (which heads go with it, what is refused).
+        """
+        if format not in ("task", "peft"):
+            raise ValueError(f"format should be 'task' or 'peft' (HF PEFT's adapter files) but is {format!r}")
         if name in self._ensembles:
+            if format == "peft":
+                raise ValueError(f"{name!r} is an ensemble; HF PEFT's format holds one LoRA / DoRA task")
             ensembles.write_ensemble(path, self._ensembles[name])
+            return
+        if format == "peft":
+            peft_export.write_peft_task(self, name, path)
             return
         task = self.task(name)
         backbone = {"arch": self.backbone.arch, "fingerprint": self.backbone.fingerprint}
@@ -601,6 +613,8 @@ class MultiTaskModel(nn.Module):
         trained in MMDetection, saved with an `Embedding` head, gets a classification head here).
 
         An ensemble folder (`save_task` of an ensemble) adds that ensemble; its members must be loaded first.
+        An HF PEFT LoRA / DoRA adapter folder (`save_pretrained` of a timm model's PEFT model) becomes a task; it
+        needs `head` unless it saved timm's classifier (`peft_format.read_peft_task`).
         """
         if ensembles.is_ensemble_folder(path):
             if head is not None:
@@ -618,9 +632,11 @@ class MultiTaskModel(nn.Module):
     ) -> Task:
         """A saved task built, validated (backbone fingerprint, tensor names and shapes, finite values) and loaded,
         but not attached (`attach_task`); the model is not changed. `replace`, `head`: see `build_task`,
-        `load_task`."""
+        `load_task`. An HF PEFT adapter folder is read by `peft_format.read_peft_task`."""
         if ensembles.is_ensemble_folder(path):
             raise ValueError(f"{path} holds an ensemble, not a task; add it with load_task once its members are loaded")
+        if peft_format.is_peft_folder(path):
+            return peft_format.read_peft_task(self, path, name, head=head, replace=replace)
         config = task_io.read_task_config(path)
         saved_for = task_io.backbone_fingerprint(config)
         if saved_for != self.backbone.fingerprint:

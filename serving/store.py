@@ -1,7 +1,9 @@
 """The adapter store: which tasks a torch server serves, which of them sit in the model, and their files.
 
-Every task saved under the store's directory (`<root>/<name>/adapter_config.json` + `adapter_model.safetensors`,
-as `model.save_task` writes them) is served. At most `max_resident` tasks sit in the model at a time; a request for
+Every task saved under the store's directory (`<root>/<name>/task_config.json` + `task_weights.safetensors`,
+as `model.save_task` writes them; folders with the older names `adapter_config.json` + `adapter_model.safetensors`
+too) is served. HF PEFT adapters are not tasks (they have no head): a store skips them with a warning that says to
+convert them with `mtpeft import-peft`. At most `max_resident` tasks sit in the model at a time; a request for
 another one loads it from disk (least recently used ones make room), transparently. Tasks are loaded, replaced and
 unloaded at run time:
 
@@ -35,7 +37,7 @@ from typing import Any
 from multitask_peft.config import check_task_name
 from multitask_peft.ensemble import ENSEMBLE_CONFIG, check_ensemble, is_ensemble_folder, read_ensemble
 from multitask_peft.heads import HEADS, HeadConfig
-from multitask_peft.task_io import CONFIG_NAME, WEIGHTS_NAME, read_head, read_task_config
+from multitask_peft.task_io import CONFIG_NAME, WEIGHTS_NAME, is_task_folder, read_head, read_task_config, task_files
 
 from .errors import BadRequest, Conflict, NotFound
 
@@ -86,7 +88,7 @@ def _head_of(config: dict[str, Any]) -> tuple[str, list[str] | None]:
 
 
 def _digest(path: Path) -> str:
-    file = path / ENSEMBLE_CONFIG if is_ensemble_folder(path) else path / WEIGHTS_NAME
+    file = path / ENSEMBLE_CONFIG if is_ensemble_folder(path) else task_files(path)[1]
     return hashlib.sha256(file.read_bytes()).hexdigest()
 
 
@@ -136,7 +138,7 @@ class AdapterStore:
             if is_ensemble_folder(folder):
                 ensemble_folders.append(folder)  # after the tasks: their members must be known
                 continue
-            if not (folder / CONFIG_NAME).is_file():
+            if not task_files(folder)[0].is_file():
                 continue
             try:
                 if self.root not in folder.resolve().parents:
@@ -250,8 +252,7 @@ class AdapterStore:
             resolved = (self.root / path).resolve()
             if resolved != self.root and self.root not in resolved.parents:
                 raise BadRequest(f"path {path!r} is outside the adapter directory {self.root}")
-            is_task = (resolved / CONFIG_NAME).is_file() and (resolved / WEIGHTS_NAME).is_file()
-            is_task = is_task or is_ensemble_folder(resolved)
+            is_task = is_task_folder(resolved) or is_ensemble_folder(resolved)
         except (OSError, RuntimeError, ValueError) as e:
             raise BadRequest(f"bad path {path[:200]!r}: {e}") from e
         if not is_task:

@@ -39,6 +39,7 @@ ABOVE_CORE = (
     "multitask_peft",
     "multitask_peft.cli",
     "multitask_peft.ensemble_analysis",
+    "multitask_peft.peft_cli",
     "multitask_peft.report",
     "multitask_peft.robustness",
     "multitask_peft.run",

@@ -308,7 +308,7 @@ def test_bad_task_files(loaded, tmp_path) -> None:  # noqa: ANN001
         (variant("otherbackbone", other_backbone), "saved for backbone 'test_vit:0123456789abcdef'"),
         (variant("rank", bigger_rank), "shape mismatches"),
         (variant("method", {**good_config, "peft": [{"method": "nope"}]}), "Unknown PEFT method 'nope'"),
-        (tmp_path / "missing", "no adapter_config.json"),
+        (tmp_path / "missing", "no task_config.json"),
     ]
     for path, match in cases:
         with pytest.raises(ValueError, match=match):
@@ -328,9 +328,11 @@ def test_bad_task_files(loaded, tmp_path) -> None:  # noqa: ANN001
         torch.testing.assert_close(model.forward_features(x, [model.slot("copy"), -1]).pooled, ref, atol=0, rtol=0)
 
 
-def test_saved_files_are_peft_style(loaded, tmp_path) -> None:  # noqa: ANN001
+def test_saved_files_have_names_of_their_own(loaded, tmp_path) -> None:  # noqa: ANN001
+    """Task files are not named like HF PEFT's (which cannot load them): STYLE 4."""
     model, _, _ = loaded
     model.save_task("ok", tmp_path)
+    assert (CONFIG_NAME, WEIGHTS_NAME) == ("task_config.json", "task_weights.safetensors")
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert config["peft"] == [{"method": "lora", **mtp.peft.LoRA(r=2).to_dict()}]
     assert config["backbone"]["fingerprint"] == model.backbone.fingerprint

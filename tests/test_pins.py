@@ -27,7 +27,7 @@ import multitask_peft as mtp
 from conftest import make_model, randomize
 from multitask_peft.outputs import decode_outputs
 
-WEIGHTS_FILE = "adapter_model.safetensors"  # the task file's tensors (README quickstart: `save_task`)
+WEIGHTS_FILE = "task_weights.safetensors"  # the task file's tensors (README quickstart: `save_task`)
 
 
 def _images(n: int, size: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:

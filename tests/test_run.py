@@ -15,6 +15,7 @@ from multitask_peft.backbone import DataConfig
 from multitask_peft.cli import main
 from multitask_peft.run import RunConfig, TaskSpec, load_run_config
 from multitask_peft.rundir import RunDirectory
+from multitask_peft.task_io import CONFIG_NAME
 from multitask_peft.tasks.data import MultiFashionConfig, generate_multifashion
 
 fashion = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
@@ -71,7 +72,7 @@ def test_train_eval_tasks_commands(tmp_path: Path, capsys: pytest.CaptureFixture
     # the tasks keep their data's class names (MultiFashion's garments; background first for the masks)
     from multitask_peft.tasks.data.multifashion import CLASSES
 
-    saved = {t: json.loads((run / "tasks" / t / "adapter_config.json").read_text()) for t in ("garment", "masks")}
+    saved = {t: json.loads((run / "tasks" / t / CONFIG_NAME).read_text()) for t in ("garment", "masks")}
     assert saved["garment"]["head"]["class_names"] == list(CLASSES)
     assert saved["masks"]["head"]["class_names"] == ["background", *CLASSES]
     capsys.readouterr()

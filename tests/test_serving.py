@@ -26,6 +26,7 @@ from PIL import Image  # noqa: E402
 import multitask_peft as mtp  # noqa: E402
 from conftest import make_model, randomize  # noqa: E402
 from multitask_peft import serving  # noqa: E402
+from multitask_peft.task_io import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
 
 SIZE = 64
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -361,8 +362,8 @@ def test_admin_auth_and_paths(live: LiveServer, reference: tuple) -> None:
         response = httpx.post(url, json={"path": path}, headers=admin)
         assert response.status_code == 400, (path, response.text)
     (root / "junk").mkdir(exist_ok=True)
-    (root / "junk" / "adapter_config.json").write_text("{not json")
-    (root / "junk" / "adapter_model.safetensors").write_bytes(b"x")
+    (root / "junk" / CONFIG_NAME).write_text("{not json")
+    (root / "junk" / WEIGHTS_NAME).write_bytes(b"x")
     assert httpx.post(url, json={"path": "junk"}, headers=admin).status_code == 400
     assert httpx.post(url, json={"path": "cls", "name": "Bad Name"}, headers=admin).status_code == 400
     assert httpx.delete(f"{url}/nope", headers=admin).status_code == 404
@@ -629,17 +630,26 @@ def test_replace_with_new_classes_then_unload_under_load(reference: tuple, tmp_p
         assert server.engine.backend.store.pending("cls") == 0
 
 
-def test_bad_task_folder_is_skipped_at_start(reference: tuple, tmp_path: Path) -> None:
-    _, root = reference
+def test_bad_task_folder_is_skipped_at_start(
+    reference: tuple, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Broken folders and HF PEFT adapters (no head: `mtpeft import-peft` first) are skipped with a warning; folders
+    with the old file names (adapter_config.json + adapter_model.safetensors) are served."""
+    model, root = reference
     shutil.copytree(root / "cls", tmp_path / "good")
+    shutil.copytree(root / "cls", tmp_path / "legacy")
+    (tmp_path / "legacy" / CONFIG_NAME).rename(tmp_path / "legacy" / "adapter_config.json")
+    (tmp_path / "legacy" / WEIGHTS_NAME).rename(tmp_path / "legacy" / "adapter_model.safetensors")
+    model.save_task("cls", tmp_path / "peft", format="peft")
     shutil.copytree(root / "cls", tmp_path / "broken")
-    (tmp_path / "broken" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    (tmp_path / "broken" / WEIGHTS_NAME).write_bytes(b"not safetensors")
     shutil.copytree(root / "cls", tmp_path / "badhead")
-    config = json.loads((tmp_path / "badhead" / "adapter_config.json").read_text())
+    config = json.loads((tmp_path / "badhead" / CONFIG_NAME).read_text())
     config["head"] = 5
-    (tmp_path / "badhead" / "adapter_config.json").write_text(json.dumps(config))
+    (tmp_path / "badhead" / CONFIG_NAME).write_text(json.dumps(config))
     engine = _engine(tmp_path)
-    assert list(engine.backend.store.entries) == ["good"]
+    assert list(engine.backend.store.entries) == ["good", "legacy"]
+    assert "an HF PEFT adapter" in caplog.text and "mtpeft import-peft" in caplog.text
 
 
 def test_server_errors_are_counted(reference: tuple, tmp_path: Path) -> None:

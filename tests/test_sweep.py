@@ -15,6 +15,7 @@ from multitask_peft.cli import main
 from multitask_peft.config import ConfigError
 from multitask_peft.rundir import RunDirectory
 from multitask_peft.sweep import expand_sweep
+from multitask_peft.task_io import WEIGHTS_NAME
 
 
 def _image_folder(root: Path, per_class: dict[str, int]) -> None:
@@ -122,13 +123,13 @@ def test_sweep_trains_like_alone_and_selects_on_holdout(tmp_path: Path, capsys: 
     swept = next(c["name"] for c in results["configs"] if c["settings"] == {"lora.r": 4, "lr": 3e-2})
     from safetensors.torch import load_file
 
-    a = load_file(str(out / "tasks" / swept / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "alone" / "tasks" / "colour-0" / "adapter_model.safetensors"))
+    a = load_file(str(out / "tasks" / swept / WEIGHTS_NAME))
+    b = load_file(str(tmp_path / "alone" / "tasks" / "colour-0" / WEIGHTS_NAME))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     other = next(c["name"] for c in results["configs"] if c["settings"] == {"lora.r": 4, "lr": 1e-3})
-    c = load_file(str(out / "tasks" / other / "adapter_model.safetensors"))  # same init and batches, other lr
+    c = load_file(str(out / "tasks" / other / WEIGHTS_NAME))  # same init and batches, other lr
     assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-4
     alone_results = json.loads((tmp_path / "alone" / "sweep.json").read_text())["tasks"]["colour"]["configs"][0]
     assert alone_results["holdout"] == pytest.approx(by_name[swept]["holdout"])

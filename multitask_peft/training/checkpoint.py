@@ -5,7 +5,7 @@ Layout::
     out_dir/checkpoints/
         latest                  # name of the newest complete checkpoint (written atomically)
         step_000300/
-            tasks/<task>/       # `model.save_task` files (adapter_config.json + adapter_model.safetensors)
+            tasks/<task>/       # `model.save_task` files (task_config.json + task_weights.safetensors)
             trainer_state.pt    # optimizer, scheduler, RNG, stream positions, step, loss-weight params
 
 A checkpoint directory only ever appears complete (`os.replace` of a finished temp dir), and `latest` only
@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..model import MultiTaskModel
-from ..task_io import WEIGHTS_NAME
+from ..task_io import task_files
 
 STATE_NAME = "trainer_state.pt"
 LATEST_NAME = "latest"
@@ -120,7 +120,7 @@ def load_task_weights(model: MultiTaskModel, path: str | os.PathLike, task: str)
 
     In place, so the parameter objects (and thus the optimizer's references to them) stay the same.
     """
-    weights = Path(path) / "tasks" / task / WEIGHTS_NAME
+    weights = task_files(Path(path) / "tasks" / task)[1]  # (older checkpoints: the legacy names)
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint {path} has no weights for task {task!r} (expected {weights})")
     module = model.task(task)
