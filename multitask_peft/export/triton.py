@@ -214,7 +214,7 @@ def write_triton_repo(
         version.mkdir()
         _copy_graph(graph, props, onnx_path, version)
         for task, (_, names) in labels.items():
-            (staging / f"{task}_labels.txt").write_text("".join(f"{n}\n" for n in names))
+            (staging / f"{task}_labels.txt").write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
         (staging / "config.pbtxt").write_text(config)
         _move_into_place(staging, model_dir)
     finally:
