@@ -243,3 +243,20 @@ def test_export_command_writes_a_triton_repository(tmp_path: Path, capsys: pytes
     argv = ["--triton-repo", str(repo), "--force", "--triton-max-batch", "4", "--no-optimize", "--no-check"]
     main(["export", str(run.path), *argv])
     assert "max_batch_size: 4" in (repo / "demo" / "config.pbtxt").read_text()
+
+
+def test_triton_repository_carries_external_weights(exported: tuple, tmp_path: Path) -> None:
+    """A graph whose weights sit in a side file (large exports): the file goes beside the copy, both in
+    `write_metadata` and in the repository, and ONNX Runtime loads the copy."""
+    _, size, path = exported
+    graph = onnx.load(str(path))
+    onnx.save_model(graph, str(tmp_path / "big.onnx"), save_as_external_data=True, location="big.onnx.data")
+    write_metadata(tmp_path / "big.onnx", json.loads(sidecar_path(path).read_text()))  # weights left where they are
+    model_dir = write_triton_repo(tmp_path / "big.onnx", tmp_path / "repo")
+    assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["big.onnx.data", "model.onnx"]
+    images = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)).numpy()
+    logits = [
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["cls.logits"], {"images": images})[0]
+        for p in (model_dir / "1" / "model.onnx", path)
+    ]
+    torch.testing.assert_close(torch.from_numpy(logits[0]), torch.from_numpy(logits[1]))
