@@ -177,15 +177,29 @@ def _tasks(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from .export.triton import check_repo_target, write_triton_repo
     from .run import export_run
     from .rundir import RunDirectory
 
+    if args.out is None and args.triton_repo is None:
+        raise ValueError("give the output .onnx file (mtpeft export RUN OUT.onnx), or --triton-repo DIR, or both")
     run = RunDirectory(args.run_dir)
+    triton_model = args.triton_model or (Path(args.out).stem if args.out else run.path.resolve().name)
+    if args.triton_repo is not None:  # before the export: bad names and existing models fail fast
+        check_repo_target(Path(args.triton_repo), triton_model, args.triton_max_batch, args.force)
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     options = {"merge": args.merge, "dynamic_batch": not args.static_batch, "opset": args.opset, "fp16": args.fp16}
     options.update(optimize=not args.no_optimize, check=not args.no_check, quantize="int8" if args.int8 else None)
-    path = export_run(run.load_model(), run.config, args.out, tasks, args.image_size, **options)
-    print(f"sidecar: {path.with_suffix('.json')}")
+    with tempfile.TemporaryDirectory(prefix="mtpeft-export-") as tmp:
+        out = args.out if args.out is not None else Path(tmp) / f"{triton_model}.onnx"
+        path = export_run(run.load_model(), run.config, out, tasks, args.image_size, **options)
+        if args.out is not None:
+            print(f"sidecar: {path.with_suffix('.json')}")
+        if args.triton_repo is not None:
+            model_dir = write_triton_repo(path, args.triton_repo, triton_model, args.triton_max_batch, args.force)
+            print(f"triton model: {model_dir} (tritonserver --model-repository {args.triton_repo})")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -315,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     tasks.set_defaults(fn=_tasks)
     export = sub.add_parser("export", help="export a run's tasks to ONNX (one multi-task graph, or merged)")
     export.add_argument("run_dir")
-    export.add_argument("out", help="output .onnx file (the JSON sidecar goes next to it)")
+    export.add_argument("out", nargs="?", help="output .onnx file (the JSON sidecar goes next to it)")
     export.add_argument("--tasks", help="comma-separated tasks (default: every task with an ONNX form)")
     export.add_argument(
         "--merge",
@@ -331,6 +345,16 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("--static-batch", action="store_true", help="batch fixed to 1 instead of dynamic")
     export.add_argument("--no-optimize", action="store_true", help="skip the exporter's graph optimiser (faster)")
     export.add_argument("--no-check", action="store_true", help="skip onnx.checker and the parity run")
+    export.add_argument(
+        "--triton-repo", metavar="DIR", help="also write the graph into a Triton model repository: DIR/<model>/"
+    )
+    export.add_argument(
+        "--triton-model", metavar="NAME", help="the Triton model's name (default: OUT's name, else the run's folder)"
+    )
+    export.add_argument(
+        "--triton-max-batch", type=int, default=32, help="Triton's max_batch_size for a dynamic batch (default: 32)"
+    )
+    export.add_argument("--force", action="store_true", help="replace an existing DIR/<model> folder")
     export.set_defaults(fn=_export)
     add_peft_commands(sub)
     srv = sub.add_parser("serve", help="serve a run's tasks over HTTP (batched across requests)")

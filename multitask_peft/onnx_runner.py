@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .export.metadata import sidecar_from_metadata
 from .export.sidecar import SIDECAR_FORMAT, SIDECAR_VERSION, sidecar_path
 from .outputs import OUTPUT_KINDS, Result
 
@@ -30,10 +31,11 @@ def default_providers() -> list[str]:
 
 
 class OnnxRunner:
-    """An exported multi-task graph (`export_onnx`) with its sidecar, on ONNX Runtime.
+    """An exported multi-task graph (`export_onnx`) on ONNX Runtime.
 
     Args:
-        path: The `.onnx` file; its sidecar (`<name>.json`) must sit next to it.
+        path: The `.onnx` file. Its description comes from its sidecar (`<name>.json`) when one sits next to it, else
+            from the graph's own `metadata_props` (`mtpeft.*`; graphs exported before those need the sidecar).
         providers: ONNX Runtime execution providers (default: CUDA if available, then CPU).
         session_options: Optional `onnxruntime.SessionOptions` (threads, graph optimisation level, ...).
 
@@ -51,16 +53,23 @@ class OnnxRunner:
         meta_path = sidecar_path(self.path)
         if not self.path.is_file():
             raise FileNotFoundError(f"no ONNX graph at {self.path}")
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"no sidecar {meta_path} next to {self.path}; export with mtp.export_onnx")
-        self.meta = json.loads(meta_path.read_text())
+        self.providers = list(providers) if providers is not None else default_providers()
+        self.session = ort.InferenceSession(str(self.path), session_options, providers=self.providers)
+        if meta_path.is_file():
+            self.meta = json.loads(meta_path.read_text())
+        else:  # the graph alone: its metadata_props hold the sidecar
+            meta = sidecar_from_metadata(self.session.get_modelmeta().custom_metadata_map)
+            if meta is None:
+                raise FileNotFoundError(
+                    f"no sidecar {meta_path} next to {self.path} and no mtpeft.* metadata_props in it; export with "
+                    "mtp.export_onnx"
+                )
+            self.meta, meta_path = meta, self.path
         if self.meta.get("format") != SIDECAR_FORMAT or self.meta.get("version") != SIDECAR_VERSION:
             raise ValueError(
                 f"{meta_path} is not a {SIDECAR_FORMAT} v{SIDECAR_VERSION} sidecar "
                 f"(format={self.meta.get('format')!r}, version={self.meta.get('version')!r})"
             )
-        self.providers = list(providers) if providers is not None else default_providers()
-        self.session = ort.InferenceSession(str(self.path), session_options, providers=self.providers)
         self.input_name = self.meta["input"]["name"]
         self.image_size = tuple(self.meta["input"]["size"])
         self.dynamic_batch = bool(self.meta["input"]["dynamic_batch"])

@@ -4,7 +4,9 @@
 - `adapters`: LoRA adapter graphs and their `.onnx_adapter` files;
 - `quantize`: dynamic int8 weight matmuls and their drift bound;
 - `checks`: ONNX Runtime against PyTorch;
-- `sidecar`: the JSON file that describes a graph (`<name>.json`; `OnnxRunner` reads both).
+- `sidecar`: the JSON file that describes a graph (`<name>.json`; `OnnxRunner` reads both);
+- `metadata`: the same description inside the graph (`metadata_props`, keys `mtpeft.*`);
+- `triton`: a Triton Inference Server model repository for a graph (`write_triton_repo`).
 
 Outputs are named `<task>.<field>` (classification `logits`; detection `boxes`, `scores`, `labels`,
 `num_detections`, padded to a fixed K; segmentation `mask`).
@@ -24,10 +26,23 @@ from torch import nn
 from .adapters import check_adapter_tasks, check_adapters, make_overridable, write_adapter
 from .checks import parity
 from .graph import MultiTaskGraph, save_onnx, to_onnx
+from .metadata import METADATA_PREFIX, read_metadata, sidecar_from_metadata, write_metadata
 from .quantize import INT8_BOUNDS, int8_drift, quantize_int8
 from .sidecar import SIDECAR_FORMAT, SIDECAR_VERSION, build_sidecar, sidecar_path
+from .triton import write_triton_repo
 
-__all__ = ["INT8_BOUNDS", "SIDECAR_FORMAT", "SIDECAR_VERSION", "MultiTaskGraph", "export_onnx", "sidecar_path"]
+__all__ = [
+    "INT8_BOUNDS",
+    "METADATA_PREFIX",
+    "SIDECAR_FORMAT",
+    "SIDECAR_VERSION",
+    "MultiTaskGraph",
+    "export_onnx",
+    "read_metadata",
+    "sidecar_from_metadata",
+    "sidecar_path",
+    "write_triton_repo",
+]
 
 
 def export_onnx(
@@ -46,7 +61,8 @@ def export_onnx(
     optimize: bool = True,
     quantize: str | None = None,
 ) -> Path:
-    """Export `tasks` of a `MultiTaskModel` as one ONNX graph plus its JSON sidecar.
+    """Export `tasks` of a `MultiTaskModel` as one ONNX graph plus its JSON sidecar; the graph carries the sidecar's
+    information in its `metadata_props` too (`mtpeft.*` keys, `multitask_peft.export.metadata`).
 
     Three forms:
 
@@ -167,6 +183,7 @@ def export_onnx(
                     onnx.checker.check_model(str(staged), full_check=True)
                     sidecar["quantization"]["drift"] = int8_drift(graph, staged, dynamic_batch)
                 sidecar_file.write_text(json.dumps(sidecar, indent=2))
+            write_metadata(staged, sidecar)  # the graph describes itself too (`metadata_props`)
             for src, dst in files.items():
                 os.replace(src, dst)
     finally:

@@ -1,5 +1,6 @@
 """The JSON sidecar of an exported graph: what it holds (tasks, their heads, classes and outputs, PEFT recipes;
-ensembles with their members and mode; preprocessing) and where it lives (`<graph>.json`). `OnnxRunner` reads it."""
+ensembles with their members and mode; preprocessing) and where it lives (`<graph>.json`). `OnnxRunner` reads it.
+The graph carries the same information in its `metadata_props` (`metadata`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,19 @@ from .graph import MultiTaskGraph
 
 SIDECAR_FORMAT = "multitask-peft-onnx"
 SIDECAR_VERSION = 1
+
+#: How an image becomes a row of the graph's input, besides its size and mean / std: the evaluation transform of the
+#: datasets (`tasks.data.transforms.eval_transforms`) and the server's decoder (`serving.images.Preprocess`). RGB,
+#: the whole image resized to `size` (bilinear, antialiased; aspect ratio not kept, no crop), scaled to [0, 1]
+#: (uint8 / 255), then (x - mean) / std per channel.
+PREPROCESSING = {
+    "color": "RGB",
+    "resize": "bilinear",
+    "antialias": True,
+    "keep_aspect_ratio": False,
+    "crop": None,
+    "pixel_range": [0, 1],
+}
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -62,6 +76,7 @@ def build_sidecar(
             "mean": list(mean if mean is not None else model.data_config.mean),
             "std": list(std if std is not None else model.data_config.std),
             "dtype": "float32",
+            **PREPROCESSING,
         },
         "precision": "fp16" if fp16 else "fp32",
         "tasks": tasks,
