@@ -36,7 +36,7 @@ from torch import nn
 
 from .heads import HEADS, HeadConfig
 from .peft.base import METHODS, PeftConfig, select_targets
-from .task_io import CONFIG_NAME, read_safetensors
+from .task_io import CONFIG_NAME, read_json, read_safetensors
 
 if TYPE_CHECKING:
     from .backbone import BackboneHost
@@ -142,12 +142,8 @@ def read_peft_task(
 def _read_config(folder: Path) -> dict[str, Any]:
     """PEFT's adapter config, checked field by field against what a task can hold."""
     file = folder / PEFT_CONFIG_NAME
-    if not file.is_file():
-        raise ValueError(f"{folder}: no {PEFT_CONFIG_NAME}; an HF PEFT adapter folder holds it (save_pretrained)")
-    try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from e
+    missing = f"{folder}: no {PEFT_CONFIG_NAME}; an HF PEFT adapter folder holds it (save_pretrained)"
+    config = read_json(file, missing)
     if not isinstance(config, dict) or "peft_type" not in config:
         raise ValueError(f"{file}: not an HF PEFT adapter config (no peft_type)")
 

@@ -119,18 +119,23 @@ def read_task_config(path: str | os.PathLike) -> dict[str, Any]:
     )
 
 
+def read_json(file: Path, missing: str) -> Any:
+    """The parsed JSON file `file`; a ValueError with `missing` if it is not there, or naming the parse error."""
+    if not file.is_file():
+        raise ValueError(missing)
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from e
+
+
 def read_versioned_json(
     path: str | os.PathLike, name: str, holds: str, what: str, fmt: str, version: int, required: tuple[str, ...]
 ) -> dict[str, Any]:
     """JSON file `name` of folder `path`, checked: it exists (else the error says what the folder `holds`), parses,
     has `"format": fmt` and `"format_version": version`, and every `required` key."""
     file = Path(path) / name
-    if not file.is_file():
-        raise ValueError(f"{path}: no {name}; {holds}")
-    try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from e
+    config = read_json(file, f"{path}: no {name}; {holds}")
     if isinstance(config, dict) and "peft_type" in config and config.get("format") != fmt:
         raise ValueError(
             f"{file}: an HF PEFT adapter (peft_type {config['peft_type']!r}), not a multitask-peft {what} config; "
