@@ -11,13 +11,12 @@ import torch
 from torch import nn
 
 from . import ensemble as ensembles
-from . import peft_export, peft_format, task_io
+from . import peft_export, peft_format, prediction, task_io
 from .backbone import BackboneHost, DataConfig, create_timm_backbone
 from .config import check_task_name
 from .ensemble import Ensemble
 from .executor import RowPlan, SlotPlan, run_backbone
 from .heads import FeatureInfo, Features, HeadConfig
-from .outputs import output_kind
 from .peft.base import METHODS, MethodModule, PeftConfig
 from .routing import PLAIN_SLOT
 from .wise_copies import WiseCopies, wise_copy
@@ -436,45 +435,8 @@ class MultiTaskModel(nn.Module):
         return [{name: results[(i, run[i][name])] for name in names} for i, names in enumerate(per_image)]
 
     def _predict_rows(self, images: torch.Tensor, requests: list[tuple[int, str]]) -> dict[tuple[int, str], Any]:
-        """One routed eval-mode pass (shared prefix) for (image, task or ensemble) requests; every task's rows go
-        through its head together, an ensemble's members run once per image. Returns {(image, name): result}."""
-        combined = {name: self._ensembles[name] for _, name in requests if name in self._ensembles}
-        runs = list(dict.fromkeys((i, t) for i, name in requests for t in self._members(name)))  # (image, task)
-        rows = [(i, self._runnable(name).slot) for i, name in runs]
-        needed = {(i, m) for i, name in requests if name in combined for m in combined[name].members}
-        wanted = set(requests)
-        size = (images.shape[-2], images.shape[-1])
-        was_training = self.training
-        self.eval()
-        try:
-            features = run_backbone(self.backbone, images, RowPlan(self.backbone, rows, self._plans))
-            results: dict[tuple[int, str], Any] = {}
-            class_logits: dict[tuple[int, str], torch.Tensor] = {}  # (image, member) -> (C, ...)
-            for name in dict.fromkeys(name for _, name in runs):
-                index = [k for k, (_, task) in enumerate(runs) if task == name]
-                task = self._runnable(name)
-                head = task.head
-                raw = head(features.select(index))
-                direct = [j for j, k in enumerate(index) if runs[k] in wanted]
-                if direct:
-                    tensors = head.tensor_outputs(raw, size)  # {field: (R, ...)}
-                    if len(direct) < len(index):  # rows run only for an ensemble are not decoded
-                        tensors = {field: t[direct] for field, t in tensors.items()}
-                    outputs = output_kind(task.head_config).decode(tensors)
-                    for j, out in zip(direct, outputs, strict=True):
-                        results[runs[index[j]]] = out
-                if any(runs[k] in needed for k in index):
-                    logits = head.class_logits(raw, size)  # (R, C, ...)
-                    for j, k in enumerate(index):
-                        class_logits[runs[k]] = logits[j]
-            for name, ens in combined.items():
-                rows_of = [i for i, n in requests if n == name]
-                logits = [torch.stack([class_logits[(i, m)] for i in rows_of]) for m in ens.members]  # (R, C, ...)
-                for i, out in zip(rows_of, ensembles.decode(ens, logits), strict=True):
-                    results[(i, name)] = out
-            return results
-        finally:
-            self.train(was_training)
+        """{(image, name): result} of (image, task or ensemble) requests in one eval-mode pass (`prediction`)."""
+        return prediction.predict_rows(self, images, requests)
 
     # --- merging -------------------------------------------------------------------------------------------
     def merged_backbone(self, name: str) -> nn.Module:
