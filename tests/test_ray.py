@@ -1,0 +1,166 @@
+"""Serving on Ray Serve: a real local Ray cluster (started here, torn down after) with the tiny test model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+httpx = pytest.importorskip("httpx")
+
+from test_serving import HEADS, TOKEN, _free_port, _png  # noqa: E402
+
+import multitask_peft as mtp  # noqa: E402
+from conftest import randomize  # noqa: E402
+from multitask_peft import serving  # noqa: E402
+from multitask_peft.run_config import RunConfig  # noqa: E402
+from multitask_peft.rundir import RunDirectory  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+
+def _run_dir(root: Path) -> Path:
+    """A run directory on the tiny ViT (64 px); its tasks are saved into `tasks/` by the fixture."""
+    data = {"source": "imagefolder", "root": str(root / "unused"), "image_size": 64, "augment": "none"}
+    task = {"head": {"type": "classification", "num_classes": 4}, "data": data}
+    config = RunConfig.from_dict(
+        {"backbone": {"name": "test_vit", "kwargs": {"img_size": 64}}, "tasks": {"cls": task}, "output": str(root)}
+    )
+    return RunDirectory.create(root, config).path
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, mtp.MultiTaskModel]]:
+    from multitask_peft.serving import ray as mtp_ray
+
+    root = tmp_path_factory.mktemp("ray") / "run"
+    run = _run_dir(root)
+    model = RunDirectory(run).build_backbone()
+    model.add_task("cls", mtp.tasks.Classification(num_classes=4), [mtp.peft.LoRA(r=4)])
+    model.add_task("boxes", mtp.tasks.Detection(num_classes=3), [mtp.peft.SSF()])
+    model.add_task("masks", mtp.tasks.Segmentation(num_classes=5), [mtp.peft.Pfeiffer(dim=6)])
+    for k, name in enumerate(model.tasks):
+        randomize(model.task(name), seed=k)
+        model.save_task(name, run / "tasks" / name)
+    port = _free_port()
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = mtp_ray.build_app(run, replicas=2, max_resident=2, admin_token=TOKEN, replica_cpus=1, threads=1)
+    serve.run(app, name="mtpeft", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while not serving.Client(url).ready():
+        assert time.monotonic() < deadline, "the Ray deployment did not become ready"
+        time.sleep(0.5)
+    try:
+        yield url, run, model
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _predict(url: str, png: bytes, tasks: list[str]) -> dict:
+    with serving.Client(url) as client:
+        return client.predict(png, tasks, logits=True, mask_format="list")
+
+
+def test_answers_equal_the_single_server(cluster: tuple) -> None:
+    url, run, model = cluster
+    from test_serving import _tensor
+
+    for k, tasks in enumerate([["cls"], ["masks", "cls", "boxes"], ["boxes", "masks"]]):
+        png = _png(seed=30 + k)
+        out = _predict(url, png, tasks)
+        expected = model.predict(_tensor(png)[None], tasks)
+        for task in tasks:
+            got, want = out["results"][task], expected[task][0]
+            if HEADS[task] == "classification":
+                assert got["label"] == want["label"]
+                assert max(abs(a - b) for a, b in zip(got["logits"], want["logits"].tolist())) < 1e-4
+            elif HEADS[task] == "detection":
+                assert got["labels"] == want["labels"].tolist()
+            else:
+                assert (torch.tensor(got["mask"]) == want["mask"]).float().mean() >= 0.999
+    # OIP v2 through the Ray ingress too
+    meta = httpx.get(f"{url}/v2/models/ALL").json()
+    assert {o["name"].split(".")[0] for o in meta["outputs"]} == set(HEADS)
+
+
+def test_routing_prefers_replicas_holding_the_tasks(cluster: tuple) -> None:
+    url, _, _ = cluster
+    for _ in range(4):  # each replica holds at most 2 tasks: warm one with cls, the other with masks
+        _predict(url, _png(seed=1), ["cls"])
+    deadline = time.monotonic() + 30
+    while True:
+        replicas = httpx.get(f"{url}/v1/tasks").json()["replicas"]
+        if any("cls" in r["resident"] for r in replicas):
+            break
+        assert time.monotonic() < deadline, replicas
+        time.sleep(0.5)
+    holders = {r["replica"] for r in replicas if "cls" in r["resident"]}
+    time.sleep(1.5)  # (routing stats every 0.5 s)
+    before = {r["replica"]: r["batches"] for r in httpx.get(f"{url}/v1/tasks").json()["replicas"]}
+    for k in range(6):
+        _predict(url, _png(seed=k), ["cls"])
+    after = {r["replica"]: r["batches"] for r in httpx.get(f"{url}/v1/tasks").json()["replicas"]}
+    ran = {r for r in after if after[r] > before.get(r, 0)}
+    assert ran and ran <= holders, (ran, holders, after)
+
+
+def test_admin_load_reaches_every_replica(cluster: tuple) -> None:
+    url, run, model = cluster
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    assert httpx.post(f"{url}/v1/tasks", json={"path": "cls", "name": "cls2"}).status_code == 401
+    r = httpx.post(f"{url}/v1/tasks", json={"path": "cls", "name": "cls2"}, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    png = _png(seed=7)
+    want = _predict(url, png, ["cls"])["results"]["cls"]["logits"]
+    replicas = httpx.get(f"{url}/v1/tasks").json()["replicas"]
+    assert len(replicas) == 2 and all(rep["version"] >= 1 for rep in replicas)
+    for _ in range(6):  # answered by whichever replica: the same as the task it copies
+        assert _predict(url, png, ["cls2"])["results"]["cls2"]["logits"] == pytest.approx(want, abs=1e-5)
+    r = httpx.delete(f"{url}/v1/tasks/cls2", headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    for _ in range(4):
+        with serving.Client(url) as client, pytest.raises(serving.ServerError, match="cls2"):
+            client.predict(png, ["cls2"])
+
+
+def test_a_killed_replica_costs_no_request(cluster: tuple) -> None:
+    url, _, _ = cluster
+    replicas = httpx.get(f"{url}/v1/tasks").json()["replicas"]
+    pids = [r["pid"] for r in replicas]
+    failures: list[str] = []
+    done = [0]
+
+    def client(seed: int) -> None:
+        for k in range(6):
+            try:
+                _predict(url, _png(seed=seed * 10 + k), ["cls", "boxes"])
+                done[0] += 1
+            except Exception as e:  # noqa: BLE001
+                failures.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    os.kill(pids[0], signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=300)
+    assert not failures and done[0] == 24, failures[:3]
+    deadline = time.monotonic() + 120  # the deployment heals: two replicas again, the dead one replaced
+    while True:
+        now = httpx.get(f"{url}/v1/tasks").json()["replicas"]
+        if len(now) == 2 and pids[0] not in {r["pid"] for r in now}:
+            break
+        assert time.monotonic() < deadline, now
+        time.sleep(1.0)
