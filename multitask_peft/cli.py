@@ -211,6 +211,12 @@ def _serve(args: argparse.Namespace) -> None:
     except ImportError as e:
         raise ValueError(f"serving needs the `serve` extra: pip install 'multitask-peft[serve]' ({e})") from e
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = args.admin_token or os.environ.get("MTPEFT_ADMIN_TOKEN") or None
+    if args.ray:
+        _serve_ray(args, token)
+        return
+    if args.replicas is not None or args.autoscale or args.address:
+        raise ValueError("--replicas, --autoscale and --address need --ray")
     serve(
         args.dir,
         backend=args.backend,
@@ -222,9 +228,42 @@ def _serve(args: argparse.Namespace) -> None:
         max_resident=args.max_resident,
         timeout_s=args.timeout,
         drain_timeout_s=args.drain_timeout,
-        admin_token=args.admin_token or os.environ.get("MTPEFT_ADMIN_TOKEN") or None,
+        admin_token=token,
         device=args.device,
         grpc_port=args.grpc_port,
+    )
+
+
+def _serve_ray(args: argparse.Namespace, token: str | None) -> None:
+    """`mtpeft serve DIR --ray`: the run's tasks on Ray Serve replicas (`serving/ray.py`)."""
+    if args.backend != "torch" or args.grpc_port is not None:
+        raise ValueError("--ray serves the torch backend over HTTP (leave out --backend onnx / --grpc-port)")
+    autoscale = None
+    if args.autoscale:
+        low, sep, high = args.autoscale.partition(":")
+        if not sep or not low.isdigit() or not high.isdigit() or not 0 <= int(low) <= int(high) or int(high) < 1:
+            raise ValueError(f"--autoscale takes MIN:MAX replicas (0 <= MIN <= MAX, MAX >= 1), got {args.autoscale!r}")
+        autoscale = (int(low), int(high))
+    if args.replicas is not None and args.replicas < 1:
+        raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
+    try:
+        from .serving import ray as serving_ray
+    except ImportError as e:
+        raise ValueError(f"--ray needs the `ray` extra: pip install 'multitask-peft[ray]' ({e})") from e
+    serving_ray.run(
+        args.dir,
+        address=args.address,
+        host=args.host,
+        port=args.port,
+        replicas=args.replicas or 1,
+        autoscale=autoscale,
+        max_resident=args.max_resident,
+        admin_token=token,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        timeout_s=args.timeout,
+        device=args.device,
     )
 
 
@@ -371,6 +410,10 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--admin-token", help="enables POST/DELETE /v1/tasks (or set MTPEFT_ADMIN_TOKEN)")
     srv.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     srv.add_argument("--grpc-port", type=int, help="also serve OIP v2 over gRPC on this port (e.g. 8001; `grpc` extra)")
+    srv.add_argument("--ray", action="store_true", help="serve on Ray Serve replicas (`ray` extra)")
+    srv.add_argument("--replicas", type=int, help="--ray: number of replicas (default 1)")
+    srv.add_argument("--autoscale", metavar="MIN:MAX", help="--ray: autoscale between MIN and MAX replicas")
+    srv.add_argument("--address", help="--ray: the Ray cluster (auto, ray://host:10001; default: a local one)")
     srv.set_defaults(fn=_serve)
     pred = sub.add_parser(
         "predict",

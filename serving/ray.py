@@ -32,7 +32,6 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +153,7 @@ class TaskReplica:
             assert self._sync_lock is not None
             async with self._sync_lock:
                 if op == "load":
-                    info = (await self.backend.load(name, path)).info()
+                    info = await self.backend.load(name, path)
                     name = info["name"]
                 else:
                     await self.backend.unload(name)
@@ -348,7 +347,11 @@ def _ingress_app(preprocess: dict[str, Any], admin_token: str | None, max_body_b
 
 
 class Ingress:
-    """The HTTP ingress deployment (its routes are the app `_ingress_app` builds)."""
+    """The HTTP ingress deployment (its routes are the app `_ingress_app` builds; the bound replica deployment
+    makes the replicas part of the application)."""
+
+    def __init__(self, replicas: Any) -> None:
+        self.replicas = replicas
 
 
 def build_app(
@@ -363,6 +366,7 @@ def build_app(
     timeout_s: float = 30.0,
     device: str | None = None,
     replica_cpus: float = 1.0,
+    replica_gpus: float = 0.0,
     threads: int | None = None,
     max_body_bytes: int | None = None,
     name: str = "mtpeft",
@@ -373,6 +377,7 @@ def build_app(
         replicas: Fixed number of replicas (ignored with `autoscale`).
         autoscale: (min, max) replicas; Serve scales on ongoing requests per replica (target: `max_batch`).
         replica_cpus: CPUs Ray reserves per replica (`threads`: torch threads in it; default: that number).
+        replica_gpus: GPUs Ray reserves per replica (1 with `device="cuda"`: one GPU each).
         Others: as `mtpeft serve`.
     """
     from .app import MAX_BODY_BYTES
@@ -395,13 +400,17 @@ def build_app(
         max_ongoing_requests=max(2 * max_batch, 8),
         health_check_period_s=2.0,
         health_check_timeout_s=30.0,
-        ray_actor_options={"num_cpus": replica_cpus},
+        ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
         request_router_config=RequestRouterConfig(
             request_router_class=TaskAwareRouter, request_routing_stats_period_s=0.5
         ),
         **scaling,
     )
-    builder = partial(_ingress_app, preprocess, admin_token, max_body_bytes or MAX_BODY_BYTES, max_queue)
+    body_limit = max_body_bytes or MAX_BODY_BYTES
+
+    def builder() -> Any:  # (Serve runs a plain function on the ingress replica; a partial it takes for an app)
+        return _ingress_app(preprocess, admin_token, body_limit, max_queue)
+
     ingress = serve.deployment(serve.ingress(builder)(Ingress), name=INGRESS, ray_actor_options={"num_cpus": 0})
     threads = threads or max(1, int(replica_cpus))
     return ingress.bind(replica.bind(str(run.path), registry, max_resident, engine, device, threads))
