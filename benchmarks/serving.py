@@ -28,6 +28,12 @@ swap it in on the worker thread between batches) of a saved ViT-S LoRA task into
     python benchmarks/serving.py                     # both backends, 1 / 4 / 16 clients
     python benchmarks/serving.py --quick             # smoke test: timm's test_vit at 64 px, few requests
     python benchmarks/serving.py --backends torch --json out.json
+    python benchmarks/serving.py --ray               # the single torch server vs Ray Serve with 1 and 2 replicas
+
+With `--ray`: the same load against the single torch server, then against `mtpeft serve --ray`'s application
+(`multitask_peft.serving.ray`, a local Ray cluster in this process) with 1 replica (all threads) and 2 replicas
+(the threads split between them): throughput and latency per client count, and Ray with 1 replica / single server
+at the largest client count (goal: >= 0.85x, i.e. at most 15 % lower).
 """
 
 from __future__ import annotations
@@ -106,6 +112,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE", help="environment of the server")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--quick", action="store_true", help="smoke test: test_vit at 64 px")
+    p.add_argument("--ray", action="store_true", help="single torch server vs Ray Serve (1 and 2 replicas)")
     args = p.parse_args(argv)
     args.requests = args.requests or (24 if args.quick else 96)
     if min(args.clients) < 1 or args.requests < max(args.clients) or args.threads < 1:
@@ -301,8 +308,75 @@ def task_loads(args: argparse.Namespace, url: str, model: mtp.MultiTaskModel, ro
     return {"http_p50_ms": 1000 * statistics.median(http), "in_process_p50_ms": 1000 * statistics.median(direct)}
 
 
+def ray_comparison(args: argparse.Namespace, root: Path, jpeg: bytes) -> dict[str, Any]:
+    """The single torch server, then the Ray application with 1 and 2 replicas, under the same load."""
+    import ray
+    from ray import serve
+
+    from multitask_peft.run_config import RunConfig
+    from multitask_peft.rundir import RunDirectory
+    from multitask_peft.serving import Client
+    from multitask_peft.serving import ray as serving_ray
+
+    name, kwargs, size = MODELS[args.quick]
+    data = {"source": "imagefolder", "root": str(root / "unused"), "image_size": size, "augment": "none"}
+    task = {"head": {"type": "classification", "num_classes": 10}, "data": data}
+    config = {"backbone": {"name": name, "kwargs": kwargs}, "tasks": {TASKS[0]: task}, "output": str(root / "run")}
+    run = RunDirectory.create(root / "run", RunConfig.from_dict(config))
+    for t in TASKS:
+        (run.tasks_dir / t).mkdir(parents=True, exist_ok=True)
+        for f in (root / t).iterdir():
+            (run.tasks_dir / t / f.name).write_bytes(f.read_bytes())
+    rows: dict[str, list[dict[str, Any]]] = {}
+    proc, url = start_server(args, "torch", root)
+    try:
+        rows["single server"] = [asyncio.run(load_test(url, jpeg, c, args.requests)) for c in args.clients]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    ray.init(num_cpus=max(2, args.threads), include_dashboard=False, logging_level="ERROR")
+    try:
+        for replicas in (1, 2):
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            threads = max(1, args.threads // replicas)
+            app = serving_ray.build_app(
+                run.path, replicas=replicas, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                replica_cpus=args.threads / replicas, threads=threads, name=f"bench{replicas}",
+            )  # fmt: skip
+            serve.run(app, name=f"bench{replicas}", route_prefix="/")
+            url = f"http://127.0.0.1:{port}"
+            while not Client(url).ready():
+                time.sleep(0.2)
+            label = f"Ray, {replicas} replica{'s' if replicas > 1 else ''} ({threads} thread(s) each)"
+            rows[label] = [asyncio.run(load_test(url, jpeg, c, args.requests)) for c in args.clients]
+            serve.shutdown()
+    finally:
+        ray.shutdown()
+    print("\n| deployment | clients | req/s | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|")
+    for label, table in rows.items():
+        for row in table:
+            cells = f"{row['req_per_s']:.1f} | {row['p50_ms']:.0f} | {row['p99_ms']:.0f}"
+            print(f"| {label} | {row['clients']} | {cells} |")
+    single, one = rows["single server"][-1], next(v for k, v in rows.items() if "1 replica" in k)[-1]
+    ratio = one["req_per_s"] / single["req_per_s"]
+    print(f"\nRay (1 replica) / single server at {single['clients']} clients: {ratio:.2f}x (goal >= 0.85x: "
+          f"{'met' if ratio >= 0.85 else 'NOT met'})")  # fmt: skip
+    return {"rows": rows, "ray_1_vs_single": ratio}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.ray:
+        torch.set_num_threads(args.threads)
+        with tempfile.TemporaryDirectory(prefix="mtp-serving-bench-") as tmp:
+            root = Path(tmp)
+            build(root, args.quick, export=False)
+            jpeg, _ = photo(MODELS[args.quick][2])
+            results = ray_comparison(args, root, jpeg)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return results
     torch.set_num_threads(args.threads)
     name, _, size = MODELS[args.quick]
     print(

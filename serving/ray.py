@@ -394,9 +394,11 @@ def build_app(
                 min_replicas=low, max_replicas=high, target_ongoing_requests=max(1, max_batch)
             )
         }
+    quiet = {"enable_access_log": False, "log_level": "WARNING"}  # (a log line per request costs throughput)
     replica = serve.deployment(
         TaskReplica,
         name=REPLICA,
+        logging_config=quiet,
         max_ongoing_requests=max(2 * max_batch, 8),
         health_check_period_s=2.0,
         health_check_timeout_s=30.0,
@@ -411,7 +413,9 @@ def build_app(
     def builder() -> Any:  # (Serve runs a plain function on the ingress replica; a partial it takes for an app)
         return _ingress_app(preprocess, admin_token, body_limit, max_queue)
 
-    ingress = serve.deployment(serve.ingress(builder)(Ingress), name=INGRESS, ray_actor_options={"num_cpus": 0})
+    ingress = serve.deployment(
+        serve.ingress(builder)(Ingress), name=INGRESS, ray_actor_options={"num_cpus": 0}, logging_config=quiet
+    )
     threads = threads or max(1, int(replica_cpus))
     return ingress.bind(replica.bind(str(run.path), registry, max_resident, engine, device, threads))
 
