@@ -30,8 +30,9 @@ EXAMPLE_OPTIONS = {
     "pfeiffer": {"dim": 6},
     "adaptformer": {"dim": 5},
     "convpass": {"dim": 4},
+    "selective": {"part": "attention", "blocks": (0,)},
 }
-CNN_OPTIONS = {"lora": {"r": 4}}  # default CNN targets: pointwise convs and linears
+CNN_OPTIONS = {"lora": {"r": 4}, "selective": {"blocks": (0,)}}  # default CNN targets: pointwise convs and linears
 
 
 def example_config(method: str, kind: str) -> mtp.peft.PeftConfig | None:

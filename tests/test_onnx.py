@@ -29,8 +29,13 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     kind = request.param
     model, size = make_model(kind)
     methods = _onnx_methods(kind)
-    for k in range(3):
-        peft = [example_config(m, kind) for m in methods[k::3]]
+    # weight updates (lora, dora, fact, selective) one per task (they would clash on a module), the rest spread
+    updates = [m for m in methods if METHODS.get(m).weight_update]
+    groups: list[list[str]] = [[m] for m in updates] + [[] for _ in range(max(0, 3 - len(updates)))]
+    for k, m in enumerate(m for m in methods if m not in updates):
+        groups[k % len(groups)].append(m)
+    for k, group in enumerate(groups):
+        peft = [example_config(m, kind) for m in group]
         model.add_task(f"cls{k}", head=mtp.tasks.Classification(num_classes=4), peft=peft)
         randomize(model.task(f"cls{k}"), seed=k)
     model.add_task("boxes", head=mtp.tasks.Detection(num_classes=3), peft=[mtp.peft.SSF()])

@@ -1,7 +1,7 @@
 """PEFT methods. Each is a registered config dataclass; `METHODS.names()` lists them.
 
 Families (V-PEFT survey): reparameterisation (lora, dora, fact), addition (houlsby, pfeiffer, adaptformer,
-convpass, vpt), partial (bitfit, norm, ssf), and the baselines linear_probe and full.
+convpass, vpt), partial (bitfit, norm, ssf, selective, difffit), and the baselines linear_probe and full.
 """
 
 from .adapters import AdaptFormer, Convpass, Houlsby, Pfeiffer
@@ -11,6 +11,7 @@ from .fact import FacT
 from .lora import DoRA, LoRA
 from .partial import SSF, BitFit, NormTuning
 from .prompts import VPT
+from .selective import DiffFit, Selective
 
 
 def from_dict(data: dict) -> PeftConfig:
@@ -43,6 +44,7 @@ __all__ = [
     "AdaptFormer",
     "BitFit",
     "Convpass",
+    "DiffFit",
     "DoRA",
     "FacT",
     "FullFineTune",
@@ -53,6 +55,7 @@ __all__ = [
     "PeftConfig",
     "Pfeiffer",
     "SSF",
+    "Selective",
     "VPT",
     "from_dict",
     "recipe_from_list",
