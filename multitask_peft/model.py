@@ -619,8 +619,8 @@ class MultiTaskModel(nn.Module):
 
 
 def _check_no_conflicts(methods: list[MethodModule]) -> None:
-    """One weight update (`PeftConfig.weight_update`: lora, dora, fact) per module per task, as their merged forms
-    would clash."""
+    """One weight update (`PeftConfig.weight_update`: lora, dora, fact, selective, repadapter) per module per task,
+    as their merged forms would clash."""
     owner: dict[str, str] = {}
     for m in methods:
         if not m.config.weight_update:

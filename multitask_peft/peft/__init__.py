@@ -1,6 +1,6 @@
 """PEFT methods. Each is a registered config dataclass; `METHODS.names()` lists them.
 
-Families (V-PEFT survey): reparameterisation (lora, dora, fact), addition (houlsby, pfeiffer, adaptformer,
+Families (V-PEFT survey): reparameterisation (lora, dora, fact, repadapter), addition (houlsby, pfeiffer, adaptformer,
 convpass, vpt), partial (bitfit, norm, ssf, selective, difffit), and the baselines linear_probe and full.
 """
 
@@ -11,6 +11,7 @@ from .fact import FacT
 from .lora import DoRA, LoRA
 from .partial import SSF, BitFit, NormTuning
 from .prompts import VPT
+from .repadapter import RepAdapter
 from .selective import DiffFit, Selective
 
 
@@ -53,6 +54,7 @@ __all__ = [
     "LoRA",
     "NormTuning",
     "PeftConfig",
+    "RepAdapter",
     "Pfeiffer",
     "SSF",
     "Selective",
