@@ -31,6 +31,7 @@ EXAMPLE_OPTIONS = {
     "adaptformer": {"dim": 5},
     "convpass": {"dim": 4},
     "selective": {"part": "attention", "blocks": (0,)},
+    "mona": {"dim": 4},
 }
 CNN_OPTIONS = {"lora": {"r": 4}, "selective": {"blocks": (0,)}}  # default CNN targets: pointwise convs and linears
 
