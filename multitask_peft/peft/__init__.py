@@ -1,7 +1,7 @@
 """PEFT methods. Each is a registered config dataclass; `METHODS.names()` lists them.
 
 Families (V-PEFT survey): reparameterisation (lora, dora, fact, repadapter), addition (houlsby, pfeiffer, adaptformer,
-convpass, vpt, mona), partial (bitfit, norm, ssf, selective, difffit), and the baselines linear_probe and full.
+convpass, vpt, mona, lorand), partial (bitfit, norm, ssf, selective, difffit), and the baselines linear_probe and full.
 """
 
 from .adapters import AdaptFormer, Convpass, Houlsby, Pfeiffer
@@ -9,6 +9,7 @@ from .base import METHODS, PeftConfig, register_method
 from .baselines import FullFineTune, LinearProbe
 from .fact import FacT
 from .lora import DoRA, LoRA
+from .lorand import LoRand
 from .mona import Mona
 from .partial import SSF, BitFit, NormTuning
 from .prompts import VPT
@@ -53,6 +54,7 @@ __all__ = [
     "Houlsby",
     "LinearProbe",
     "LoRA",
+    "LoRand",
     "Mona",
     "NormTuning",
     "PeftConfig",
