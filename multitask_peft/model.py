@@ -620,7 +620,16 @@ class MultiTaskModel(nn.Module):
 
 def _check_no_conflicts(methods: list[MethodModule]) -> None:
     """One weight update (`PeftConfig.weight_update`: lora, dora, fact, selective, repadapter) per module per task,
-    as their merged forms would clash."""
+    as their merged forms would clash; nothing inside a module a method recomputes (`owns_submodules`)."""
+    owned = {name: m.config.method for m in methods if m.config.owns_submodules for name in m.adapters()}
+    for m in methods:
+        inside = [n for n in m.adapters() for o in owned if n.startswith(o + ".")]
+        if inside:
+            o = next(o for o in owned if inside[0].startswith(o + "."))
+            raise ValueError(
+                f"{owned[o]} recomputes {o} from its frozen sub-layers; {m.config.method} cannot adapt {inside[0]} "
+                "in the same task (target other modules)"
+            )
     owner: dict[str, str] = {}
     for m in methods:
         if not m.config.weight_update:

@@ -33,6 +33,7 @@ EXAMPLE_OPTIONS = {
     "selective": {"part": "attention", "blocks": (0,)},
     "mona": {"dim": 4},
     "lorand": {"dim": 6, "rank": 2, "scale": 0.5},
+    "prefix": {"num_tokens": 3},
 }
 CNN_OPTIONS = {"lora": {"r": 4}, "selective": {"blocks": (0,)}}  # default CNN targets: pointwise convs and linears
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from timm.models.vision_transformer import Attention as VitAttention
 
 import multitask_peft as mtp
 from conftest import example_config, randomize
@@ -218,6 +219,10 @@ def test_every_method_on_the_new_splits(name: str, method: str) -> None:
         pytest.skip(f"{method} does not apply to {model.backbone.layout.kind} backbones")
     if method == "vpt" and not model.backbone.layout.prompts:
         with pytest.raises(ValueError, match="cannot take prompt tokens"):
+            model.add_task("m", Classification(num_classes=3), [config])
+        return
+    if config.method == "prefix" and not any(type(m) is VitAttention for m in model.backbone.model.modules()):
+        with pytest.raises(ValueError, match="no default target modules"):  # (not timm's plain Attention)
             model.add_task("m", Classification(num_classes=3), [config])
         return
     if config.method in ("houlsby", "pfeiffer", "mona", "lorand") and model.backbone.layout.split == "generic":

@@ -245,3 +245,12 @@ def test_model_apply_reaches_every_adapter() -> None:
     model.apply(lambda m: seen.add(id(m)))
     adapters = {id(m) for m in model.modules() if isinstance(m, LayerAdapter)}
     assert adapters and adapters <= seen
+
+
+def test_prefix_refuses_methods_inside_the_attention_it_recomputes() -> None:
+    model, _ = make_model("vit")
+    head = mtp.tasks.Classification(num_classes=3)
+    with pytest.raises(ValueError, match=r"prefix recomputes blocks\.0\.attn .*lora cannot adapt blocks\.0\.attn\.qkv"):
+        model.add_task("t", head, [mtp.peft.Prefix(num_tokens=2), mtp.peft.LoRA(r=2)])
+    model.add_task("ok", head, [mtp.peft.Prefix(num_tokens=2), mtp.peft.LoRA(r=2, targets=("fc1",))])
+    assert model.tasks == ["ok"]

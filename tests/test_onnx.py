@@ -29,11 +29,13 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     kind = request.param
     model, size = make_model(kind)
     methods = _onnx_methods(kind)
-    # weight updates (lora, dora, fact, selective) one per task (they would clash on a module), the rest spread
-    updates = [m for m in methods if METHODS.get(m).weight_update]
-    groups: list[list[str]] = [[m] for m in updates] + [[] for _ in range(max(0, 3 - len(updates)))]
-    for k, m in enumerate(m for m in methods if m not in updates):
-        groups[k % len(groups)].append(m)
+    # weight updates (lora, dora, fact, ...) one per task (they would clash on a module), methods that recompute
+    # a module from its sub-layers (prefix) alone too, the rest spread over those tasks
+    alone = [m for m in methods if METHODS.get(m).weight_update or METHODS.get(m).owns_submodules]
+    groups: list[list[str]] = [[m] for m in alone] + [[] for _ in range(max(0, 3 - len(alone)))]
+    spread = [k for k, g in enumerate(groups) if not (g and METHODS.get(g[0]).owns_submodules)]
+    for k, m in enumerate(m for m in methods if m not in alone):
+        groups[spread[k % len(spread)]].append(m)
     for k, group in enumerate(groups):
         peft = [example_config(m, kind) for m in group]
         model.add_task(f"cls{k}", head=mtp.tasks.Classification(num_classes=4), peft=peft)

@@ -1,7 +1,8 @@
 """PEFT methods. Each is a registered config dataclass; `METHODS.names()` lists them.
 
-Families (V-PEFT survey): reparameterisation (lora, dora, fact, repadapter), addition (houlsby, pfeiffer, adaptformer,
-convpass, vpt, mona, lorand), partial (bitfit, norm, ssf, selective, difffit), and the baselines linear_probe and full.
+Families (V-PEFT survey): reparameterisation (lora, dora, fact, repadapter), addition (houlsby, pfeiffer,
+adaptformer, convpass, vpt, prefix, mona, lorand), partial (bitfit, norm, ssf, selective, difffit), and the
+baselines linear_probe and full.
 """
 
 from .adapters import AdaptFormer, Convpass, Houlsby, Pfeiffer
@@ -12,6 +13,7 @@ from .lora import DoRA, LoRA
 from .lorand import LoRand
 from .mona import Mona
 from .partial import SSF, BitFit, NormTuning
+from .prefix import Prefix
 from .prompts import VPT
 from .repadapter import RepAdapter
 from .selective import DiffFit, Selective
@@ -60,6 +62,7 @@ __all__ = [
     "PeftConfig",
     "RepAdapter",
     "Pfeiffer",
+    "Prefix",
     "SSF",
     "Selective",
     "VPT",

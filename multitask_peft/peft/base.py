@@ -55,6 +55,9 @@ class PeftConfig(ConfigBase):
     #: Tasks using only this method (same options, same head) can share one ONNX graph whose factors ONNX Runtime
     #: swaps per run from `.onnx_adapter` files (`export_onnx(..., merge=True)` with several tasks).
     adapter_files: ClassVar[bool] = False
+    #: The method recomputes its modules from their frozen sub-layers (prefix tuning: the attention from `qkv` and
+    #: `proj`), so no other method of the task may adapt those sub-layers.
+    owns_submodules: ClassVar[bool] = False
     #: WiSE (`MultiTaskModel.wise_task`): whether scaling the method's change by alpha is defined; if not, why.
     wise: ClassVar[bool] = True
     wise_refusal: ClassVar[str] = ""

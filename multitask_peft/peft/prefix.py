@@ -1,0 +1,119 @@
+"""Prefix tuning: learned key / value prefixes in every targeted attention layer."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Attention
+from torch import nn
+
+from ..config import check_positive_int
+from .base import MethodModule, PeftConfig, register_method, select_targets
+from .layer import LayerAdapter, MultiAdapterLayer
+
+if TYPE_CHECKING:
+    from ..backbone import BackboneHost
+
+
+@register_method("prefix")
+@dataclasses.dataclass
+class Prefix(PeftConfig):
+    """Prefix tuning (Li & Liang, 2021; for ViTs as in the V-PEFT benchmark): each targeted attention layer attends
+    to `num_tokens` learned keys and values in front of its own (`softmax(q [P_k; K]^T) [P_v; V]`). Unlike VPT, the
+    sequence keeps its length: prefixes are extra attention inputs of one layer, not tokens that flow through the
+    blocks. The layer is recomputed from its frozen `qkv` / `proj` on the task's rows, so no other method of the
+    same task may adapt those sub-layers (refused). Plain timm `Attention` layers (ViT, DeiT, ...).
+
+    Args:
+        num_tokens: Prefix length per layer.
+        prefix_scale: Factor on the attention paid to the prefixes (log(prefix_scale) added to their scores), in
+            [0, 1]; WiSE scales it by alpha (0: the frozen layer).
+    """
+
+    kinds: ClassVar[tuple[str, ...]] = ("vit",)
+    identity_at_init: ClassVar[bool] = False  # (prefixes take attention mass from the first step)
+    owns_submodules: ClassVar[bool] = True
+
+    num_tokens: int = 8
+    prefix_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self.method, "num_tokens", self.num_tokens)
+        scale = self.prefix_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= scale <= 1.0:
+            raise ValueError(f"{self.method}: `prefix_scale` should be in [0, 1] but the value passed is {scale!r}")
+
+    def supports(self, name: str, module: nn.Module) -> bool:
+        return type(module) is Attention
+
+    def default_target(self, name: str, module: nn.Module, host: BackboneHost) -> bool:
+        return self.supports(name, module)
+
+    def build(self, host: BackboneHost) -> MethodModule:
+        if host.layout.kind not in self.kinds:
+            raise ValueError(f"{self.method} applies to vit backbones; {host.arch} is a {host.layout.kind} backbone")
+        names = select_targets(self, host)
+        return PrefixModule(self, {n: self.make_adapter(n, host.module(n), host) for n in names})
+
+    def make_adapter(self, name: str, module: nn.Module, host: BackboneHost) -> LayerAdapter:
+        return PrefixAttention(self, module.num_heads, module.head_dim)
+
+
+class PrefixModule(MethodModule):
+    @torch.no_grad()
+    def wise_(self, alpha: float, host: BackboneHost) -> None:
+        """WiSE for prefixes: the attention paid to them is scaled by `alpha` (saved as `prefix_scale`)."""
+        self.config = dataclasses.replace(self.config, prefix_scale=self.config.prefix_scale * alpha)
+        for adapter in self.adapters().values():
+            adapter.config = self.config
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    """The frozen module under a multi-adapter wrapper (other tasks' adapters do not apply to these rows)."""
+    return module.base if isinstance(module, MultiAdapterLayer) else module
+
+
+class PrefixAttention(LayerAdapter):
+    """The attention layer recomputed with this task's key / value prefixes (parameters `prefix_key`,
+    `prefix_value`: (num_tokens, heads * head_dim))."""
+
+    order: ClassVar[int] = 5  # (replaces the layer's output: before any change of that output)
+
+    def __init__(self, config: Prefix, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.config = config
+        self.heads, self.head_dim = heads, head_dim
+        bound = 1.0 / math.sqrt(head_dim)
+        self.prefix_key = nn.Parameter(torch.empty(config.num_tokens, heads * head_dim).uniform_(-bound, bound))
+        self.prefix_value = nn.Parameter(torch.empty(config.num_tokens, heads * head_dim).uniform_(-bound, bound))
+
+    def adapt(self, x: torch.Tensor, y: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        b, n, _ = x.shape
+        h, d, p = self.heads, self.head_dim, self.config.num_tokens
+        gate = base.gate(x).sigmoid() if getattr(base, "gate", None) is not None else None
+        qkv = _frozen(base.qkv)(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (b, h, n, d)
+        q, k = _frozen(base.q_norm)(q), _frozen(base.k_norm)(k)
+        pk = self.prefix_key.to(x.dtype).view(p, h, d).transpose(0, 1).expand(b, -1, -1, -1)  # (b, h, p, d)
+        pv = self.prefix_value.to(x.dtype).view(p, h, d).transpose(0, 1).expand(b, -1, -1, -1)
+        k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        scale = float(self.config.prefix_scale)
+        mask = None
+        if scale != 1.0:
+            mask = x.new_zeros(1, 1, 1, p + n)
+            mask[..., :p] = math.log(scale) if scale else -math.inf
+        drop = base.attn_drop.p if base.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        out = out.transpose(1, 2).reshape(b, n, h * d)
+        out = _frozen(getattr(base, "norm", nn.Identity()))(out)
+        if gate is not None:
+            out = out * gate
+        return base.proj_drop(_frozen(base.proj)(out))
+
+    def wise_(self, alpha: float, base: nn.Module) -> None:
+        raise ValueError("prefix WiSE scales the method's `prefix_scale` (MethodModule.wise_), not one layer")
