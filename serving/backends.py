@@ -236,6 +236,7 @@ class OnnxBackend:
             for name, spec in self.runner.meta["tasks"].items()
         }
         self.ensembles = {n: spec["ensemble"] for n, spec in self.runner.meta["tasks"].items() if "ensemble" in spec}
+        self._classes = {n: spec["head_config"].get("num_classes") for n, spec in self.runner.meta["tasks"].items()}
 
     def bind(self, run_in_worker: RunInWorker, metrics: Metrics) -> None:
         """Nothing to wire: the graph's tasks never change."""
@@ -245,7 +246,10 @@ class OnnxBackend:
         return list(dict.fromkeys(tasks))
 
     def served_tasks(self) -> dict[str, dict[str, Any]]:
-        served = {n: {"name": n, "head": h, "class_names": c, "version": 1} for n, (h, c) in self.tasks.items()}
+        served = {
+            n: {"name": n, "head": h, "class_names": c, "num_classes": self._classes.get(n), "version": 1}
+            for n, (h, c) in self.tasks.items()
+        }
         for name, ensemble in self.ensembles.items():  # computed in the graph from its members' outputs
             served[name]["ensemble"] = ensemble
         return served

@@ -121,7 +121,7 @@ def model_version(engine: Engine, model: str) -> str:
 def task_outputs(info: Mapping[str, Any]) -> list[tuple[str, str, list[int]]]:
     """(name, datatype, shape) of one task's outputs."""
     names = info.get("class_names")
-    fields = OUTPUT_KINDS.get(info["head"]).oip_fields(len(names) if names else None)
+    fields = OUTPUT_KINDS.get(info["head"]).oip_fields(info.get("num_classes") or (len(names) if names else None))
     return [(f"{info['name']}.{f.name}", f.datatype, list(f.shape)) for f in fields]
 
 

@@ -61,12 +61,14 @@ class TaskEntry:
     unloading: bool = False
     members: tuple[str, ...] = ()
     mode: str | None = None
+    num_classes: int | None = None  # (of its head config; None where the head has no classes)
 
     def info(self) -> dict[str, Any]:
         info = {
             "name": self.name,
             "head": self.head,
             "class_names": self.class_names,
+            "num_classes": self.num_classes,
             "version": self.version,
             "digest": self.digest,
             "resident": self.resident,
@@ -85,6 +87,12 @@ def _head_of(config: dict[str, Any]) -> tuple[str, list[str] | None]:
     if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
         raise ValueError("'head.class_names' must be a list of strings")
     return HEADS.get(head["type"]).output_kind, list(names) if names else None
+
+
+def _num_classes(config: dict[str, Any]) -> int | None:
+    """The head's number of classes from a task config, if it has one."""
+    n = config.get("head", {}).get("num_classes")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def _digest(path: Path) -> str:
@@ -144,8 +152,9 @@ class AdapterStore:
                 if self.root not in folder.resolve().parents:
                     raise ValueError(f"it links outside the adapter directory {self.root}")
                 name = check_task_name(folder.name)
-                head, class_names = _head_of(read_task_config(folder))
-                entry = TaskEntry(name, folder, head, class_names)
+                config = read_task_config(folder)
+                head, class_names = _head_of(config)
+                entry = TaskEntry(name, folder, head, class_names, num_classes=_num_classes(config))
                 if validate:
                     task, entry.digest = self._read(folder, name, False)
                     if self.max_resident is None or len(found) < self.max_resident:
@@ -281,6 +290,7 @@ class AdapterStore:
             async with self.lock:
                 old = self.entries.get(name)
                 entry = TaskEntry(name, folder, head, class_names, old.version + 1 if old else 1, digest)
+                entry.num_classes = _num_classes(config)
                 entry.last_used = time.monotonic()
 
                 def swap() -> None:
@@ -361,7 +371,9 @@ class AdapterStore:
         class_names = getattr(ens.head_config, "class_names", None)
         names = list(class_names) if class_names else None
         kind = ens.head_config.output_kind
-        return TaskEntry(name, folder, kind, names, version, _digest(folder), members=ens.members, mode=ens.mode)
+        entry = TaskEntry(name, folder, kind, names, version, _digest(folder), members=ens.members, mode=ens.mode)
+        entry.num_classes = getattr(ens.head_config, "num_classes", None)
+        return entry
 
     def _heads(self, replaced: dict[str, HeadConfig] | None = None) -> dict[str, HeadConfig]:
         """{served task: head config} (read from its folder; `replaced` overrides some)."""

@@ -166,3 +166,11 @@ def test_tritonclient_grpc_matches_v1(reference: tuple) -> None:
             client.infer("cls", [image_bytes])
         assert "INVALID_ARGUMENT" in str(e.value.status())
         client.close()
+
+
+def test_metadata_gives_the_class_count_without_class_names() -> None:
+    from multitask_peft.serving import oip
+
+    info = {"name": "t", "head": "classification", "class_names": None, "num_classes": 7}
+    assert oip.task_outputs(info)[0] == ("t.logits", "FP32", [-1, 7])
+    assert oip.task_outputs({**info, "num_classes": None})[0] == ("t.logits", "FP32", [-1, -1])
