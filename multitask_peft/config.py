@@ -34,6 +34,11 @@ def check_positive_float(owner: str, field: str, value: object) -> None:
         raise ValueError(f"{owner}: `{field}` should be a positive number but the value passed is {value!r}")
 
 
+def check_unit_interval(owner: str, field: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{owner}: `{field}` should be in [0, 1] but the value passed is {value!r}")
+
+
 def check_choice(owner: str, field: str, value: object, choices: typing.Iterable[object]) -> None:
     choices = tuple(choices)
     if value not in choices:

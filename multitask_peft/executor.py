@@ -20,7 +20,6 @@ What differs between the callers is only the plan:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -32,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from .backbone import BackboneHost
 from .heads import Features
 from .layouts import PartFn
-from .peft.base import PromptTokens
+from .peft.base import PromptTokens, attention_log_scale
 from .routing import PLAIN_SLOT, Routing, StackedRouting
 
 Row = tuple[int, int]  # (image index, slot)
@@ -146,7 +145,7 @@ def _prompt_bias(stream: Stream, num_prefix: int) -> torch.Tensor | None:
     bias = x.new_zeros(x.shape[0], 1, 1, x.shape[1])
     for seg, scale in zip(segments, scales, strict=True):
         keys = slice(num_prefix, num_prefix + stream.prompts)
-        bias[seg.start : seg.end, ..., keys] = math.log(scale) if scale else -math.inf
+        bias[seg.start : seg.end, ..., keys] = attention_log_scale(scale)
     return bias
 
 

@@ -39,9 +39,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from multitask_peft.outputs import JsonContext
+
 from .backends import Backend, TaskFormat
 from .errors import BadRequest, QueueFull, RequestTimeout, ServingError, ShuttingDown, Unprocessable
-from .images import MAX_LIST_MASK_PIXELS, PredictOptions, to_json, to_tensors
+from .images import MAX_LIST_MASK_PIXELS, PredictOptions, format_result
 from .metrics import Metrics
 
 log = logging.getLogger("multitask_peft.serving")
@@ -100,8 +102,8 @@ class Worker:
         self.executor.shutdown(wait=wait)
 
 
-#: How a request wants its results: "json" (`to_json`, `/v1/predict`) or "tensors" (`to_tensors`, OIP v2).
-RESULT_FORMS = {"json": to_json, "tensors": to_tensors}
+#: How a request wants its results (`format_result`): "json" (`/v1/predict`) or "tensors" (OIP v2).
+RESULT_FORMS = ("json", "tensors")
 
 
 @dataclass(eq=False)
@@ -406,9 +408,13 @@ class Engine:
             raw = self.backend.run(images, asked, wise)
         for k, per_image in zip(good, raw, strict=True):
             req, original = batch[k], decoded[k][1]
-            form = RESULT_FORMS[req.form]
             results = {
-                t: form(formats[t].kind, per_image[t], size, original, req.options, formats[t].class_names)
+                t: format_result(
+                    req.form,
+                    formats[t].kind,
+                    per_image[t],
+                    JsonContext(size, original, req.options, formats[t].class_names),
+                )
                 for t in req.tasks
             }
             out[k] = (results, {t: formats[t].version for t in req.tasks}, original)

@@ -30,8 +30,8 @@ __all__ = [
     "decode_mask_png",
     "encode_mask_png",
     "parse_tasks",
+    "format_result",
     "to_json",
-    "to_tensors",
 ]
 
 #: Largest decoded image accepted, in pixels (a decompression-bomb guard: 40 MP, e.g. 8000 x 5000).
@@ -219,23 +219,18 @@ def to_json(
 ) -> dict[str, Any]:
     """One task's result for one image as JSON, in the pixels of the image the client sent: the JSON form of the
     task's output kind (`kind`, a name in `OUTPUT_KINDS`)."""
-    context = JsonContext(input_size, original, options, class_names)
-    return OUTPUT_KINDS.get(kind).to_json(result, context)
+    return format_result("json", kind, result, JsonContext(input_size, original, options, class_names))
 
 
-def to_tensors(
-    kind: str,
-    result: dict[str, Any],
-    input_size: tuple[int, int],
-    original: tuple[int, int],
-    options: ResultOptions,
-    class_names: Sequence[str] | None = None,
-) -> dict[str, np.ndarray]:
-    """One task's result for one image as the Open Inference Protocol tensors of its output kind (`to_oip`, a
-    batch of one: every array has a leading dimension of 1), in the pixels of the image the client sent."""
-    context = JsonContext(input_size, original, options, class_names)
+def format_result(form: str, kind: str, result: dict[str, Any], context: JsonContext) -> Any:
+    """One task's result for one image, in the pixels of the image the client sent, as `form`: "json" (the output
+    kind's JSON form, `/v1/predict`) or "tensors" (its Open Inference Protocol tensors as numpy arrays, a batch of
+    one: every array has a leading dimension of 1)."""
+    output = OUTPUT_KINDS.get(kind)
+    if form == "json":
+        return output.to_json(result, context)
     try:
-        fields = OUTPUT_KINDS.get(kind).to_oip([result], [context])
+        fields = output.to_oip([result], [context])
     except NotImplementedError as e:
         raise BadRequest(str(e)) from e
     return {name: tensor.numpy() for name, tensor in fields.items()}

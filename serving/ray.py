@@ -304,8 +304,7 @@ class RayEngine:
 
     async def predict(self, data: Any, tasks: list[str], options: PredictOptions, form: str = "json") -> Any:
         self.check_capacity()
-        fields = {k: v for k, v in asdict(options).items()}
-        return await self._call("predict", data, tasks=tasks, options=fields, form=form)
+        return await self._call("predict", data, tasks=tasks, options=asdict(options), form=form)
 
     async def admin(self, op: str, name: str | None, path: str | None) -> dict[str, Any]:
         async with self._admin:

@@ -320,3 +320,14 @@ def test_task_stream_resumes_and_ignores_workers() -> None:
         w_images, _ = next(workers)
         assert torch.equal(images, w_images)  # per-item seeds: same "augmentation" in a worker process
     assert not torch.equal(batches[0][0], batches[2][0])  # reshuffled each epoch
+
+
+def test_non_finite_gradients_with_a_finite_loss_drop_the_task(tmp_path: Path) -> None:
+    model = two_task_model()
+    head = next(model.task("cls").head.parameters())
+    head.register_hook(lambda g: g * float("nan"))  # the loss stays finite, this task's gradients do not
+    before = task_state(model, "cls")
+    summary = Trainer(model, two_task_data(), config(steps=2, on_nonfinite="drop_task"), tmp_path).fit()
+    assert summary["diverged"] == {"cls": 1}
+    assert all(torch.equal(v, before[k]) for k, v in task_state(model, "cls").items())  # no update applied
+    assert all(torch.isfinite(v).all() for v in task_state(model, "ssf").values())

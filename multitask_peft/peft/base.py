@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
@@ -93,7 +94,11 @@ class PeftConfig(ConfigBase):
                 f"{host.arch} is a {host.layout.kind} backbone"
             )
         names = select_targets(self, host)
-        return MethodModule(self, {n: self.make_adapter(n, host.module(n), host) for n in names})
+        return self.method_module({n: self.make_adapter(n, host.module(n), host) for n in names})
+
+    def method_module(self, adapters: dict[str, LayerAdapter]) -> MethodModule:
+        """The task's module of this method over its layer adapters (a method with state of its own subclasses it)."""
+        return MethodModule(self, adapters)
 
 
 class MethodModule(nn.Module):
@@ -128,6 +133,12 @@ class MethodModule(nn.Module):
             raise ValueError(f"{self.config.method} has no WiSE form: {self.config.wise_refusal}")
         for name, adapter in self.adapters().items():
             adapter.wise_(alpha, host.module(name))
+
+
+def attention_log_scale(scale: float) -> float:
+    """The score bias that multiplies the attention paid to some keys by `scale` in [0, 1] before the softmax
+    renormalises: log(scale), -inf at 0 (prompts and prefixes under WiSE)."""
+    return math.log(scale) if scale else -math.inf
 
 
 class PromptTokens(nn.Module):

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Attention
 from torch import nn
 
-from ..config import check_positive_int
-from .base import MethodModule, PeftConfig, register_method, select_targets
+from ..config import check_positive_int, check_unit_interval
+from .base import MethodModule, PeftConfig, attention_log_scale, register_method
 from .layer import LayerAdapter, MultiAdapterLayer
 
 if TYPE_CHECKING:
@@ -44,9 +44,7 @@ class Prefix(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int(self.method, "num_tokens", self.num_tokens)
-        scale = self.prefix_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= scale <= 1.0:
-            raise ValueError(f"{self.method}: `prefix_scale` should be in [0, 1] but the value passed is {scale!r}")
+        check_unit_interval(self.method, "prefix_scale", self.prefix_scale)
 
     def supports(self, name: str, module: nn.Module) -> bool:
         return type(module) is Attention
@@ -54,11 +52,8 @@ class Prefix(PeftConfig):
     def default_target(self, name: str, module: nn.Module, host: BackboneHost) -> bool:
         return self.supports(name, module)
 
-    def build(self, host: BackboneHost) -> MethodModule:
-        if host.layout.kind not in self.kinds:
-            raise ValueError(f"{self.method} applies to vit backbones; {host.arch} is a {host.layout.kind} backbone")
-        names = select_targets(self, host)
-        return PrefixModule(self, {n: self.make_adapter(n, host.module(n), host) for n in names})
+    def method_module(self, adapters: dict[str, LayerAdapter]) -> MethodModule:
+        return PrefixModule(self, adapters)
 
     def make_adapter(self, name: str, module: nn.Module, host: BackboneHost) -> LayerAdapter:
         return PrefixAttention(self, module.num_heads, module.head_dim)
@@ -106,7 +101,7 @@ class PrefixAttention(LayerAdapter):
         mask = None
         if scale != 1.0:
             mask = x.new_zeros(1, 1, 1, p + n)
-            mask[..., :p] = math.log(scale) if scale else -math.inf
+            mask[..., :p] = attention_log_scale(scale)
         drop = base.attn_drop.p if base.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         out = out.transpose(1, 2).reshape(b, n, h * d)

@@ -11,7 +11,7 @@ import timm
 import torch
 from torch import nn
 
-from ..config import check_positive_int
+from ..config import check_positive_int, check_unit_interval
 from .base import MethodModule, PeftConfig, PromptTokens, register_method
 
 if TYPE_CHECKING:
@@ -46,9 +46,7 @@ class VPT(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int(self.method, "num_tokens", self.num_tokens)
-        scale = self.prompt_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= scale <= 1.0:
-            raise ValueError(f"{self.method}: `prompt_scale` should be in [0, 1] but the value passed is {scale!r}")
+        check_unit_interval(self.method, "prompt_scale", self.prompt_scale)
         if self.targets is not None:
             raise ValueError(
                 f"{self.method}: prompts are not placed on modules; `targets` must be None, got {self.targets!r}"

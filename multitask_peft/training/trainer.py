@@ -318,9 +318,12 @@ class Trainer:
                     if not torch.isfinite(norm):
                         self._nonfinite(task, f"gradient norm is {norm.item()}", bad)
         elif cfg.on_nonfinite == "drop_task":  # (one global norm cannot say whose gradients were not finite)
-            for task in chosen:
-                grads = [p.grad for p in self._task_params[task] if p.grad is not None]
-                if task not in bad and grads and not all(torch.isfinite(g).all() for g in grads):
+            checked = [t for t in chosen if t not in bad and any(p.grad is not None for p in self._task_params[t])]
+            grads = [[p.grad for p in self._task_params[t] if p.grad is not None] for t in checked]
+            norms = [torch.nn.utils.get_total_norm(g) for g in grads]
+            finite = torch.isfinite(torch.stack(norms)).tolist() if norms else []  # (one sync for every task)
+            for task, ok in zip(checked, finite, strict=True):
+                if not ok:
                     self._nonfinite(task, "gradients are not finite", bad)
         self._drop(bad)
         if cfg.clip_norm is not None and cfg.clip_scope == "global":
