@@ -412,8 +412,15 @@ def build_app(
     def builder() -> Any:  # (Serve runs a plain function on the ingress replica; a partial it takes for an app)
         return _ingress_app(preprocess, admin_token, body_limit, max_queue)
 
+    # The ingress only forwards: it takes as many requests at once as the replicas' engines queue in all (Serve's
+    # default of 5 would cap every batch at 5 images and make the proxy retry a full ingress under load: 0.37x the
+    # single server's throughput at 16 clients, 0.8x with this).
     ingress = serve.deployment(
-        serve.ingress(builder)(Ingress), name=INGRESS, ray_actor_options={"num_cpus": 0}, logging_config=quiet
+        serve.ingress(builder)(Ingress),
+        name=INGRESS,
+        ray_actor_options={"num_cpus": 0},
+        logging_config=quiet,
+        max_ongoing_requests=max_queue * (autoscale[1] if autoscale else replicas),
     )
     threads = threads or max(1, int(replica_cpus))
     return ingress.bind(replica.bind(str(run.path), registry, max_resident, engine, device, threads))

@@ -172,6 +172,20 @@ def test_a_killed_replica_costs_no_request(cluster: tuple) -> None:
         time.sleep(1.0)
 
 
+def test_the_ingress_takes_what_the_replicas_queue(cluster: tuple) -> None:
+    """Serve's default `max_ongoing_requests` (5) on the ingress capped every batch at 5 images (0.37x the single
+    server's throughput at 16 clients); the ingress takes what the replicas' engines queue."""
+    from multitask_peft.serving import ray as mtp_ray
+
+    _, run, _ = cluster
+    for kwargs, replicas in (({"replicas": 3}, 3), ({"autoscale": (1, 4)}, 4)):
+        app = mtp_ray.build_app(run, max_queue=64, name="probe", **kwargs)
+        ingress = app._bound_deployment  # (Serve keeps the deployment of an application there)
+        assert ingress.name == mtp_ray.INGRESS
+        assert ingress.max_ongoing_requests == 64 * replicas
+    ray.kill(ray.get_actor("probe-task-registry", namespace=ray.get_runtime_context().namespace))
+
+
 def test_deployment_files_are_valid() -> None:
     import yaml
     from ray.serve.schema import ServeDeploySchema
