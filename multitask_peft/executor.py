@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from .backbone import BackboneHost
 from .heads import Features
 from .layouts import PartFn
-from .peft.base import PromptTokens, attention_log_scale
+from .peft.base import PromptTokens, SideNetwork, attention_log_scale
 from .routing import PLAIN_SLOT, Routing, StackedRouting
 
 Row = tuple[int, int]  # (image index, slot)
@@ -44,6 +44,7 @@ class SlotPlan:
     first_position: int  # first backbone position the task changes (layout.num_positions: none)
     prompts: PromptTokens | None = None
     backbone: nn.Module | None = None  # a private backbone (full fine-tuning)
+    side: SideNetwork | None = None  # a side network reading part outputs (LST, VQT)
 
 
 @dataclass
@@ -75,8 +76,18 @@ class Plan(Protocol):
     def branch(self, position: int, streams: list[Stream]) -> list[Stream]:
         """The streams running position `position` (a part, or the pooling step at `len(parts)`)."""
 
-    def assemble(self, captures: list[tuple[Any, torch.Tensor]]) -> torch.Tensor:
-        """One tensor in the plan's output row order from the (stream rows, tensor) pairs captured at one point."""
+    def assemble(self, captures: list[tuple[Any, torch.Tensor]], key: Any = None) -> torch.Tensor:
+        """One tensor in the plan's output row order from the (stream rows, tensor) pairs captured at one point
+        (with a side `key`: only the rows of that side's task)."""
+
+    def sides(self) -> dict[Any, SideNetwork]:
+        """The side networks of the tasks the plan runs, by a key `assemble`, `take` and `put` understand."""
+
+    def take(self, x: torch.Tensor, key: Any) -> torch.Tensor:
+        """The rows of a side's task from a tensor in output row order."""
+
+    def put(self, x: torch.Tensor, key: Any, rows: torch.Tensor) -> torch.Tensor:
+        """`x` (output row order) with the rows of a side's task replaced by `rows` (out of place)."""
 
 
 def run_backbone(host: BackboneHost, images: torch.Tensor, plan: Plan, checkpointing: bool = False) -> Features:
@@ -95,6 +106,8 @@ def run_backbone(host: BackboneHost, images: torch.Tensor, plan: Plan, checkpoin
     for k, lvl in enumerate(layout.levels):
         levels_at.setdefault(lvl.position, []).append(k)
     captures: list[list[tuple[Any, torch.Tensor]]] = [[] for _ in layout.levels]
+    sides = plan.sides()
+    taps: dict[int, list[tuple[Any, torch.Tensor]]] = {p: [] for side in sides.values() for p in side.positions}
     streams = plan.start(images)
     for p in range(num_parts):
         streams = plan.branch(p, streams)
@@ -108,17 +121,25 @@ def run_backbone(host: BackboneHost, images: torch.Tensor, plan: Plan, checkpoin
             args = (part.fn, stream.model, stream.x, stream.routing, host, bias)
             # (a checkpointed recomputation is routed too: `_run_part` enters the routing itself)
             out = checkpoint(_run_part, *args, use_reentrant=False) if checkpointing else _run_part(*args)
-            stream.x, taps = out if part.maps else (out, ())
+            stream.x, maps_out = out if part.maps else (out, ())
             for k in levels_at.get(p, ()):
                 tap = layout.levels[k].tap
-                captures[k].append((stream.rows, stream.x if tap is None else taps[tap]))
+                captures[k].append((stream.rows, stream.x if tap is None else maps_out[tap]))
+            if p in taps and not stream.prompts:  # (a task with a side network has no prompt tokens)
+                taps[p].append((stream.rows, stream.x))
     pooled = []
     for stream in plan.branch(num_parts, streams):
         with host.router.use(stream.routing):
             pooled.append((stream.rows, layout.pool(stream.model, stream.x)))  # (R, D)
     image_size = (images.shape[-2], images.shape[-1])
     maps = [layout.to_map(lvl, plan.assemble(c), image_size) for lvl, c in zip(layout.levels, captures, strict=True)]
-    return Features(maps, plan.assemble(pooled))
+    features = Features(maps, plan.assemble(pooled))
+    for key, side in sides.items():  # side networks: from their tasks' rows of the tapped parts to their features
+        own = Features([plan.take(m, key) for m in features.maps], plan.take(features.pooled, key))
+        new = side.side_features([plan.assemble(taps[p], key) for p in side.positions], own, image_size)
+        maps = [plan.put(m, key, n) for m, n in zip(features.maps, new.maps, strict=True)]
+        features = Features(maps, plan.put(features.pooled, key, new.pooled))
+    return features
 
 
 def _run_part(
@@ -256,17 +277,32 @@ class RowPlan:
         self._streams = {k: st for k, st in self._streams.items() if st.rows or k == _MAIN}
         return [st for st in self._streams.values() if st.rows]
 
-    def assemble(self, captures: list[tuple[Any, torch.Tensor]]) -> torch.Tensor:
-        """Rows in request order, each from its own branch or, before it branched, its image's plain row."""
+    def assemble(self, captures: list[tuple[Any, torch.Tensor]], key: Any = None) -> torch.Tensor:
+        """Rows in request order (with a slot `key`: that slot's), each from its own branch or, before it
+        branched, its image's plain row."""
         where: dict[Row, int] = {}
         offset = 0
         for rows, _ in captures:
             for k, r in enumerate(rows):
                 where[r] = offset + k
             offset += len(rows)
-        index = [where[r] if r in where else where[(r[0], PLAIN_SLOT)] for r in self.rows]
+        wanted = self.rows if key is None else [r for r in self.rows if r[1] == key]
+        index = [where[r] if r in where else where[(r[0], PLAIN_SLOT)] for r in wanted]
         tensors = [t for _, t in captures]
         return _gather(tensors[0] if len(tensors) == 1 else torch.cat(tensors), index)
+
+    def sides(self) -> dict[Any, SideNetwork]:
+        slots = dict.fromkeys(s for _, s in self.rows if s != PLAIN_SLOT)
+        return {s: self.slots[s].side for s in slots if self.slots[s].side is not None}
+
+    def _positions(self, slot: int, device: torch.device) -> torch.Tensor:
+        return torch.tensor([k for k, r in enumerate(self.rows) if r[1] == slot], dtype=torch.long, device=device)
+
+    def take(self, x: torch.Tensor, key: Any) -> torch.Tensor:
+        return x.index_select(0, self._positions(key, x.device))
+
+    def put(self, x: torch.Tensor, key: Any, rows: torch.Tensor) -> torch.Tensor:
+        return x.index_copy(0, self._positions(key, x.device), rows.to(x.dtype))
 
 
 # --- traced graphs -------------------------------------------------------------------------------------------------
@@ -282,10 +318,17 @@ class StackedPlan:
             (`layout.num_positions`: never, the plain features are repeated at the end).
     """
 
-    def __init__(self, module: nn.Module, slots: Sequence[int], branch_at: int) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        slots: Sequence[int],
+        branch_at: int,
+        sides: dict[int, SideNetwork] | None = None,
+    ) -> None:
         self.module = module
         self.slots = tuple(slots)
         self.branch_at = branch_at
+        self._sides = {self.slots.index(s): side for s, side in (sides or {}).items()}  # by task index
 
     def start(self, images: torch.Tensor) -> list[Stream]:
         return [Stream(self.module, "shared", images, StackedRouting((PLAIN_SLOT,)))]
@@ -296,6 +339,19 @@ class StackedPlan:
         (stream,) = streams
         return [Stream(self.module, "fanned", torch.cat([stream.x] * len(self.slots)), StackedRouting(self.slots))]
 
-    def assemble(self, captures: list[tuple[Any, torch.Tensor]]) -> torch.Tensor:
+    def assemble(self, captures: list[tuple[Any, torch.Tensor]], key: Any = None) -> torch.Tensor:
         ((rows, x),) = captures
+        if key is not None:  # task `key`'s rows (N, ...)
+            return self.take(x, key) if rows == "fanned" else x
         return x if rows == "fanned" else torch.cat([x] * len(self.slots))
+
+    def sides(self) -> dict[Any, SideNetwork]:
+        return dict(self._sides)
+
+    def take(self, x: torch.Tensor, key: Any) -> torch.Tensor:
+        return x.unflatten(0, (len(self.slots), -1))[key]
+
+    def put(self, x: torch.Tensor, key: Any, rows: torch.Tensor) -> torch.Tensor:
+        blocks = list(x.unflatten(0, (len(self.slots), -1)).unbind(0))
+        blocks[key] = rows.to(x.dtype)
+        return torch.cat(blocks)

@@ -134,3 +134,38 @@ class Head(nn.Module):
     def onnx_translations(self) -> dict[Any, Callable[..., Any]]:
         """ONNX forms of the custom torch ops `export_outputs` uses: {op overload: onnxscript function}."""
         return {}
+
+
+def features_read(head: nn.Module, info: FeatureInfo, image_size: tuple[int, int]) -> tuple[bool, frozenset[int]]:
+    """Which features a head reads: (the pooled vector?, the indices of the maps), found by autograd on one
+    probe forward of two dummy images (eval mode, so nothing of the head changes)."""
+    h, w = image_size
+    maps = [torch.zeros(2, c, max(1, h // r), max(1, w // r), requires_grad=True) for c, r in info.levels]
+    pooled = torch.zeros(2, info.pooled_dim, requires_grad=True)
+    ref = next(head.parameters(), None)
+    if ref is not None:
+        maps = [m.to(ref).detach().requires_grad_() for m in maps]
+        pooled = pooled.to(ref).detach().requires_grad_()
+    was_training = head.training
+    head.eval()
+    try:
+        with torch.enable_grad():
+            out = head(Features(maps, pooled))
+            leaves = [t for t in _tensors(out) if t.is_floating_point() and t.requires_grad]
+            if not leaves:
+                return False, frozenset()
+            total = sum(t.float().sum() for t in leaves)
+            grads = torch.autograd.grad(total, [pooled, *maps], allow_unused=True)
+    finally:
+        head.train(was_training)
+    return grads[0] is not None, frozenset(k for k, g in enumerate(grads[1:]) if g is not None)
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _tensors(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _tensors(v)]
+    return []

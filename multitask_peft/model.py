@@ -16,7 +16,7 @@ from .backbone import BackboneHost, DataConfig, create_timm_backbone
 from .config import check_task_name
 from .ensemble import Ensemble
 from .executor import RowPlan, SlotPlan, run_backbone
-from .heads import FeatureInfo, Features, HeadConfig
+from .heads import FeatureInfo, Features, HeadConfig, features_read
 from .peft.base import METHODS, MethodModule, PeftConfig
 from .routing import PLAIN_SLOT
 from .wise_copies import WiseCopies, wise_copy
@@ -40,8 +40,11 @@ class Task(nn.Module):
     def plan(self, host: BackboneHost) -> SlotPlan:
         prompts = [m.prompts() for m in self.peft.values() if m.prompts() is not None]
         private = [m.private_backbone() for m in self.peft.values() if m.private_backbone() is not None]
+        sides = [m.side() for m in self.peft.values() if m.side() is not None]
         first = min((m.first_position(host) for m in self.peft.values()), default=host.layout.num_positions)
-        return SlotPlan(first, prompts[0] if prompts else None, private[0] if private else None)
+        return SlotPlan(
+            first, prompts[0] if prompts else None, private[0] if private else None, sides[0] if sides else None
+        )
 
 
 def _method_keys(methods: list[MethodModule]) -> dict[str, MethodModule]:
@@ -149,8 +152,22 @@ class MultiTaskModel(nn.Module):
         methods = [c.build(self.backbone) for c in configs]
         if sum(m.prompts() is not None for m in methods) > 1:
             raise ValueError("a task can use one prompt method (vpt) at most")
+        sides = [m.config.method for m in methods if m.side() is not None]
+        if len(sides) > 1:
+            raise ValueError(f"a task can use one side method at most; got {sides}")
+        prompts = [m.config.method for m in methods if m.prompts() is not None]
+        if sides and prompts:
+            raise ValueError(
+                f"{sides[0]} reads the backbone's unit outputs, which {prompts[0]}'s prompt tokens would lengthen; use "
+                "them in separate tasks"
+            )
         _check_no_conflicts(methods)
-        task = Task(name, head, head.build(self.feature_info), methods)
+        head_module = head.build(self.feature_info)
+        if any(m.side() is not None for m in methods):  # (side networks feed only the features the head reads)
+            reads = features_read(head_module, self.feature_info, self.backbone.image_size)
+            for m in methods:
+                m.fit_head(*reads)
+        task = Task(name, head, head_module, methods)
         ref = next(self.backbone.model.parameters())
         return task.to(device=ref.device, dtype=ref.dtype).train(self.training)
 

@@ -225,6 +225,10 @@ def test_every_method_on_the_new_splits(name: str, method: str) -> None:
         with pytest.raises(ValueError, match="no default target modules"):  # (not timm's plain Attention)
             model.add_task("m", Classification(num_classes=3), [config])
         return
+    if config.method == "lst" and model.backbone.layout.split == "generic":
+        with pytest.raises(ValueError, match="no units whose outputs a side network could read"):
+            model.add_task("m", Classification(num_classes=3), [config])
+        return
     if config.method in ("houlsby", "pfeiffer", "mona", "lorand") and model.backbone.layout.split == "generic":
         with pytest.raises(ValueError, match="no default target modules"):  # no blocks to put adapters after
             model.add_task("m", Classification(num_classes=3), [config])

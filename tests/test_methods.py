@@ -82,10 +82,13 @@ def test_mixed_batch_equals_separate_runs(method: str, kind: str) -> None:
         plain = model.forward_features(x, [-1] * len(slots))
     # With autograd on, layers take their out-of-place per-segment form: the same values.
     _assert_features_close(model.forward_features(x, torch.tensor(slots)), mixed)
-    changes_backbone = {s: p.first_position < model.backbone.layout.num_positions for s, p in model._plans.items()}
+    changes = {  # the backbone, or the features through a side network
+        s: p.first_position < model.backbone.layout.num_positions or p.side is not None
+        for s, p in model._plans.items()
+    }
     for i, s in enumerate(slots):
         differs = not torch.allclose(mixed.pooled[i], plain.pooled[i], atol=1e-4)
-        assert differs == (s != -1 and changes_backbone[s]), f"row {i} slot {s}"
+        assert differs == (s != -1 and changes[s]), f"row {i} slot {s}"
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)

@@ -73,7 +73,8 @@ class MultiTaskGraph(nn.Module):
                         "ONNX form in the multi-task graph (prompt tokens / a private backbone); export the other "
                         "tasks, or this one alone with merge=True"
                     )
-            self.plan = StackedPlan(host.model, self.slots, branch_at=min(p.first_position for p in plans))
+            sides = {s: p.side for s, p in zip(self.slots, plans, strict=True) if p.side is not None}
+            self.plan = StackedPlan(host.model, self.slots, min(p.first_position for p in plans), sides)
         self.eval()
         self.output_names = self._trace_names()
 

@@ -1,7 +1,7 @@
 """PEFT methods. Each is a registered config dataclass; `METHODS.names()` lists them.
 
 Families (V-PEFT survey): reparameterisation (lora, dora, fact, repadapter), addition (houlsby, pfeiffer,
-adaptformer, convpass, vpt, prefix, mona, lorand), partial (bitfit, norm, ssf, selective, difffit), and the
+adaptformer, convpass, vpt, prefix, mona, lorand), side (lst), partial (bitfit, norm, ssf, selective, difffit), and the
 baselines linear_probe and full.
 """
 
@@ -17,6 +17,7 @@ from .prefix import Prefix
 from .prompts import VPT
 from .repadapter import RepAdapter
 from .selective import DiffFit, Selective
+from .side import LST
 
 
 def from_dict(data: dict) -> PeftConfig:
@@ -54,6 +55,7 @@ __all__ = [
     "FacT",
     "FullFineTune",
     "Houlsby",
+    "LST",
     "LinearProbe",
     "LoRA",
     "LoRand",

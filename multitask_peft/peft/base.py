@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigBase
+from ..heads import Features
 from ..registry import Registry
 from .layer import LayerAdapter
 
@@ -120,6 +121,12 @@ class MethodModule(nn.Module):
     def private_backbone(self) -> nn.Module | None:
         return None
 
+    def side(self) -> SideNetwork | None:
+        return None
+
+    def fit_head(self, pooled: bool, levels: frozenset[int]) -> None:
+        """Told, once the task's head is built, which features it reads (the pooled vector, which maps)."""
+
     def first_position(self, host: BackboneHost) -> int:
         """First backbone position whose output this method changes (`host.layout.num_positions` if none)."""
         positions = [host.position_of(name) for name in self.adapters()]
@@ -157,6 +164,22 @@ class PromptTokens(nn.Module):
 
     def attention_scale(self) -> float:
         return 1.0
+
+
+class SideNetwork(nn.Module):
+    """Interface of side methods (LST, VQT): they read what some backbone parts output for the task's rows and
+    change the task's features from that; they change nothing inside the backbone (so where nothing else of the
+    task adapts it, training runs the backbone without autograd).
+
+    `positions` are the parts whose outputs `side_features` gets, in that order (each as the part returns it: (R, T,
+    C) tokens, (R, C, H, W) or channels-last maps), with the task rows' backbone features; it returns the task's
+    features (same shapes).
+    """
+
+    positions: tuple[int, ...]
+
+    def side_features(self, taps: list[torch.Tensor], features: Features, image_size: tuple[int, int]) -> Features:
+        raise NotImplementedError
 
 
 def select_targets(config: PeftConfig, host: BackboneHost) -> list[str]:

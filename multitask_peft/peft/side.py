@@ -1,0 +1,214 @@
+"""Side tuning: LST, a light network beside the frozen backbone, fed by its intermediate outputs.
+
+The backbone runs as it is; the side network reads the outputs of its units (blocks or stages) for the task's rows
+and adds its own result to the task's features. Nothing of the backbone needs autograd for such a task, which is
+the family's point: training memory and time drop with the backward pass through the backbone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import check_positive_int
+from ..heads import Features
+from ..layouts import FeatureLevel, Layout
+from .base import MethodModule, PeftConfig, SideNetwork, register_method
+
+if TYPE_CHECKING:
+    from ..backbone import BackboneHost
+
+
+FEATURES = ("auto", "pooled", "maps", "both")
+
+
+@register_method("lst")
+@dataclasses.dataclass
+class LST(PeftConfig):
+    """Ladder side-tuning (Sung et al., NeurIPS 2022, "LST: Ladder Side-Tuning for Parameter and Memory Efficient
+    Transfer Learning"): a narrow side network next to the frozen backbone, fed through "ladder" connections by the
+    outputs of the backbone's units, so that no gradient flows through the backbone.
+
+    Here the side state is a feature map of `width` channels on each unit's grid (a ViT's patch grid, a CNN's or
+    Swin's stage map). After unit k: `h = mu_k * down_k(x_k) + (1 - mu_k) * resize(h)` (`down_k` a 1x1
+    convolution, `mu_k = sigmoid(gate_k)` learned, 0.5 at init), then a side block (`h + mlp(dwconv3x3(norm(h)))`).
+    The paper's side blocks are the backbone's own kind at reduced width (pruned transformer layers); convolutional
+    blocks on the grid serve ViTs, CNNs and hierarchical backbones alike and keep the side cheap. The last state,
+    averaged over the grid, is projected onto the pooled features and added; each feature map a dense head reads
+    gets the side state of its depth, resized and projected (1x1). The projections start at zero: the task's
+    features are the frozen backbone's at init.
+
+    Args:
+        reduction: The side width is the widest unit output's channels over this (the paper's reduction factor).
+        width: The side width itself (overrides `reduction`).
+        features: Which features the side changes: "auto" (those the task's head reads: the pooled vector for
+            classification, the maps its neck takes for dense heads), "pooled", "maps" or "both".
+        targets: The units it reads, by part name (`blocks.3`; a regex or names, as for other methods); default:
+            every unit.
+    """
+
+    reduction: int = 8
+    width: int | None = None
+    features: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self.method, "reduction", self.reduction)
+        if self.features not in FEATURES:
+            raise ValueError(f"{self.method}: `features` must be one of {', '.join(FEATURES)}, got {self.features!r}")
+        if self.width is not None:
+            check_positive_int(self.method, "width", self.width)
+
+    def build(self, host: BackboneHost) -> MethodModule:
+        layout = host.layout
+        units = {p.name: k for k, p in enumerate(layout.parts[1:-1], start=1)}
+        if not units:
+            raise ValueError(
+                f"{self.method}: {host.arch} runs as one part here ({layout.split} layout): there are no units whose "
+                "outputs a side network could read"
+            )
+        positions = sorted(units[n] for n in _select_units(self, list(units)))
+        channels = []
+        for p in positions:
+            name = layout.parts[p].prefixes[-1]
+            try:
+                shape = host.output_shape(name)
+            except KeyError:
+                raise ValueError(f"{self.method}: the output of {name} is not one tensor; target other units") from None
+            channels.append(shape[-1] if layout.kind == "vit" or layout.nhwc else shape[1])
+        width = self.width or max(8, max(channels) // self.reduction)
+        return LadderSide(self, layout, tuple(positions), channels, width)
+
+
+def _select_units(config: PeftConfig, names: list[str]) -> list[str]:
+    """The unit (part) names `config.targets` selects (all by default); errors list what the names look like."""
+    if config.targets is None:
+        return names
+    if isinstance(config.targets, str):
+        try:
+            pattern = re.compile(config.targets)
+        except re.error as e:
+            raise ValueError(
+                f"{config.method}: `targets` {config.targets!r} is not a valid regular expression: {e}"
+            ) from e
+        groups = {config.targets: [n for n in names if pattern.fullmatch(n)]}
+    else:
+        groups = {t: [n for n in names if n == t or n.endswith("." + t)] for t in config.targets}
+    for pattern_str, matched in groups.items():
+        if not matched:
+            raise ValueError(
+                f"{config.method}: target pattern {pattern_str!r} matches no unit of the backbone; {config.method} "
+                f"reads units (parts), named like: {', '.join(names[:5])}, ..."
+            )
+    chosen = {n for matched in groups.values() for n in matched}
+    return [n for n in names if n in chosen]
+
+
+class SideBlock(nn.Module):
+    """`h + mlp(dwconv3x3(norm(h)))` on an (R, C, H, W) map (a per-sample norm: rows never mix)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(1, width)
+        self.dw = nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.fc1 = nn.Conv2d(width, 2 * width, 1)
+        self.fc2 = nn.Conv2d(2 * width, width, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.fc2(F.gelu(self.fc1(self.dw(self.norm(h)))))
+
+
+def resize(h: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """A map brought to another grid: average pooling where it shrinks by whole factors, else bilinear."""
+    height, width = h.shape[-2], h.shape[-1]
+    if (height, width) == tuple(size):
+        return h
+    if height % size[0] == 0 and width % size[1] == 0:
+        return F.avg_pool2d(h, (height // size[0], width // size[1]))
+    return F.interpolate(h, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class LadderSide(MethodModule, SideNetwork):
+    """One task's LST side network (see `LST`)."""
+
+    def __init__(
+        self, config: LST, layout: Layout, positions: tuple[int, ...], channels: list[int], width: int
+    ) -> None:
+        super().__init__(config, {})
+        self.positions = positions
+        self.layout = layout
+        self.down = nn.ModuleList(nn.Conv2d(c, width, 1) for c in channels)
+        # (the first unit starts the state: no gate; none at all when there is one unit)
+        self.gates = nn.Parameter(torch.zeros(len(positions) - 1)) if len(positions) > 1 else None
+        self.blocks = nn.ModuleList(SideBlock(width) for _ in positions)
+        pooled = config.features != "maps"
+        self.pool_norm = nn.LayerNorm(width) if pooled else None
+        self.up_pooled = nn.Linear(width, layout.pooled_dim) if pooled else None
+        # each feature level reads the side state of the last unit at or before it (none before the first)
+        self.level_sources: dict[str, int] = {}
+        self.up_maps = nn.ModuleDict()
+        for k, level in enumerate(layout.levels if config.features != "pooled" else ()):
+            before = [j for j, p in enumerate(positions) if p <= level.position]
+            if before:
+                self.level_sources[str(k)] = before[-1]
+                self.up_maps[str(k)] = nn.Conv2d(width, level.channels, 1)
+        for up in self._ups():
+            nn.init.zeros_(up.weight)
+            nn.init.zeros_(up.bias)
+
+    def _ups(self) -> list[nn.Module]:
+        """The projections onto the features (zero at init; WiSE scales them)."""
+        return [up for up in (self.up_pooled, *self.up_maps.values()) if up is not None]
+
+    def side(self) -> SideNetwork:
+        return self
+
+    def fit_head(self, pooled: bool, levels: frozenset[int]) -> None:
+        """`features="auto"`: keep only the projections onto features the head reads."""
+        if self.config.features != "auto":
+            return
+        if not pooled and not levels:
+            raise ValueError(
+                "lst: the task's head reads none of the backbone's features (nothing for the side to feed)"
+            )
+        if not pooled:
+            self.pool_norm = self.up_pooled = None
+        for key in [k for k in self.up_maps if int(k) not in levels]:
+            del self.up_maps[key]
+            del self.level_sources[key]
+
+    def side_features(self, taps: list[torch.Tensor], features: Features, image_size: tuple[int, int]) -> Features:
+        grid = FeatureLevel(0, 0, 1)  # (a unit output read as a map, the way the layout reads its levels)
+        h: torch.Tensor | None = None
+        states = []
+        for k, x in enumerate(taps):
+            d = self.down[k](self.layout.to_map(grid, x, image_size))
+            if h is None:
+                h = d
+            else:
+                assert self.gates is not None
+                mu = torch.sigmoid(self.gates[k - 1])
+                h = mu * d + (1 - mu) * resize(h, d.shape[-2:])
+            h = self.blocks[k](h)
+            states.append(h)
+        assert h is not None
+        pooled = features.pooled
+        if self.up_pooled is not None and self.pool_norm is not None:
+            pooled = pooled + self.up_pooled(self.pool_norm(h.mean(dim=(2, 3))))
+        maps = list(features.maps)
+        for key, source in self.level_sources.items():
+            k = int(key)
+            maps[k] = maps[k] + self.up_maps[key](resize(states[source], maps[k].shape[-2:]))
+        return Features(maps, pooled)
+
+    @torch.no_grad()
+    def wise_(self, alpha: float, host: BackboneHost) -> None:
+        """WiSE: the side's contribution to the features scaled by alpha."""
+        for up in self._ups():
+            up.weight.mul_(alpha)
+            up.bias.mul_(alpha)

@@ -1,0 +1,146 @@
+"""Side networks (LST): dense heads, training without autograd through the backbone, composition, ONNX."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import multitask_peft as mtp
+from conftest import make_model, randomize
+
+
+def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _dense_model(kind: str) -> tuple[mtp.MultiTaskModel, int]:
+    model, size = make_model(kind)
+    model.add_task("seg", mtp.tasks.Segmentation(num_classes=3), [mtp.peft.LST()])
+    model.add_task("both", mtp.tasks.Segmentation(num_classes=2), [mtp.peft.LST(reduction=4), mtp.peft.LoRA(r=2)])
+    model.add_task("lora", mtp.tasks.Classification(num_classes=4), [mtp.peft.LoRA(r=2)])
+    for k, name in enumerate(model.tasks):
+        randomize(model.task(name), seed=k + 1)
+    return model, size
+
+
+def test_lst_changes_the_maps_dense_heads_read(kind: str) -> None:
+    """Mixed batches equal rows alone in every feature map too (also with LoRA in the same task, whose adapted
+    outputs the side then reads), and every LST tensor trains under a dense head."""
+    model, size = _dense_model(kind)
+    slots = [model.slot("seg"), -1, model.slot("both"), model.slot("lora"), model.slot("seg"), model.slot("both")]
+    x = _images(len(slots), size)
+    with torch.no_grad():
+        mixed = model.forward_features(x, slots)
+        plain = model.forward_features(x, [-1] * len(slots))
+        for i, s in enumerate(slots):
+            alone = model.forward_features(x[i : i + 1], [s])
+            for a, b in zip(mixed.select([i]).maps, alone.maps, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    changed = [not torch.allclose(m[0], p[0], atol=1e-4) for m, p in zip(mixed.maps, plain.maps, strict=True)]
+    assert any(changed)
+    model.train()
+    out = model(x[:2], [model.slot("seg")] * 2)
+    _, raw = out["seg"]
+    model.task("seg").head.loss(raw, torch.randint(0, 3, (2, size, size))).backward()
+    side = model.task("seg").peft["lst"]
+    assert all(p.grad is not None for p in side.parameters()), [n for n, p in side.named_parameters() if p.grad is None]
+    assert all(p.grad is None for p in model.backbone.parameters())
+
+
+def _saved_bytes(model: mtp.MultiTaskModel, task: str, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for the backward pass of one training forward of `task` (the activations memory)."""
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[id(t)] = t.numel() * t.element_size()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, logits = model(x, [model.slot(task)] * len(x))[task]
+    logits.sum().backward()
+    return sum(saved.values())
+
+
+def test_lst_trains_without_autograd_through_the_backbone() -> None:
+    """The point of side tuning: the frozen backbone's activations are not kept for a backward pass."""
+    model, size = make_model("vit")
+    model.add_task("lst", mtp.tasks.Classification(num_classes=3), [mtp.peft.LST()])
+    model.add_task("lora", mtp.tasks.Classification(num_classes=3), [mtp.peft.LoRA(r=4)])
+    x = _images(4, size)
+    lst, lora = _saved_bytes(model, "lst", x), _saved_bytes(model, "lora", x)
+    assert lst * 3 < lora, (lst, lora)
+
+
+def test_lst_options_and_refusals() -> None:
+    model, _ = make_model("vit")
+    task = model.add_task(
+        "two", mtp.tasks.Classification(num_classes=2), [mtp.peft.LST(targets=("blocks.2", "blocks.4"))]
+    )
+    side = task.peft["lst"]
+    layout = model.backbone.layout
+    assert [layout.parts[p].name for p in side.positions] == ["blocks.2", "blocks.4"]
+    assert side.down[0].out_channels == max(8, 64 // 8)
+    assert (
+        model.add_task("wide", mtp.tasks.Classification(num_classes=2), [mtp.peft.LST(width=24)])
+        .peft["lst"]
+        .down[0]
+        .out_channels
+        == 24
+    )
+    with pytest.raises(ValueError, match="matches no unit of the backbone.*blocks.0"):
+        model.add_task("bad", mtp.tasks.Classification(num_classes=2), [mtp.peft.LST(targets=("blocks.40",))])
+    with pytest.raises(ValueError, match="one side method at most"):
+        model.add_task("bad", mtp.tasks.Classification(num_classes=2), [mtp.peft.LST(), mtp.peft.LST()])
+    with pytest.raises(ValueError, match="prompt tokens would lengthen"):
+        model.add_task("bad", mtp.tasks.Classification(num_classes=2), [mtp.peft.LST(), mtp.peft.VPT(num_tokens=2)])
+    with pytest.raises(ValueError, match="positive integer"):
+        mtp.peft.LST(reduction=0)
+    with pytest.raises(ValueError, match="`features` must be one of auto, pooled, maps, both"):
+        mtp.peft.LST(features="map")
+    assert mtp.peft.from_dict({"method": "lst", "reduction": 4}) == mtp.peft.LST(reduction=4)
+
+
+def test_lst_feeds_what_the_head_reads(kind: str) -> None:
+    """`features="auto"`: projections only onto the features the task's head reads (no untrained tensors)."""
+    model, _ = make_model(kind)
+    levels = len(model.backbone.layout.levels)
+    cls = model.add_task("cls", mtp.tasks.Classification(num_classes=2), [mtp.peft.LST()]).peft["lst"]
+    assert cls.up_pooled is not None and len(cls.up_maps) == 0
+    seg = model.add_task("seg", mtp.tasks.Segmentation(num_classes=2), [mtp.peft.LST()]).peft["lst"]
+    assert seg.up_pooled is None and 0 < len(seg.up_maps) <= levels
+    both = model.add_task("both", mtp.tasks.Segmentation(num_classes=2), [mtp.peft.LST(features="both")])
+    assert both.peft["lst"].up_pooled is not None and len(both.peft["lst"].up_maps) == levels
+
+
+def test_lst_beside_prompt_tasks_in_one_batch() -> None:
+    """Rows of a VPT task run in a stream of their own (longer sequences); the side reads only its rows."""
+    model, size = make_model("vit")
+    model.add_task("lst", mtp.tasks.Classification(num_classes=2), [mtp.peft.LST()])
+    model.add_task("vpt", mtp.tasks.Classification(num_classes=2), [mtp.peft.VPT(num_tokens=3)])
+    for k, name in enumerate(model.tasks):
+        randomize(model.task(name), seed=k + 3)
+    x = _images(3, size)
+    with torch.no_grad():
+        got = model.predict(x, ["lst", "vpt"])
+        for name in ("lst", "vpt"):
+            alone = model.predict(x, [name])[name]
+            for a, b in zip(got[name], alone, strict=True):
+                torch.testing.assert_close(a["logits"], b["logits"], atol=1e-5, rtol=1e-5)
+
+
+def test_lst_dense_task_exports_to_onnx(tmp_path) -> None:  # noqa: ANN001
+    pytest.importorskip("onnxruntime")
+    model, size = make_model("cnn")
+    model.add_task("seg", mtp.tasks.Segmentation(num_classes=3), [mtp.peft.LST()])
+    model.add_task("cls", mtp.tasks.Classification(num_classes=4), [mtp.peft.LST(), mtp.peft.SSF()])
+    for k, name in enumerate(model.tasks):
+        randomize(model.task(name), seed=k + 7)
+    path = mtp.export_onnx(model, tmp_path / "m.onnx", image_size=size, optimize=False)
+    x = _images(3, size, seed=5)
+    got = mtp.OnnxRunner(path).predict(x.numpy(), ["seg", "cls"])
+    want = model.predict(x, ["seg", "cls"])
+    for a, b in zip(got["cls"], want["cls"], strict=True):
+        torch.testing.assert_close(torch.as_tensor(a["logits"]), b["logits"], atol=1e-4, rtol=1e-4)
+    for a, b in zip(got["seg"], want["seg"], strict=True):
+        assert (torch.as_tensor(a["mask"]) == b["mask"]).float().mean() > 0.999
