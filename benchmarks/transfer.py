@@ -38,6 +38,10 @@ METHODS: dict[str, tuple[str, Callable[[], list[mtp.peft.PeftConfig]]]] = {
     # Every bias of EfficientNet-Lite0 is a BN bias, so BN affine tuning alone is BitFit + BN affine (the
     # baseline's 42 k); stacking BitFit() on NormTuning() would only add a redundant second BN bias.
     "bitfit_bn": ("BitFit + BN affine", lambda: [mtp.peft.NormTuning()]),
+    "selective": ("Selective, last stage (blocks.6)", lambda: [mtp.peft.Selective(blocks=(6,))]),
+    "mona": ("Mona dim=16", lambda: [mtp.peft.Mona(dim=16)]),
+    "lorand": ("LoRand dim=64 rank=8", lambda: [mtp.peft.LoRand()]),
+    "lst": ("LST reduction 8", lambda: [mtp.peft.LST()]),
 }
 BASELINES = ("linear", "full")
 GOAL_GAP, GOAL_RATIO, GOAL_MARGIN = 1.0, 0.05, 4.0  # points under full FT, param fraction, points over the probe

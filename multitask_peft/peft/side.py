@@ -46,6 +46,9 @@ class LST(PeftConfig):
     Args:
         reduction: The side width is the widest unit output's channels over this (the paper's reduction factor).
         width: The side width itself (overrides `reduction`).
+        stride: The side state's grid is at most this much finer than the input: the outputs of earlier, finer
+            units (a CNN's first stages) are average-pooled down to it first, which keeps the side's activations
+            small (a ViT's patch grid is left as it is).
         features: Which features the side changes: "auto" (those the task's head reads: the pooled vector for
             classification, the maps its neck takes for dense heads), "pooled", "maps" or "both".
         targets: The units it reads, by part name (`blocks.3`; a regex or names, as for other methods); default:
@@ -54,11 +57,13 @@ class LST(PeftConfig):
 
     reduction: int = 8
     width: int | None = None
+    stride: int = 16
     features: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int(self.method, "reduction", self.reduction)
+        check_positive_int(self.method, "stride", self.stride)
         if self.features not in FEATURES:
             raise ValueError(f"{self.method}: `features` must be one of {', '.join(FEATURES)}, got {self.features!r}")
         if self.width is not None:
@@ -187,7 +192,7 @@ class LadderSide(MethodModule, SideNetwork):
         h: torch.Tensor | None = None
         states = []
         for k, x in enumerate(taps):
-            d = self.down[k](self.layout.to_map(grid, x, image_size))
+            d = self.down[k](self._coarse(self.layout.to_map(grid, x, image_size), image_size))
             if h is None:
                 h = d
             else:
@@ -205,6 +210,13 @@ class LadderSide(MethodModule, SideNetwork):
             k = int(key)
             maps[k] = maps[k] + self.up_maps[key](resize(states[source], maps[k].shape[-2:]))
         return Features(maps, pooled)
+
+    def _coarse(self, x: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """A unit's map average-pooled by whole factors until its grid is no finer than `stride` allows."""
+        stride = self.config.stride
+        fh = x.shape[-2] // max(1, image_size[0] // stride)
+        fw = x.shape[-1] // max(1, image_size[1] // stride)
+        return F.avg_pool2d(x, (fh, fw)) if fh >= 2 or fw >= 2 else x
 
     @torch.no_grad()
     def wise_(self, alpha: float, host: BackboneHost) -> None:
