@@ -136,7 +136,7 @@ def run_backbone(host: BackboneHost, images: torch.Tensor, plan: Plan, checkpoin
     features = Features(maps, plan.assemble(pooled))
     for key, side in sides.items():  # side networks: from their tasks' rows of the tapped parts to their features
         own = Features([plan.take(m, key) for m in features.maps], plan.take(features.pooled, key))
-        new = side.side_features([plan.assemble(taps[p], key) for p in side.positions], own, image_size)
+        new = side.side_features([plan.assemble(taps[p], key) for p in side.positions], own, host, image_size)
         maps = [plan.put(m, key, n) for m, n in zip(features.maps, new.maps, strict=True)]
         features = Features(maps, plan.put(features.pooled, key, new.pooled))
     return features

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from timm.models.vision_transformer import Attention as VitAttention
+from timm.models.vision_transformer import Block
 
 import multitask_peft as mtp
 from conftest import example_config, randomize
@@ -223,6 +224,10 @@ def test_every_method_on_the_new_splits(name: str, method: str) -> None:
         return
     if config.method == "prefix" and not any(type(m) is VitAttention for m in model.backbone.model.modules()):
         with pytest.raises(ValueError, match="no default target modules"):  # (not timm's plain Attention)
+            model.add_task("m", Classification(num_classes=3), [config])
+        return
+    if config.method == "vqt" and not any(type(m) is Block for m in model.backbone.model.modules()):
+        with pytest.raises(ValueError, match="no default target modules"):  # (EVA's and BEiT's own blocks)
             model.add_task("m", Classification(num_classes=3), [config])
         return
     if config.method == "lst" and model.backbone.layout.split == "generic":

@@ -83,8 +83,7 @@ def test_mixed_batch_equals_separate_runs(method: str, kind: str) -> None:
     # With autograd on, layers take their out-of-place per-segment form: the same values.
     _assert_features_close(model.forward_features(x, torch.tensor(slots)), mixed)
     changes = {  # the backbone, or the features through a side network
-        s: p.first_position < model.backbone.layout.num_positions or p.side is not None
-        for s, p in model._plans.items()
+        s: p.first_position < model.backbone.layout.num_positions or p.side is not None for s, p in model._plans.items()
     }
     for i, s in enumerate(slots):
         differs = not torch.allclose(mixed.pooled[i], plain.pooled[i], atol=1e-4)

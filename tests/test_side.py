@@ -50,9 +50,11 @@ def test_lst_changes_the_maps_dense_heads_read(kind: str) -> None:
 def _saved_bytes(model: mtp.MultiTaskModel, task: str, x: torch.Tensor) -> int:
     """Bytes autograd keeps for the backward pass of one training forward of `task` (the activations memory)."""
     saved: dict[int, int] = {}
+    weights = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}  # (kept anyway: not activations)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[id(t)] = t.numel() * t.element_size()
+        if t.data_ptr() not in weights:
+            saved[t.data_ptr()] = t.numel() * t.element_size()
         return t
 
     model.train()
@@ -66,10 +68,11 @@ def test_lst_trains_without_autograd_through_the_backbone() -> None:
     """The point of side tuning: the frozen backbone's activations are not kept for a backward pass."""
     model, size = make_model("vit")
     model.add_task("lst", mtp.tasks.Classification(num_classes=3), [mtp.peft.LST()])
+    model.add_task("vqt", mtp.tasks.Classification(num_classes=3), [mtp.peft.VQT()])
     model.add_task("lora", mtp.tasks.Classification(num_classes=3), [mtp.peft.LoRA(r=4)])
     x = _images(4, size)
-    lst, lora = _saved_bytes(model, "lst", x), _saved_bytes(model, "lora", x)
-    assert lst * 3 < lora, (lst, lora)
+    lst, vqt, lora = (_saved_bytes(model, t, x) for t in ("lst", "vqt", "lora"))
+    assert lst * 3 < lora and vqt * 3 < lora, (lst, vqt, lora)
 
 
 def test_lst_options_and_refusals() -> None:
@@ -144,3 +147,27 @@ def test_lst_dense_task_exports_to_onnx(tmp_path) -> None:  # noqa: ANN001
         torch.testing.assert_close(torch.as_tensor(a["logits"]), b["logits"], atol=1e-4, rtol=1e-4)
     for a, b in zip(got["seg"], want["seg"], strict=True):
         assert (torch.as_tensor(a["mask"]) == b["mask"]).float().mean() > 0.999
+
+
+def test_vqt_queries_read_chosen_blocks_and_feed_the_pooled_features() -> None:
+    model, size = make_model("vit")
+    task = model.add_task(
+        "q", mtp.tasks.Classification(num_classes=2), [mtp.peft.VQT(num_tokens=2, targets="blocks\\.[01]")]
+    )
+    vqt = task.peft["vqt"]
+    assert vqt.blocks == ["blocks.0", "blocks.1"] and vqt.queries.shape == (2, 2, 64)
+    assert vqt.positions == (0, 1)  # (each block's input: the stem's output, then block 0's)
+    x = _images(2, size)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x, [0, 0]).pooled, model.forward_features(x, [-1, -1]).pooled)
+        randomize(task, seed=4)
+        changed = model.forward_features(x, [0, 0])
+        plain = model.forward_features(x, [-1, -1])
+    assert not torch.allclose(changed.pooled, plain.pooled, atol=1e-4)
+    for a, b in zip(changed.maps, plain.maps, strict=True):
+        assert torch.equal(a, b)  # (the backbone itself is untouched)
+    with pytest.raises(ValueError, match="vqt feeds the pooled features"):
+        model.add_task("seg", mtp.tasks.Segmentation(num_classes=2), [mtp.peft.VQT()])
+    cnn, _ = make_model("cnn")
+    with pytest.raises(ValueError, match="applies to vit backbones"):
+        cnn.add_task("q", mtp.tasks.Classification(num_classes=2), [mtp.peft.VQT()])

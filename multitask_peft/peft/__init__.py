@@ -1,8 +1,8 @@
 """PEFT methods. Each is a registered config dataclass; `METHODS.names()` lists them.
 
 Families (V-PEFT survey): reparameterisation (lora, dora, fact, repadapter), addition (houlsby, pfeiffer,
-adaptformer, convpass, vpt, prefix, mona, lorand), side (lst), partial (bitfit, norm, ssf, selective, difffit), and the
-baselines linear_probe and full.
+adaptformer, convpass, vpt, prefix, mona, lorand), side (lst, vqt), partial (bitfit, norm, ssf, selective,
+difffit), and the baselines linear_probe and full.
 """
 
 from .adapters import AdaptFormer, Convpass, Houlsby, Pfeiffer
@@ -17,7 +17,7 @@ from .prefix import Prefix
 from .prompts import VPT
 from .repadapter import RepAdapter
 from .selective import DiffFit, Selective
-from .side import LST
+from .side import LST, VQT
 
 
 def from_dict(data: dict) -> PeftConfig:
@@ -68,6 +68,7 @@ __all__ = [
     "SSF",
     "Selective",
     "VPT",
+    "VQT",
     "from_dict",
     "recipe_from_list",
     "recipe_to_list",

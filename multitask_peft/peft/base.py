@@ -172,13 +172,15 @@ class SideNetwork(nn.Module):
     task adapts it, training runs the backbone without autograd).
 
     `positions` are the parts whose outputs `side_features` gets, in that order (each as the part returns it: (R, T,
-    C) tokens, (R, C, H, W) or channels-last maps), with the task rows' backbone features; it returns the task's
-    features (same shapes).
+    C) tokens, (R, C, H, W) or channels-last maps), with the task rows' backbone features and the host (whose frozen
+    modules a side may call); it returns the task's features (same shapes).
     """
 
     positions: tuple[int, ...]
 
-    def side_features(self, taps: list[torch.Tensor], features: Features, image_size: tuple[int, int]) -> Features:
+    def side_features(
+        self, taps: list[torch.Tensor], features: Features, host: BackboneHost, image_size: tuple[int, int]
+    ) -> Features:
         raise NotImplementedError
 
 

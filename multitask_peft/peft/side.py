@@ -1,4 +1,4 @@
-"""Side tuning: LST, a light network beside the frozen backbone, fed by its intermediate outputs.
+"""Side methods: LST (a light network beside the frozen backbone) and VQT (query tokens reading every block).
 
 The backbone runs as it is; the side network reads the outputs of its units (blocks or stages) for the task's rows
 and adds its own result to the task's features. Nothing of the backbone needs autograd for such a task, which is
@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Attention, Block
 from torch import nn
 
 from ..config import check_positive_int
 from ..heads import Features
 from ..layouts import FeatureLevel, Layout
+from ..routing import PLAIN_SLOT, StackedRouting
 from .base import MethodModule, PeftConfig, SideNetwork, register_method
+from .layer import MultiAdapterLayer
 
 if TYPE_CHECKING:
     from ..backbone import BackboneHost
@@ -146,7 +149,6 @@ class LadderSide(MethodModule, SideNetwork):
     ) -> None:
         super().__init__(config, {})
         self.positions = positions
-        self.layout = layout
         self.down = nn.ModuleList(nn.Conv2d(c, width, 1) for c in channels)
         # (the first unit starts the state: no gate; none at all when there is one unit)
         self.gates = nn.Parameter(torch.zeros(len(positions) - 1)) if len(positions) > 1 else None
@@ -187,12 +189,14 @@ class LadderSide(MethodModule, SideNetwork):
             del self.up_maps[key]
             del self.level_sources[key]
 
-    def side_features(self, taps: list[torch.Tensor], features: Features, image_size: tuple[int, int]) -> Features:
+    def side_features(
+        self, taps: list[torch.Tensor], features: Features, host: BackboneHost, image_size: tuple[int, int]
+    ) -> Features:
         grid = FeatureLevel(0, 0, 1)  # (a unit output read as a map, the way the layout reads its levels)
         h: torch.Tensor | None = None
         states = []
         for k, x in enumerate(taps):
-            d = self.down[k](self._coarse(self.layout.to_map(grid, x, image_size), image_size))
+            d = self.down[k](self._coarse(host.layout.to_map(grid, x, image_size), image_size))
             if h is None:
                 h = d
             else:
@@ -224,3 +228,118 @@ class LadderSide(MethodModule, SideNetwork):
         for up in self._ups():
             up.weight.mul_(alpha)
             up.bias.mul_(alpha)
+
+
+@register_method("vqt")
+@dataclasses.dataclass
+class VQT(PeftConfig):
+    """Visual query tuning (Tu et al., CVPR 2023, "Visual Query Tuning: Towards Effective Usage of Intermediate
+    Representations for Parameter and Memory Efficient Transfer Learning"): `num_tokens` learned query tokens per
+    block that read the block's input tokens through its frozen attention and MLP (they attend to the tokens; the
+    tokens never attend to them, so the backbone's own forward is unchanged and needs no autograd). Their outputs
+    ("summaries" of every layer's features) go to the head with the final features.
+
+    The paper concatenates the summaries with the class token in front of a linear head; here the concatenated
+    summaries (each standardised) pass a rank-`rank` projection added to the pooled features (zero at init: the
+    task starts as a linear probe), so any head reads them. The queries use the blocks' frozen weights (also when
+    another method of the task adapts those blocks). Feeds the pooled features (classification heads); plain timm
+    ViT blocks (`Block` with `Attention`).
+
+    Args:
+        num_tokens: Query tokens per block.
+        rank: Width of the projection of the summaries onto the pooled features.
+        targets: The blocks it reads, by part name (`blocks.3`; a regex or names); default: every block.
+    """
+
+    kinds: ClassVar[tuple[str, ...]] = ("vit",)
+
+    num_tokens: int = 1
+    rank: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self.method, "num_tokens", self.num_tokens)
+        check_positive_int(self.method, "rank", self.rank)
+
+    def build(self, host: BackboneHost) -> MethodModule:
+        layout = host.layout
+        if layout.kind not in self.kinds:
+            raise ValueError(f"{self.method} applies to vit backbones; {host.arch} is a {layout.kind} backbone")
+        blocks = {
+            p.name: k
+            for k, p in enumerate(layout.parts[1:-1], start=1)
+            if type(_frozen(host.module(p.name))) is Block and type(_frozen(host.module(p.name).attn)) is Attention
+        }
+        if not blocks:
+            raise ValueError(
+                f"{self.method}: no default target modules in {host.arch}: its queries run through plain timm ViT "
+                "blocks (Block with Attention)"
+            )
+        names = _select_units(self, list(blocks))
+        dim = int(host.output_shape(layout.parts[blocks[names[0]]].prefixes[-1])[-1])
+        return QueryTuning(self, names, tuple(blocks[n] - 1 for n in names), dim, layout.pooled_dim)
+
+
+PLAIN = StackedRouting((PLAIN_SLOT,))  # every row on the frozen modules (any number of rows, also while tracing)
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    return module.base if isinstance(module, MultiAdapterLayer) else module
+
+
+class QueryTuning(MethodModule, SideNetwork):
+    """One task's VQT queries and the projection of their summaries (see `VQT`)."""
+
+    def __init__(self, config: VQT, blocks: list[str], positions: tuple[int, ...], dim: int, pooled_dim: int) -> None:
+        super().__init__(config, {})
+        self.blocks = list(blocks)
+        self.positions = positions  # (each block's input: the output of the part before it)
+        self.queries = nn.Parameter(torch.randn(len(blocks), config.num_tokens, dim) * 0.02)
+        self.vqt_down = nn.Linear(len(blocks) * config.num_tokens * dim, config.rank, bias=False)
+        self.vqt_up = nn.Linear(config.rank, pooled_dim)
+        nn.init.zeros_(self.vqt_up.weight)
+        nn.init.zeros_(self.vqt_up.bias)
+
+    def side(self) -> SideNetwork:
+        return self
+
+    def fit_head(self, pooled: bool, levels: frozenset[int]) -> None:
+        if not pooled:
+            raise ValueError("vqt feeds the pooled features, which this task's head does not read (use lst, mona, ...)")
+
+    def side_features(
+        self, taps: list[torch.Tensor], features: Features, host: BackboneHost, image_size: tuple[int, int]
+    ) -> Features:
+        summaries = []
+        with host.router.use(PLAIN):  # (other tasks' adapters inside the blocks stay out of the queries' way)
+            for k, (name, tokens) in enumerate(zip(self.blocks, taps, strict=True)):
+                block = _frozen(host.module(name))
+                q = self.queries[k].to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+                attn = _frozen(block.attn)  # (its own wrapper when another task's prefix recomputes it)
+                q = q + block.ls1(_query_attention(attn, block.norm1(q), block.norm1(tokens)))
+                q = q + block.ls2(block.mlp(block.norm2(q)))
+                summaries.append(F.layer_norm(q, q.shape[-1:]))
+        summary = torch.cat(summaries, dim=1).flatten(1)  # (R, blocks * tokens * dim)
+        return Features(features.maps, features.pooled + self.vqt_up(self.vqt_down(summary)))
+
+    @torch.no_grad()
+    def wise_(self, alpha: float, host: BackboneHost) -> None:
+        """WiSE: the summaries' contribution to the pooled features scaled by alpha."""
+        self.vqt_up.weight.mul_(alpha)
+        self.vqt_up.bias.mul_(alpha)
+
+
+def _query_attention(attn: nn.Module, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """A frozen timm `Attention` with the queries asking and the tokens answering: (R, Q, C) -> (R, Q, C)."""
+    qkv = _frozen(attn.qkv)
+    c = tokens.shape[-1]
+    h, d = attn.num_heads, attn.head_dim
+    bias = qkv.bias
+    q = F.linear(queries, qkv.weight[:c], None if bias is None else bias[:c])
+    kv = F.linear(tokens, qkv.weight[c:], None if bias is None else bias[c:])
+    r, n = tokens.shape[0], tokens.shape[1]
+    q = q.reshape(r, -1, h, d).transpose(1, 2)  # (R, h, Q, d)
+    k, v = kv.reshape(r, n, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # (R, h, N, d) each
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(r, -1, h * d)
+    return attn.proj(getattr(attn, "norm", nn.Identity())(out))
