@@ -155,7 +155,7 @@ def test_vqt_queries_read_chosen_blocks_and_feed_the_pooled_features() -> None:
         "q", mtp.tasks.Classification(num_classes=2), [mtp.peft.VQT(num_tokens=2, targets="blocks\\.[01]")]
     )
     vqt = task.peft["vqt"]
-    assert vqt.blocks == ["blocks.0", "blocks.1"] and vqt.queries.shape == (2, 2, 64)
+    assert vqt.blocks == ["blocks.0", "blocks.1"] and vqt.vqt_queries.shape == (2, 2, 64)
     assert vqt.positions == (0, 1)  # (each block's input: the stem's output, then block 0's)
     x = _images(2, size)
     with torch.no_grad():

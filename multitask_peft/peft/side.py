@@ -294,7 +294,7 @@ class QueryTuning(MethodModule, SideNetwork):
         super().__init__(config, {})
         self.blocks = list(blocks)
         self.positions = positions  # (each block's input: the output of the part before it)
-        self.queries = nn.Parameter(torch.randn(len(blocks), config.num_tokens, dim) * 0.02)
+        self.vqt_queries = nn.Parameter(torch.randn(len(blocks), config.num_tokens, dim) * 0.02)
         self.vqt_down = nn.Linear(len(blocks) * config.num_tokens * dim, config.rank, bias=False)
         self.vqt_up = nn.Linear(config.rank, pooled_dim)
         nn.init.zeros_(self.vqt_up.weight)
@@ -314,7 +314,7 @@ class QueryTuning(MethodModule, SideNetwork):
         with host.router.use(PLAIN):  # (other tasks' adapters inside the blocks stay out of the queries' way)
             for k, (name, tokens) in enumerate(zip(self.blocks, taps, strict=True)):
                 block = _frozen(host.module(name))
-                q = self.queries[k].to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+                q = self.vqt_queries[k].to(tokens.dtype).expand(tokens.shape[0], -1, -1)
                 attn = _frozen(block.attn)  # (its own wrapper when another task's prefix recomputes it)
                 q = q + block.ls1(_query_attention(attn, block.norm1(q), block.norm1(tokens)))
                 q = q + block.ls2(block.mlp(block.norm2(q)))

@@ -37,7 +37,8 @@ class TrainConfig(ConfigBase):
             learned log-variances per task, trained with the model).
         lr: Peak learning rate of the PEFT parameters (and loss-weight parameters).
         head_lr: Peak learning rate of the heads (None = `lr`).
-        weight_decay: AdamW weight decay (never applied to norms, biases, prompts, SSF / BitFit parameters).
+        weight_decay: AdamW weight decay (never applied to norms, biases, prompts, VQT queries, SSF / BitFit
+            parameters).
         warmup_steps: Linear warm-up steps before the cosine decay.
         min_lr_ratio: Final learning rate as a fraction of the peak.
         grad_accum: Micro-batches per optimizer step (each micro-batch draws a batch of every chosen task).

@@ -7,11 +7,11 @@ from collections.abc import Iterable
 
 from torch import nn
 
-NO_DECAY_KEYS = ("bias", "norm", "prompt", "ssf", "bitfit")
+NO_DECAY_KEYS = ("bias", "norm", "prompt", "queries", "ssf", "bitfit")
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """Norms, biases, prompts, SSF / BitFit parameters and every tensor with ndim <= 1 are not decayed."""
+    """Norms, biases, prompts, VQT queries, SSF / BitFit parameters and every tensor with ndim <= 1 are not decayed."""
     lowered = name.lower()
     return param.ndim <= 1 or any(key in lowered for key in NO_DECAY_KEYS)
 
