@@ -138,7 +138,8 @@ class Head(nn.Module):
 
 def features_read(head: nn.Module, info: FeatureInfo, image_size: tuple[int, int]) -> tuple[bool, frozenset[int]]:
     """Which features a head reads: (the pooled vector?, the indices of the maps), found by autograd on one
-    probe forward of two dummy images (eval mode, so nothing of the head changes)."""
+    probe forward of two dummy images (eval mode, so nothing of the head changes). A head the probe cannot run is
+    taken to read everything."""
     h, w = image_size
     maps = [torch.zeros(2, c, max(1, h // r), max(1, w // r), requires_grad=True) for c, r in info.levels]
     pooled = torch.zeros(2, info.pooled_dim, requires_grad=True)
@@ -156,6 +157,8 @@ def features_read(head: nn.Module, info: FeatureInfo, image_size: tuple[int, int
                 return False, frozenset()
             total = sum(t.float().sum() for t in leaves)
             grads = torch.autograd.grad(total, [pooled, *maps], allow_unused=True)
+    except Exception:  # (a head that needs more than features: everything it could read)
+        return True, frozenset(range(len(maps)))
     finally:
         head.train(was_training)
     return grads[0] is not None, frozenset(k for k, g in enumerate(grads[1:]) if g is not None)

@@ -171,3 +171,20 @@ def test_vqt_queries_read_chosen_blocks_and_feed_the_pooled_features() -> None:
     cnn, _ = make_model("cnn")
     with pytest.raises(ValueError, match="applies to vit backbones"):
         cnn.add_task("q", mtp.tasks.Classification(num_classes=2), [mtp.peft.VQT()])
+
+
+def test_features_read_probe() -> None:
+    from multitask_peft.heads import FeatureInfo, features_read
+
+    info = FeatureInfo(levels=((8, 4), (16, 8)), pooled_dim=12, kind="cnn")
+
+    class Deep(torch.nn.Module):
+        def forward(self, features: mtp.Features) -> torch.Tensor:
+            return features.maps[1].mean(dim=(2, 3))
+
+    class Picky(torch.nn.Module):
+        def forward(self, features: mtp.Features) -> torch.Tensor:
+            raise RuntimeError("needs targets")
+
+    assert features_read(Deep(), info, (64, 64)) == (False, frozenset({1}))
+    assert features_read(Picky(), info, (64, 64)) == (True, frozenset({0, 1}))  # (taken to read everything)
