@@ -83,6 +83,9 @@ class Plan(Protocol):
     def sides(self) -> dict[Any, SideNetwork]:
         """The side networks of the tasks the plan runs, by a key `assemble`, `take` and `put` understand."""
 
+    def tap(self, stream: Stream) -> tuple[Any, torch.Tensor] | None:
+        """What side networks need of a stream's activation after a part they read: (rows, tensor) or None."""
+
     def take(self, x: torch.Tensor, key: Any) -> torch.Tensor:
         """The rows of a side's task from a tensor in output row order."""
 
@@ -126,7 +129,9 @@ def run_backbone(host: BackboneHost, images: torch.Tensor, plan: Plan, checkpoin
                 tap = layout.levels[k].tap
                 captures[k].append((stream.rows, stream.x if tap is None else maps_out[tap]))
             if p in taps and not stream.prompts:  # (a task with a side network has no prompt tokens)
-                taps[p].append((stream.rows, stream.x))
+                tapped = plan.tap(stream)
+                if tapped is not None:
+                    taps[p].append(tapped)
     pooled = []
     for stream in plan.branch(num_parts, streams):
         with host.router.use(stream.routing):
@@ -137,8 +142,9 @@ def run_backbone(host: BackboneHost, images: torch.Tensor, plan: Plan, checkpoin
     for key, side in sides.items():  # side networks: from their tasks' rows of the tapped parts to their features
         own = Features([plan.take(m, key) for m in features.maps], plan.take(features.pooled, key))
         new = side.side_features([plan.assemble(taps[p], key) for p in side.positions], own, host, image_size)
-        maps = [plan.put(m, key, n) for m, n in zip(features.maps, new.maps, strict=True)]
-        features = Features(maps, plan.put(features.pooled, key, new.pooled))
+        maps = [m if n is o else plan.put(m, key, n) for m, n, o in zip(features.maps, new.maps, own.maps, strict=True)]
+        pooled = features.pooled if new.pooled is own.pooled else plan.put(features.pooled, key, new.pooled)
+        features = Features(maps, pooled)
     return features
 
 
@@ -225,6 +231,8 @@ class RowPlan:
             s: (never if s == PLAIN_SLOT else slots[s].first_position if share_prefix else 0) for _, s in self.rows
         }
         self._streams: dict[tuple, Stream] = {}
+        self._side_rows: tuple[set[int], set[int]] | None = None
+        self._index: dict[int, torch.Tensor] = {}
 
     def start(self, images: torch.Tensor) -> list[Stream]:
         main = Stream(self.host.model, [(i, PLAIN_SLOT) for i in range(images.shape[0])], images)
@@ -295,8 +303,23 @@ class RowPlan:
         slots = dict.fromkeys(s for _, s in self.rows if s != PLAIN_SLOT)
         return {s: self.slots[s].side for s in slots if self.slots[s].side is not None}
 
+    def tap(self, stream: Stream) -> tuple[Any, torch.Tensor] | None:
+        """The rows of side tasks and the plain rows still carrying them (nothing else is kept for the sides)."""
+        if self._side_rows is None:
+            sides = set(self.sides())
+            self._side_rows = sides, {i for i, s in self.rows if s in sides}
+        sides, images = self._side_rows
+        keep = [k for k, (i, s) in enumerate(stream.rows) if s in sides or (s == PLAIN_SLOT and i in images)]
+        if not keep:
+            return None
+        return [stream.rows[k] for k in keep], _gather(stream.x, keep)
+
     def _positions(self, slot: int, device: torch.device) -> torch.Tensor:
-        return torch.tensor([k for k, r in enumerate(self.rows) if r[1] == slot], dtype=torch.long, device=device)
+        index = self._index.get(slot)
+        if index is None or index.device != device:
+            rows = [k for k, r in enumerate(self.rows) if r[1] == slot]
+            index = self._index[slot] = torch.tensor(rows, dtype=torch.long, device=device)
+        return index
 
     def take(self, x: torch.Tensor, key: Any) -> torch.Tensor:
         return x.index_select(0, self._positions(key, x.device))
@@ -347,6 +370,9 @@ class StackedPlan:
 
     def sides(self) -> dict[Any, SideNetwork]:
         return dict(self._sides)
+
+    def tap(self, stream: Stream) -> tuple[Any, torch.Tensor] | None:
+        return stream.rows, stream.x
 
     def take(self, x: torch.Tensor, key: Any) -> torch.Tensor:
         return x.unflatten(0, (len(self.slots), -1))[key]

@@ -137,31 +137,36 @@ class Head(nn.Module):
 
 
 def features_read(head: nn.Module, info: FeatureInfo, image_size: tuple[int, int]) -> tuple[bool, frozenset[int]]:
-    """Which features a head reads: (the pooled vector?, the indices of the maps), found by autograd on one
-    probe forward of two dummy images (eval mode, so nothing of the head changes). A head the probe cannot run is
-    taken to read everything."""
+    """Which features a head reads: (the pooled vector?, the indices of the maps). Probed without autograd (also
+    under inference mode): the head runs in eval mode on two dummy images, once on zeros and once per feature with
+    that feature replaced by noise; a feature is read when the outputs change. A head the probe cannot run is taken
+    to read everything."""
     h, w = image_size
-    maps = [torch.zeros(2, c, max(1, h // r), max(1, w // r), requires_grad=True) for c, r in info.levels]
-    pooled = torch.zeros(2, info.pooled_dim, requires_grad=True)
+    everything = True, frozenset(range(len(info.levels)))
     ref = next(head.parameters(), None)
-    if ref is not None:
-        maps = [m.to(ref).detach().requires_grad_() for m in maps]
-        pooled = pooled.to(ref).detach().requires_grad_()
+    like = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(2, info.pooled_dim)] + [(2, c, max(1, h // r), max(1, w // r)) for c, r in info.levels]
+    zeros = [torch.zeros(s, **like) for s in shapes]
+
+    def run(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t for t in _tensors(head(Features(tensors[1:], tensors[0]))) if t.is_floating_point()]
+
     was_training = head.training
     head.eval()
     try:
-        with torch.enable_grad():
-            out = head(Features(maps, pooled))
-            leaves = [t for t in _tensors(out) if t.is_floating_point() and t.requires_grad]
-            if not leaves:
-                return False, frozenset()
-            total = sum(t.float().sum() for t in leaves)
-            grads = torch.autograd.grad(total, [pooled, *maps], allow_unused=True)
+        with torch.no_grad():
+            base = run(zeros)
+            read = []
+            for k, shape in enumerate(shapes):
+                noise = torch.randn(shape, generator=gen).to(**like)
+                out = run([noise if j == k else z for j, z in enumerate(zeros)])
+                read.append(any(not torch.equal(a, b) for a, b in zip(base, out, strict=True)))
     except Exception:  # (a head that needs more than features: everything it could read)
-        return True, frozenset(range(len(maps)))
+        return everything
     finally:
         head.train(was_training)
-    return grads[0] is not None, frozenset(k for k, g in enumerate(grads[1:]) if g is not None)
+    return read[0], frozenset(k for k, r in enumerate(read[1:]) if r)
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:

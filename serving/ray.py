@@ -42,7 +42,7 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, R
 
 from multitask_peft.rundir import RunDirectory
 
-from .errors import ServingError, ShuttingDown, Unprocessable
+from .errors import QueueFull, ServingError, ShuttingDown, Unprocessable
 from .images import PredictOptions, Preprocess
 from .metrics import Metrics
 
@@ -273,6 +273,7 @@ class RayEngine:
         self.ready = False
         self.closing = False
         self._admin = asyncio.Lock()
+        self._inflight = 0
         self._refresher: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -299,12 +300,21 @@ class RayEngine:
         self.replicas = list(await self.handle.broadcast("describe").results_async())
 
     def check_capacity(self) -> None:
+        """503 while closing; 429 when the replicas' queues are full (`max_queue` requests in flight per replica:
+        beyond what the replicas take at once, requests wait at the ingress, up to this)."""
         if self.closing:
             raise ShuttingDown()
+        limit = self.config.max_queue * max(1, len(self.replicas))
+        if self._inflight >= limit:
+            raise QueueFull(f"the replicas' queues are full ({self._inflight} requests in flight)", 1)
 
     async def predict(self, data: Any, tasks: list[str], options: PredictOptions, form: str = "json") -> Any:
         self.check_capacity()
-        return await self._call("predict", data, tasks=tasks, options=asdict(options), form=form)
+        self._inflight += 1
+        try:
+            return await self._call("predict", data, tasks=tasks, options=asdict(options), form=form)
+        finally:
+            self._inflight -= 1
 
     async def admin(self, op: str, name: str | None, path: str | None) -> dict[str, Any]:
         async with self._admin:
@@ -412,15 +422,16 @@ def build_app(
     def builder() -> Any:  # (Serve runs a plain function on the ingress replica; a partial it takes for an app)
         return _ingress_app(preprocess, admin_token, body_limit, max_queue)
 
-    # The ingress only forwards: it takes as many requests at once as the replicas' engines queue in all (Serve's
-    # default of 5 would cap every batch at 5 images and make the proxy retry a full ingress under load: 0.37x the
-    # single server's throughput at 16 clients, 0.8x with this).
+    # The ingress only forwards: it takes more requests at once than the replicas' engines queue in all, so that it
+    # answers 429 itself beyond that (`RayEngine.check_capacity`) rather than the proxy queueing without bound
+    # (Serve's default of 5 capped every batch at 5 images and made the proxy retry a full ingress under load: 0.37x
+    # the single server's throughput at 16 clients, 0.8x with this).
     ingress = serve.deployment(
         serve.ingress(builder)(Ingress),
         name=INGRESS,
         ray_actor_options={"num_cpus": 0},
         logging_config=quiet,
-        max_ongoing_requests=max_queue * (autoscale[1] if autoscale else replicas),
+        max_ongoing_requests=2 * max_queue * (autoscale[1] if autoscale else replicas),
     )
     threads = threads or max(1, int(replica_cpus))
     return ingress.bind(replica.bind(str(run.path), registry, max_resident, engine, device, threads))

@@ -172,9 +172,49 @@ def test_a_killed_replica_costs_no_request(cluster: tuple) -> None:
         time.sleep(1.0)
 
 
+def test_overload_answers_429_with_retry_after(cluster: tuple) -> None:
+    """Beyond `max_queue` requests in flight per replica the ingress answers 429 (with Retry-After), as one
+    process does; nothing fails otherwise."""
+    from multitask_peft.serving import ray as mtp_ray
+
+    url, run, _ = cluster
+    app = mtp_ray.build_app(run, replicas=1, max_queue=2, max_batch=1, replica_cpus=1, threads=1, name="tight")
+    serve.run(app, name="tight", route_prefix="/tight")
+    try:
+        tight = f"{url}/tight"
+        deadline = time.monotonic() + 120
+        while not serving.Client(tight).ready():
+            assert time.monotonic() < deadline, "the second application did not become ready"
+            time.sleep(0.5)
+        statuses: list[int] = []
+        retry_after: list[str] = []
+        png = _png(seed=3)
+
+        def client() -> None:
+            for _ in range(3):
+                try:
+                    _predict(tight, png, ["cls"])
+                    statuses.append(200)
+                except serving.ServerError as e:
+                    statuses.append(e.status)
+                    retry_after.append({k.lower(): v for k, v in e.headers.items()}.get("retry-after", ""))
+
+        threads = [threading.Thread(target=client) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert len(statuses) == 36 and set(statuses) == {200, 429}, sorted(statuses)
+        assert all(r.isdigit() and int(r) >= 1 for r in retry_after)
+    finally:
+        serve.delete("tight")
+        ray.kill(ray.get_actor("tight-task-registry", namespace=ray.get_runtime_context().namespace))
+
+
 def test_the_ingress_takes_what_the_replicas_queue(cluster: tuple) -> None:
     """Serve's default `max_ongoing_requests` (5) on the ingress capped every batch at 5 images (0.37x the single
-    server's throughput at 16 clients); the ingress takes what the replicas' engines queue."""
+    server's throughput at 16 clients); the ingress takes more than the replicas' engines queue (it answers 429
+    beyond that itself)."""
     from multitask_peft.serving import ray as mtp_ray
 
     _, run, _ = cluster
@@ -182,7 +222,7 @@ def test_the_ingress_takes_what_the_replicas_queue(cluster: tuple) -> None:
         app = mtp_ray.build_app(run, max_queue=64, name="probe", **kwargs)
         ingress = app._bound_deployment  # (Serve keeps the deployment of an application there)
         assert ingress.name == mtp_ray.INGRESS
-        assert ingress.max_ongoing_requests == 64 * replicas
+        assert ingress.max_ongoing_requests == 2 * 64 * replicas
     ray.kill(ray.get_actor("probe-task-registry", namespace=ray.get_runtime_context().namespace))
 
 

@@ -110,10 +110,32 @@ def test_lst_feeds_what_the_head_reads(kind: str) -> None:
     levels = len(model.backbone.layout.levels)
     cls = model.add_task("cls", mtp.tasks.Classification(num_classes=2), [mtp.peft.LST()]).peft["lst"]
     assert cls.up_pooled is not None and len(cls.up_maps) == 0
+    assert (cls.config.features, cls.config.levels) == ("pooled", None)  # (what "auto" resolved to, saved)
     seg = model.add_task("seg", mtp.tasks.Segmentation(num_classes=2), [mtp.peft.LST()]).peft["lst"]
     assert seg.up_pooled is None and 0 < len(seg.up_maps) <= levels
+    assert seg.config.features == "maps" and seg.config.levels == tuple(sorted(int(k) for k in seg.up_maps))
     both = model.add_task("both", mtp.tasks.Segmentation(num_classes=2), [mtp.peft.LST(features="both")])
     assert both.peft["lst"].up_pooled is not None and len(both.peft["lst"].up_maps) == levels
+    with torch.inference_mode():  # (the head probe runs under inference mode too)
+        again = model.add_task("again", mtp.tasks.Classification(num_classes=2), [mtp.peft.LST()]).peft["lst"]
+    assert again.config.features == "pooled"
+    with pytest.raises(ValueError, match="out of range"):
+        model.add_task("bad", mtp.tasks.Classification(num_classes=2), [mtp.peft.LST(features="maps", levels=(9,))])
+
+
+def test_lst_task_files_load_under_another_head(tmp_path) -> None:  # noqa: ANN001
+    """The saved config holds what "auto" resolved to, so the files rebuild the same tensors under any head."""
+    model, size = make_model("vit")
+    model.add_task("cls", mtp.tasks.Classification(num_classes=2), [mtp.peft.LST()])
+    randomize(model.task("cls"), seed=2)
+    model.save_task("cls", tmp_path / "cls")
+    x = _images(2, size)
+    with torch.no_grad():
+        before = model.forward_features(x, [model.slot("cls")] * 2).pooled
+    task = model.load_task(tmp_path / "cls", name="seg", head=mtp.tasks.Segmentation(num_classes=3))
+    assert task.peft["lst"].config.features == "pooled"
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x, [model.slot("seg")] * 2).pooled, before)
 
 
 def test_lst_beside_prompt_tasks_in_one_batch() -> None:

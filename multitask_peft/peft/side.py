@@ -51,9 +51,11 @@ class LST(PeftConfig):
         width: The side width itself (overrides `reduction`).
         stride: The side state's grid is at most this much finer than the input: the outputs of earlier, finer
             units (a CNN's first stages) are average-pooled down to it first, which keeps the side's activations
-            small (a ViT's patch grid is left as it is).
+            small (a ViT with 16-px or larger patches keeps its grid).
         features: Which features the side changes: "auto" (those the task's head reads: the pooled vector for
-            classification, the maps its neck takes for dense heads), "pooled", "maps" or "both".
+            classification, the maps its neck takes for dense heads; the task's saved config records what that
+            resolved to), "pooled", "maps" or "both".
+        levels: With "maps" / "both": the feature maps (indices, shallow to deep) it projects onto; None: all.
         targets: The units it reads, by part name (`blocks.3`; a regex or names, as for other methods); default:
             every unit.
     """
@@ -62,6 +64,7 @@ class LST(PeftConfig):
     width: int | None = None
     stride: int = 16
     features: str = "auto"
+    levels: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,6 +72,10 @@ class LST(PeftConfig):
         check_positive_int(self.method, "stride", self.stride)
         if self.features not in FEATURES:
             raise ValueError(f"{self.method}: `features` must be one of {', '.join(FEATURES)}, got {self.features!r}")
+        if self.levels is not None and (
+            not isinstance(self.levels, tuple) or not all(isinstance(k, int) and k >= 0 for k in self.levels)
+        ):
+            raise ValueError(f"{self.method}: `levels` must be a tuple of feature map indices, got {self.levels!r}")
         if self.width is not None:
             check_positive_int(self.method, "width", self.width)
 
@@ -90,6 +97,11 @@ class LST(PeftConfig):
                 raise ValueError(f"{self.method}: the output of {name} is not one tensor; target other units") from None
             channels.append(shape[-1] if layout.kind == "vit" or layout.nhwc else shape[1])
         width = self.width or max(8, max(channels) // self.reduction)
+        bad = [k for k in self.levels or () if k >= len(layout.levels)]
+        if bad:
+            raise ValueError(
+                f"{self.method}: `levels` {bad} out of range: {host.arch} offers {len(layout.levels)} maps"
+            )
         return LadderSide(self, layout, tuple(positions), channels, width)
 
 
@@ -161,7 +173,7 @@ class LadderSide(MethodModule, SideNetwork):
         self.up_maps = nn.ModuleDict()
         for k, level in enumerate(layout.levels if config.features != "pooled" else ()):
             before = [j for j, p in enumerate(positions) if p <= level.position]
-            if before:
+            if before and (config.levels is None or k in config.levels):
                 self.level_sources[str(k)] = before[-1]
                 self.up_maps[str(k)] = nn.Conv2d(width, level.channels, 1)
         for up in self._ups():
@@ -176,18 +188,23 @@ class LadderSide(MethodModule, SideNetwork):
         return self
 
     def fit_head(self, pooled: bool, levels: frozenset[int]) -> None:
-        """`features="auto"`: keep only the projections onto features the head reads."""
+        """`features="auto"`: keep only the projections onto features the head reads, and record that choice in
+        the config (so that the task's files rebuild these tensors whatever head reads them later)."""
         if self.config.features != "auto":
             return
-        if not pooled and not levels:
-            raise ValueError(
-                "lst: the task's head reads none of the backbone's features (nothing for the side to feed)"
-            )
         if not pooled:
             self.pool_norm = self.up_pooled = None
         for key in [k for k in self.up_maps if int(k) not in levels]:
             del self.up_maps[key]
             del self.level_sources[key]
+        kept = tuple(sorted(int(k) for k in self.up_maps))
+        if not pooled and not kept:
+            raise ValueError(
+                "lst: the task's head reads none of the features the side can feed (the pooled vector, or maps at "
+                "or after the first unit it reads)"
+            )
+        features = ("both" if kept else "pooled") if pooled else "maps"
+        self.config = dataclasses.replace(self.config, features=features, levels=kept or None)
 
     def side_features(
         self, taps: list[torch.Tensor], features: Features, host: BackboneHost, image_size: tuple[int, int]
@@ -218,8 +235,8 @@ class LadderSide(MethodModule, SideNetwork):
     def _coarse(self, x: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """A unit's map average-pooled by whole factors until its grid is no finer than `stride` allows."""
         stride = self.config.stride
-        fh = x.shape[-2] // max(1, image_size[0] // stride)
-        fw = x.shape[-1] // max(1, image_size[1] // stride)
+        fh = max(1, x.shape[-2] // max(1, image_size[0] // stride))
+        fw = max(1, x.shape[-1] // max(1, image_size[1] // stride))
         return F.avg_pool2d(x, (fh, fw)) if fh >= 2 or fw >= 2 else x
 
     @torch.no_grad()
@@ -332,8 +349,8 @@ class QueryTuning(MethodModule, SideNetwork):
 def _query_attention(attn: nn.Module, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """A frozen timm `Attention` with the queries asking and the tokens answering: (R, Q, C) -> (R, Q, C)."""
     qkv = _frozen(attn.qkv)
-    c = tokens.shape[-1]
     h, d = attn.num_heads, attn.head_dim
+    c = h * d  # (timm's attn_dim: the split of qkv's outputs)
     bias = qkv.bias
     q = F.linear(queries, qkv.weight[:c], None if bias is None else bias[:c])
     kv = F.linear(tokens, qkv.weight[c:], None if bias is None else bias[c:])
@@ -342,4 +359,7 @@ def _query_attention(attn: nn.Module, queries: torch.Tensor, tokens: torch.Tenso
     k, v = kv.reshape(r, n, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # (R, h, N, d) each
     q, k = attn.q_norm(q), attn.k_norm(k)
     out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(r, -1, h * d)
-    return attn.proj(getattr(attn, "norm", nn.Identity())(out))
+    out = getattr(attn, "norm", nn.Identity())(out)
+    if getattr(attn, "gate", None) is not None:  # (gated attention: a gate from the layer's input, here the queries')
+        out = out * attn.gate(queries).sigmoid()
+    return attn.proj(out)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-NO_DECAY_KEYS = ("bias", "norm", "prompt", "queries", "ssf", "bitfit")
+NO_DECAY_KEYS = ("bias", "norm", "prompt", "vqt_queries", "ssf", "bitfit")
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
