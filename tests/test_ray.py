@@ -52,6 +52,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
         randomize(model.task(name), seed=k)
         model.save_task(name, run / "tasks" / name)
     port = _free_port()
+    # A busy machine (CI) can take longer than Serve's 5 s to start the HTTP proxy, which it then kills.
+    patient = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+    saved = {k: os.environ.get(k) for k in patient}
+    os.environ.update(patient)
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = mtp_ray.build_app(run, replicas=2, max_resident=2, admin_token=TOKEN, replica_cpus=1, threads=1)
@@ -66,6 +70,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
     finally:
         serve.shutdown()
         ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _predict(url: str, png: bytes, tasks: list[str]) -> dict:
