@@ -2,7 +2,7 @@
 
 Each (backbone, method) trains in a fresh process (so peak memory is its own): a 10-class classification task,
 AdamW, `--steps` timed steps after two warm-up steps on random images. Reported per row: trainable parameters,
-the activations autograd keeps for the backward pass of one step (exact: summed over `saved_tensors_hooks`), the
+the activations autograd keeps for the backward pass of one step (exact: `training.saved_activations`), the
 process's peak memory over what the model and data took before training (CPU: peak RSS; CUDA:
 `max_memory_allocated`), and the median step time. The linear probe is the floor (no PEFT tensors at all).
 
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 import multitask_peft as mtp
+from multitask_peft.training import saved_activations
 
 BACKBONES = {  # name -> (timm name, kwargs, image size)
     "ViT-S/16": ("vit_small_patch16_224", {}, 224),
@@ -81,19 +82,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     images = torch.randn(args.batch, 3, size, size, generator=gen).to(device)
     labels = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
     slots = [model.slot("t")] * args.batch
-    saved: dict[int, int] = {}
-    weights = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}  # (kept anyway: not activations)
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.data_ptr() not in weights:
-            saved[t.data_ptr()] = t.numel() * t.element_size()
-        return t
+    kept = {"bytes": 0}
 
     def step(record: bool = False) -> None:
         optimizer.zero_grad(set_to_none=True)
         if record:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with saved_activations(model) as counted:
                 _, logits = model(images, slots)["t"]
+            kept.update(counted)
         else:
             _, logits = model(images, slots)["t"]
         model.task("t").head.loss(logits, labels).backward()
@@ -122,7 +118,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "backbone": backbone,
         "method": method,
         "trainable": sum(p.numel() for p in params),
-        "saved_activation_bytes": sum(saved.values()),
+        "saved_activation_bytes": kept["bytes"],
         "peak_over_model_bytes": max(0, peak - before),
         "step_s": statistics.median(times),
     }

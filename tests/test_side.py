@@ -7,6 +7,7 @@ import torch
 
 import multitask_peft as mtp
 from conftest import make_model, randomize
+from multitask_peft.training import saved_activations
 
 
 def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -49,19 +50,11 @@ def test_lst_changes_the_maps_dense_heads_read(kind: str) -> None:
 
 def _saved_bytes(model: mtp.MultiTaskModel, task: str, x: torch.Tensor) -> int:
     """Bytes autograd keeps for the backward pass of one training forward of `task` (the activations memory)."""
-    saved: dict[int, int] = {}
-    weights = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}  # (kept anyway: not activations)
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.data_ptr() not in weights:
-            saved[t.data_ptr()] = t.numel() * t.element_size()
-        return t
-
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_activations(model) as kept:
         _, logits = model(x, [model.slot(task)] * len(x))[task]
     logits.sum().backward()
-    return sum(saved.values())
+    return kept["bytes"]
 
 
 def test_lst_trains_without_autograd_through_the_backbone() -> None:

@@ -5,6 +5,7 @@ from .config import TaskData, TrainConfig
 from .distributed import DistContext
 from .distributed import setup as setup_distributed
 from .logs import read_log
+from .memory import saved_activations
 from .sampling import TaskStream, sample_tasks, task_probabilities
 from .schedule import WarmupCosine, no_weight_decay, param_groups
 from .trainer import NonFiniteLossError, Trainer
@@ -26,6 +27,7 @@ __all__ = [
     "param_groups",
     "read_log",
     "sample_tasks",
+    "saved_activations",
     "save_checkpoint",
     "setup_distributed",
     "task_probabilities",
