@@ -4,7 +4,9 @@
 own routing: it asks the plan, before every part and before the pooling step, which streams exist now (rows branch
 off there), inserts / replaces / strips prompt tokens in prompt streams, runs the part (checkpointed if asked),
 collects the feature maps the layout offers, pools, and has the plan put the rows back in the requested order.
-What differs between the callers is only the plan:
+Side networks (LST, VQT: `SlotPlan.side`) change nothing inside the parts: the loop keeps what they read of the
+parts they name (`plan.tap`: only their tasks' rows), and at the end each turns its task's rows of those outputs
+into that task's features (`plan.take` / `plan.put`). What differs between the callers is only the plan:
 
 - `RowPlan` (eager inference and training): rows are (image, slot) pairs with Python-int segments. The main stream
   runs the shared frozen backbone with its multi-adapter layers; rows whose tasks add prompt tokens run in a stream
