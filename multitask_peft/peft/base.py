@@ -184,6 +184,23 @@ class SideNetwork(nn.Module):
         raise NotImplementedError
 
 
+def match_targets(
+    config: PeftConfig, names: list[str], eligible: Callable[[str], bool] = lambda name: True
+) -> dict[str, list[str]]:
+    """{pattern: the names it selects} for `config.targets` (not None) over `names`: a regex matches whole names
+    (only eligible ones), a tuple lists exact names or name suffixes."""
+    assert config.targets is not None
+    if isinstance(config.targets, str):
+        try:
+            pattern = re.compile(config.targets)
+        except re.error as e:
+            raise ValueError(
+                f"{config.method}: `targets` {config.targets!r} is not a valid regular expression: {e}"
+            ) from e
+        return {config.targets: [n for n in names if pattern.fullmatch(n) and eligible(n)]}
+    return {p: [n for n in names if n == p or n.endswith("." + p)] for p in config.targets}
+
+
 def select_targets(config: PeftConfig, host: BackboneHost) -> list[str]:
     """Module names selected by `config.targets` (or the method's defaults); errors name the pattern and the fix."""
     candidates = host.named_targetable()
@@ -193,16 +210,8 @@ def select_targets(config: PeftConfig, host: BackboneHost) -> list[str]:
         if not names:
             raise ValueError(f"{method}: no default target modules in {host.arch}; pass `targets=` explicitly")
         return names
-    if isinstance(config.targets, str):
-        try:
-            pattern = re.compile(config.targets)
-        except re.error as e:
-            raise ValueError(f"{method}: `targets` {config.targets!r} is not a valid regular expression: {e}") from e
-        # A regex selects the modules it matches that the method can adapt (HF PEFT's string form).
-        matched = [n for n in candidates if pattern.fullmatch(n) and config.supports(n, candidates[n])]
-        groups = {config.targets: matched}
-    else:
-        groups = {p: [n for n in candidates if n == p or n.endswith("." + p)] for p in config.targets}
+    # A regex selects the modules it matches that the method can adapt (HF PEFT's string form).
+    groups = match_targets(config, list(candidates), lambda n: config.supports(n, candidates[n]))
     example = ", ".join(list(candidates)[1:6])
     for pattern_str, matched in groups.items():
         if not matched:

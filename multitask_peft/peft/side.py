@@ -8,7 +8,6 @@ the family's point: training memory and time drop with the backward pass through
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -20,7 +19,7 @@ from ..config import check_positive_int
 from ..heads import Features
 from ..layouts import FeatureLevel, Layout
 from ..routing import PLAIN_SLOT, StackedRouting
-from .base import MethodModule, PeftConfig, SideNetwork, register_method
+from .base import MethodModule, PeftConfig, SideNetwork, match_targets, register_method
 from .layer import MultiAdapterLayer
 
 if TYPE_CHECKING:
@@ -109,16 +108,7 @@ def _select_units(config: PeftConfig, names: list[str]) -> list[str]:
     """The unit (part) names `config.targets` selects (all by default); errors list what the names look like."""
     if config.targets is None:
         return names
-    if isinstance(config.targets, str):
-        try:
-            pattern = re.compile(config.targets)
-        except re.error as e:
-            raise ValueError(
-                f"{config.method}: `targets` {config.targets!r} is not a valid regular expression: {e}"
-            ) from e
-        groups = {config.targets: [n for n in names if pattern.fullmatch(n)]}
-    else:
-        groups = {t: [n for n in names if n == t or n.endswith("." + t)] for t in config.targets}
+    groups = match_targets(config, names)
     for pattern_str, matched in groups.items():
         if not matched:
             raise ValueError(
