@@ -174,6 +174,12 @@ class MultiAdapterLayer(nn.Module):
         return f"slots={sorted(self._adapters)}"
 
 
+def frozen(module: nn.Module) -> nn.Module:
+    """The frozen module under a multi-adapter wrapper (the module itself if it has none): what a method that
+    recomputes a layer from its frozen sub-layers calls, so that no other task's adapters apply."""
+    return module.base if isinstance(module, MultiAdapterLayer) else module
+
+
 def write_segments(y: torch.Tensor, outputs: list[tuple[Segment, torch.Tensor]]) -> torch.Tensor:
     """`y` with the rows of each segment (in row order) replaced: in place without autograd, else out of place (rows
     of `y` may be saved for the backward pass of the adapters that produced `outputs`)."""

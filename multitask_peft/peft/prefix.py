@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import check_positive_int, check_unit_interval
 from .base import MethodModule, PeftConfig, attention_log_scale, register_method
-from .layer import LayerAdapter, MultiAdapterLayer
+from .layer import LayerAdapter, frozen
 
 if TYPE_CHECKING:
     from ..backbone import BackboneHost
@@ -68,11 +68,6 @@ class PrefixModule(MethodModule):
             adapter.config = self.config
 
 
-def _frozen(module: nn.Module) -> nn.Module:
-    """The frozen module under a multi-adapter wrapper (other tasks' adapters do not apply to these rows)."""
-    return module.base if isinstance(module, MultiAdapterLayer) else module
-
-
 class PrefixAttention(LayerAdapter):
     """The attention layer recomputed with this task's key / value prefixes (parameters `prefix_key`,
     `prefix_value`: (num_tokens, heads * head_dim))."""
@@ -91,9 +86,9 @@ class PrefixAttention(LayerAdapter):
         b, n, _ = x.shape
         h, d, p = self.heads, self.head_dim, self.config.num_tokens
         gate = base.gate(x).sigmoid() if getattr(base, "gate", None) is not None else None
-        qkv = _frozen(base.qkv)(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+        qkv = frozen(base.qkv)(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (b, h, n, d)
-        q, k = _frozen(base.q_norm)(q), _frozen(base.k_norm)(k)
+        q, k = frozen(base.q_norm)(q), frozen(base.k_norm)(k)
         pk = self.prefix_key.to(x.dtype).view(p, h, d).transpose(0, 1).expand(b, -1, -1, -1)  # (b, h, p, d)
         pv = self.prefix_value.to(x.dtype).view(p, h, d).transpose(0, 1).expand(b, -1, -1, -1)
         k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
@@ -105,10 +100,10 @@ class PrefixAttention(LayerAdapter):
         drop = base.attn_drop.p if base.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         out = out.transpose(1, 2).reshape(b, n, h * d)
-        out = _frozen(getattr(base, "norm", nn.Identity()))(out)
+        out = frozen(getattr(base, "norm", nn.Identity()))(out)
         if gate is not None:
             out = out * gate
-        return base.proj_drop(_frozen(base.proj)(out))
+        return base.proj_drop(frozen(base.proj)(out))
 
     def wise_(self, alpha: float, base: nn.Module) -> None:
         raise ValueError("prefix WiSE scales the method's `prefix_scale` (MethodModule.wise_), not one layer")

@@ -20,7 +20,7 @@ from ..heads import Features
 from ..layouts import FeatureLevel, Layout
 from ..routing import PLAIN_SLOT, StackedRouting
 from .base import MethodModule, PeftConfig, SideNetwork, match_targets, register_method
-from .layer import MultiAdapterLayer
+from .layer import frozen
 
 if TYPE_CHECKING:
     from ..backbone import BackboneHost
@@ -275,7 +275,7 @@ class VQT(PeftConfig):
         blocks = {
             p.name: k
             for k, p in enumerate(layout.parts[1:-1], start=1)
-            if type(_frozen(host.module(p.name))) is Block and type(_frozen(host.module(p.name).attn)) is Attention
+            if type(frozen(host.module(p.name))) is Block and type(frozen(host.module(p.name).attn)) is Attention
         }
         if not blocks:
             raise ValueError(
@@ -288,10 +288,6 @@ class VQT(PeftConfig):
 
 
 PLAIN = StackedRouting((PLAIN_SLOT,))  # every row on the frozen modules (any number of rows, also while tracing)
-
-
-def _frozen(module: nn.Module) -> nn.Module:
-    return module.base if isinstance(module, MultiAdapterLayer) else module
 
 
 class QueryTuning(MethodModule, SideNetwork):
@@ -320,9 +316,9 @@ class QueryTuning(MethodModule, SideNetwork):
         summaries = []
         with host.router.use(PLAIN):  # (other tasks' adapters inside the blocks stay out of the queries' way)
             for k, (name, tokens) in enumerate(zip(self.blocks, taps, strict=True)):
-                block = _frozen(host.module(name))
+                block = frozen(host.module(name))
                 q = self.vqt_queries[k].to(tokens.dtype).expand(tokens.shape[0], -1, -1)
-                attn = _frozen(block.attn)  # (its own wrapper when another task's prefix recomputes it)
+                attn = frozen(block.attn)  # (its own wrapper when another task's prefix recomputes it)
                 q = q + block.ls1(_query_attention(attn, block.norm1(q), block.norm1(tokens)))
                 q = q + block.ls2(block.mlp(block.norm2(q)))
                 summaries.append(F.layer_norm(q, q.shape[-1:]))
@@ -338,7 +334,7 @@ class QueryTuning(MethodModule, SideNetwork):
 
 def _query_attention(attn: nn.Module, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """A frozen timm `Attention` with the queries asking and the tokens answering: (R, Q, C) -> (R, Q, C)."""
-    qkv = _frozen(attn.qkv)
+    qkv = frozen(attn.qkv)
     h, d = attn.num_heads, attn.head_dim
     c = h * d  # (timm's attn_dim: the split of qkv's outputs)
     bias = qkv.bias
